@@ -1,0 +1,229 @@
+"""The one config: params.yaml, validated at load.
+
+params.yaml is also DVC's params file, so each top-level section is named after the stage
+that reads it (``train.lr`` re-runs ``train`` and what follows it, nothing before it).
+
+Every section is a pydantic model with ``extra="forbid"``: a misspelt key is an error, never
+silently ignored. :func:`load` collects *all* problems and raises one :class:`ConfigError`
+whose message lists each bad key by dotted path with what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelCfg(_Section):
+    # A builtin name, a local checkpoint directory, or a hub id (only where a hub is reachable).
+    base: str = BUILTIN_MODEL
+    # `auto` uses the tokenizer's own chat template; the named ones are for checkpoints lacking one.
+    chat_template: Literal["auto", "phi-2", "phi-3", "phi-4", "chatml", "alpaca"] = "auto"
+    # The architecture's public config.json fields. Used to build random-weight models of the
+    # real shape (benchmarks, tests) and to resolve LoRA targets; the checkpoint's own config wins
+    # when a checkpoint is loaded.
+    architecture: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataCfg(_Section):
+    raw: Path = Path("data/raw/tickets.jsonl")
+    # alpaca = {instruction, input, output}; the only format of the foundation (more in #3).
+    format: Literal["alpaca"] = "alpaca"
+    # Fraction of rows (by content hash, so appends never move rows) held out for evaluation.
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    system_prompt: str | None = None
+
+
+class ValidateCfg(_Section):
+    min_tokens: int = Field(2, ge=1)
+    max_tokens: int = Field(1024, ge=1)
+    on_invalid: Literal["fail", "quarantine"] = "fail"
+    # With on_invalid=quarantine, fail anyway above this fraction: a mostly-broken file is a bug.
+    max_invalid_fraction: float = Field(0.05, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "ValidateCfg":
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        return self
+
+
+class FormatCfg(_Section):
+    max_length: int = Field(256, ge=8)  # tokens; longer examples are truncated and counted
+
+
+class LoraCfg(_Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # `auto` resolves the projections from the architecture (Phi-3 fuses qkv/gate_up, Phi-2 does
+    # not, Llama has seven); `all-linear` is peft's; an explicit list is taken as is.
+    targets: Literal["auto", "all-linear"] | list[str] = "auto"
+
+
+class TrainCfg(_Section):
+    seed: int = 1234
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # 4-bit NF4 QLoRA on CUDA; on CPU fp32 LoRA by default (bf16 measured 4-5x slower here).
+    quantize_base: Literal["auto", "nf4", "none"] = "auto"
+    lora: LoraCfg = LoraCfg()
+    lr: float = Field(2e-4, gt=0.0)
+    warmup_steps: int = Field(5, ge=0)
+    epochs: float = Field(1.0, gt=0.0)
+    max_steps: int = Field(-1, ge=-1)  # -1: run `epochs`
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False  # on for big models on GPU; slows tiny CPU runs
+    logging_steps: int = Field(10, ge=1)
+
+
+class MergeCfg(_Section):
+    # merged(x) must equal (base + adapter)(x) within this bound on a fixed batch.
+    max_abs_logit_diff: float = Field(1e-3, gt=0.0)
+
+
+# Both run on every candidate (dvc.yaml's `foreach`); the gate picks among them.
+QUANT_METHODS = ("gptq", "awq")
+
+
+class QuantizeCfg(_Section):
+    scheme: Literal["W4A16"] = "W4A16"
+    group_size: int = Field(128, ge=8)
+    calibration_samples: int = Field(64, ge=1)
+    calibration_max_length: int = Field(256, ge=8)
+
+
+class EvaluateCfg(_Section):
+    max_samples: int = Field(100, ge=1)  # test rows used for generation metrics
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(16, ge=1)
+    metric: Literal["exact_match", "json_fields", "json_validity"] = "json_fields"
+
+
+class GateCfg(_Section):
+    min_task_metric: float = Field(0.5, ge=0.0, le=1.0)
+    min_gain_over_base: float = Field(0.1, ge=-1.0, le=1.0)
+    # Production's recorded task metric minus the candidate's may not exceed this.
+    max_loss_vs_production: float = Field(0.0, ge=0.0, le=1.0)
+    # A quantized variant qualifies only within these of the merged model.
+    max_quantized_ppl_increase: float = Field(0.03, ge=0.0)  # relative, 0.03 = +3 %
+    max_quantized_metric_drop: float = Field(0.02, ge=0.0, le=1.0)  # absolute
+
+
+class ApprovalCfg(_Section):
+    # `auto` is a policy decision for the embedded dev model only; real models wait for a person.
+    mode: Literal["auto", "manual"] = "manual"
+    timeout_hours: float = Field(24.0, gt=0.0)
+
+
+class RegistryCfg(_Section):
+    artifact: str = Field("phiops-model", pattern=r"^[a-z0-9][a-z0-9-]*$")
+
+
+class ServeCfg(_Section):
+    max_new_tokens: int = Field(128, ge=1)
+    max_prompt_tokens: int = Field(1024, ge=1)
+    port: int = Field(3000, ge=1, le=65535)
+
+
+class Params(_Section):
+    model: ModelCfg = ModelCfg()
+    data: DataCfg = DataCfg()
+    validate_: ValidateCfg = Field(ValidateCfg(), alias="validate")
+    format: FormatCfg = FormatCfg()
+    train: TrainCfg = TrainCfg()
+    merge: MergeCfg = MergeCfg()
+    quantize: QuantizeCfg = QuantizeCfg()
+    evaluate: EvaluateCfg = EvaluateCfg()
+    gate: GateCfg = GateCfg()
+    approval: ApprovalCfg = ApprovalCfg()
+    registry: RegistryCfg = RegistryCfg()
+    serve: ServeCfg = ServeCfg()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _auto_approval_only_for_builtin(self) -> "Params":
+        if self.approval.mode == "auto" and not self.model.base.startswith("builtin:"):
+            raise ValueError(
+                "approval.mode: 'auto' is allowed only for the embedded default model "
+                f"({BUILTIN_MODEL}); set approval.mode: manual for {self.model.base!r}"
+            )
+        return self
+
+    def dump(self) -> dict[str, Any]:
+        """The resolved config as plain data (for logs and lineage records)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class ConfigError(ValueError):
+    """params.yaml is invalid; the message lists every problem, one per line."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} invalid setting(s):\n{lines}")
+
+
+def _describe(err: dict[str, Any]) -> str:
+    path = ".".join(str(p) for p in err["loc"]) or "<root>"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key (misspelt? it is not part of the schema)"
+    msg = err["msg"]
+    if kind not in ("value_error", "assertion_error") and "input" in err:
+        shown = repr(err["input"])
+        msg = f"{msg} (got {shown[:60]})"
+    return f"{path}: {msg}"
+
+
+def parse(data: Any, source: str = "params") -> Params:
+    """Validate already-parsed YAML data.
+
+    Raises:
+        ConfigError: listing every invalid key.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"<root>: expected a mapping of sections, got {type(data).__name__}"])
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file.
+
+    Args:
+        path: the YAML file (params.yaml or a preset from configs/).
+
+    Returns:
+        The validated, immutable config.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or has invalid settings (all listed).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(str(path), [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    return parse(data, str(path))

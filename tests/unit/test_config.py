@@ -1,0 +1,83 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from phiops import config
+from phiops.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_valid():
+    assert config.parse({}).model.base == config.BUILTIN_MODEL
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_every_preset_loads(preset):
+    cfg = config.load(preset)
+    if cfg.model.base.startswith("builtin:"):
+        assert cfg.approval.mode == "auto"
+    else:  # real Phi shapes: a person approves, and the shape is the public one
+        assert cfg.approval.mode == "manual"
+        arch = cfg.model.architecture
+        assert arch["model_type"] in ("phi", "phi3")
+        assert arch["hidden_size"] % arch["num_attention_heads"] == 0
+
+
+def test_presets_cover_the_phi_family():
+    assert {p.stem for p in PRESETS} >= {"phi-2", "phi-3-mini", "phi-4-mini", "phi-4", "smollm2-135m"}
+
+
+def test_params_yaml_is_valid():
+    config.load(ROOT / "params.yaml")
+
+
+def test_every_bad_key_is_listed_once_with_its_path(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "train": {"lr": "fast", "lora": {"r": 0, "alpah": 16}},
+                "evaluate": {"metric": "bleu"},
+                "quantise": {},
+            }
+        )
+    )
+    with pytest.raises(config.ConfigError) as err:
+        config.load(bad)
+    msg = str(err.value)
+    for path in ("train.lr", "train.lora.r", "train.lora.alpah", "evaluate.metric", "quantise"):
+        assert f"  - {path}:" in msg, (path, msg)
+    assert len(err.value.problems) == 5
+    assert "unknown key" in msg and "'fast'" in msg
+
+
+def test_auto_approval_only_for_builtin():
+    with pytest.raises(config.ConfigError, match="approval.mode"):
+        config.parse({"model": {"base": "microsoft/phi-2"}, "approval": {"mode": "auto"}})
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  lr: [1,\n")
+    with pytest.raises(config.ConfigError, match="line"):
+        config.load(bad)
+
+
+def test_cli_exit_code_2_and_nothing_runs(tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: {epochs: -1, bogus: 1}\n")
+    assert main(["--params", str(bad), "stage", "train"]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochs" in err and "train.bogus" in err
+    assert not (tmp_path / "models").exists()
+
+
+def test_console_script_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "phiops.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("run", "stage", "config", "model", "data", "gate", "registry", "promote", "ask"):
+        assert cmd in out
