@@ -1,0 +1,54 @@
+"""Shared fixtures. Tiers: unit (no model), integration (tiny random models), e2e (whole flow)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Offline by construction: nothing may reach a model hub during tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+TINY = {
+    # vocab_size matches the embedded tokenizer so real chat-formatted data can be used.
+    "llama": {
+        "model_type": "llama", "vocab_size": 49152, "hidden_size": 128, "intermediate_size": 256,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 512, "tie_word_embeddings": True,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+    },
+    "phi3": {
+        "model_type": "phi3", "vocab_size": 49152, "hidden_size": 128, "intermediate_size": 256,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 512, "original_max_position_embeddings": 512,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "tie_word_embeddings": False,
+    },
+    "phi": {
+        "model_type": "phi", "vocab_size": 49152, "hidden_size": 128, "intermediate_size": 256,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "max_position_embeddings": 512, "partial_rotary_factor": 0.5,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def builtin_model() -> Path:
+    """The embedded SmolLM2 checkpoint (built once per cache; its tokenizer serves tiny models)."""
+    from phiops.models import ensure_builtin
+
+    return ensure_builtin()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, builtin_model) -> dict[str, Path]:
+    """Random-weight checkpoints of each architecture, seconds to build."""
+    from phiops.models import tiny_random
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: tiny_random(arch, root / name, tokenizer_from=builtin_model) for name, arch in TINY.items()}
