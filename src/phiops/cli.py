@@ -1,0 +1,203 @@
+"""The `phiops` command: it parses arguments and calls the library, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from phiops import config
+from phiops.paths import Layout
+
+STAGES = ("validate", "format", "train", "merge", "quantize", "evaluate")
+EXIT_CONFIG = 2  # bad params: nothing ran
+
+
+def _load(args: argparse.Namespace) -> config.Params:
+    cfg = config.load(args.params)
+    logging.getLogger("phiops").info("resolved config: %s", json.dumps(cfg.dump(), sort_keys=True))
+    return cfg
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    import importlib
+
+    cfg = _load(args)
+    layout = Layout(Path(args.root))
+    mod = importlib.import_module(f"phiops.stages.{args.name}")
+    if args.name == "quantize":
+        if not args.method:
+            raise SystemExit("phiops stage quantize needs --method gptq|awq")
+        out = mod.run(cfg, layout, args.method)
+    else:
+        out = mod.run(cfg, layout)
+    print(f"stage {args.name}: done -> {out}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config.load(args.params)  # fail fast, before Prefect starts, on a bad config
+    sys.path.insert(0, str(Path(args.root).resolve()))
+    from flows.retrain import retrain
+
+    result = retrain(root=str(Path(args.root).resolve()), params=str(args.params), ask=args.ask)
+    print(json.dumps(result, indent=2, default=str))
+    return 0 if result.get("status") in ("promoted", "unchanged") else 1
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = config.load(args.file)
+    print(f"{args.file}: valid")
+    if args.show:
+        print(json.dumps(cfg.dump(), indent=2))
+    return 0
+
+
+def cmd_config_use(args: argparse.Namespace) -> int:
+    src = Path(args.root) / "configs" / f"{args.preset}.yaml"
+    config.load(src)
+    Path(args.params).write_text(src.read_text())
+    print(f"{args.params} <- {src}")
+    return 0
+
+
+def cmd_model_fetch(args: argparse.Namespace) -> int:
+    from phiops import models
+
+    print(models.ensure_builtin())
+    return 0
+
+
+def cmd_data_generate(args: argparse.Namespace) -> int:
+    from phiops import datagen
+
+    n = datagen.write(Path(args.out), n=args.n, seed=args.seed)
+    print(f"wrote {n} rows to {args.out}")
+    return 0
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from phiops import gate, registry
+
+    cfg = _load(args)
+    layout = Layout(Path(args.root))
+    prod = registry.Registry(layout, cfg.registry.artifact).production()
+    decision = gate.decide(cfg.gate, json.loads(layout.eval_report.read_text()), prod)
+    gate.write(layout.gate_report, decision)
+    print(gate.explain(decision))
+    return 0 if decision.passed else 1
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    from phiops import registry
+
+    cfg = _load(args)
+    reg = registry.Registry(Layout(Path(args.root)), cfg.registry.artifact)
+    if args.action == "show":
+        print(registry.render_table([r for r in [reg.production()] if r]))
+    else:
+        print(registry.render_table(reg.history()))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from phiops import registry
+
+    cfg = _load(args)
+    reg = registry.Registry(Layout(Path(args.root)), cfg.registry.artifact)
+    rec = reg.set_production(args.version, approver=args.approver or os.environ.get("USER", "unknown"), reason=args.reason)
+    print(f"production -> {rec['version']}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from phiops import bento, registry
+
+    cfg = _load(args)
+    reg = registry.Registry(Layout(Path(args.root)), cfg.registry.artifact)
+    prod = reg.production()
+    if prod is None or not prod.get("bento"):
+        print("no production model with a bento yet: run `phiops run` first", file=sys.stderr)
+        return 1
+    print(bento.ask(prod["bento"], args.prompt, port=args.port))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="phiops", description=__doc__)
+    p.add_argument("--params", default="params.yaml", help="config file (default: %(default)s)")
+    p.add_argument("--root", default=".", help="project root holding dvc.yaml (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("run", help="run the retraining chain (Prefect flow over the DVC stages)")
+    s.add_argument("--ask", default=None, help="after promotion, ask the served model this and print the answer")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
+    s.add_argument("name", choices=STAGES)
+    s.add_argument("--method", choices=("gptq", "awq"), help="quantization method (stage quantize)")
+    s.set_defaults(fn=cmd_stage)
+
+    s = sub.add_parser("config", help="check a params file or switch to a preset")
+    csub = s.add_subparsers(dest="action", required=True)
+    c = csub.add_parser("check", help="validate a params file; lists every invalid key")
+    c.add_argument("file", nargs="?", default="params.yaml")
+    c.add_argument("--show", action="store_true", help="print the resolved config")
+    c.set_defaults(fn=cmd_config_check)
+    c = csub.add_parser("use", help="copy configs/<preset>.yaml to params.yaml")
+    c.add_argument("preset")
+    c.set_defaults(fn=cmd_config_use)
+
+    s = sub.add_parser("model", help="the embedded default model")
+    msub = s.add_subparsers(dest="action", required=True)
+    m = msub.add_parser("fetch", help="download and convert SmolLM2-135M-Instruct to safetensors (cached)")
+    m.set_defaults(fn=cmd_model_fetch)
+
+    s = sub.add_parser("data", help="sample data")
+    dsub = s.add_subparsers(dest="action", required=True)
+    d = dsub.add_parser("generate", help="write the deterministic support-ticket dataset")
+    d.add_argument("--out", default="data/raw/tickets.jsonl")
+    d.add_argument("-n", type=int, default=1200)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=cmd_data_generate)
+
+    s = sub.add_parser("gate", help="decide from reports/eval.json whether a candidate may be promoted")
+    s.set_defaults(fn=cmd_gate)
+
+    s = sub.add_parser("registry", help="registered versions and their lineage")
+    rsub = s.add_subparsers(dest="action", required=True)
+    for name, text in (("show", "the production version"), ("history", "every version")):
+        rsub.add_parser(name, help=text).set_defaults(fn=cmd_registry)
+
+    s = sub.add_parser("promote", help="put a registered version in production (also: rollback)")
+    s.add_argument("version")
+    s.add_argument("--reason", required=True)
+    s.add_argument("--approver", default=None)
+    s.set_defaults(fn=cmd_promote)
+
+    s = sub.add_parser("ask", help="serve the production bento, ask one question, print the answer")
+    s.add_argument("prompt")
+    s.add_argument("--port", type=int, default=None)
+    s.set_defaults(fn=cmd_ask)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.fn(args)
+    except config.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""dvc.yaml and paths.py must describe the same artifacts, and the flow must see every stage."""
+
+from pathlib import Path
+
+import yaml
+
+from phiops.cli import STAGES
+from phiops.config import QUANT_METHODS
+from phiops.lineage import stage_order
+from phiops.paths import Layout
+
+ROOT = Path(__file__).resolve().parents[2]
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+L = Layout()
+
+
+def _paths(entries):
+    return {next(iter(e)) if isinstance(e, dict) else e for e in entries}
+
+
+def test_every_stage_is_a_phiops_command():
+    assert set(DVC) == set(STAGES)
+    for name, st in DVC.items():
+        cmd = st.get("do", st)["cmd"]
+        assert cmd.startswith(f"phiops stage {name}")
+
+
+def test_outs_match_layout():
+    assert str(L.validated) in _paths(DVC["validate"]["outs"])
+    assert str(L.processed) in _paths(DVC["format"]["outs"])
+    assert str(L.adapter) in _paths(DVC["train"]["outs"])
+    assert str(L.merged) in _paths(DVC["merge"]["outs"])
+    assert DVC["quantize"]["foreach"] == list(QUANT_METHODS)
+    assert {str(L.quantized(m)) for m in QUANT_METHODS} <= _paths(DVC["evaluate"]["deps"])
+    assert str(L.eval_report) in _paths(DVC["evaluate"]["metrics"])
+
+
+def test_stage_order_follows_dependencies():
+    order = stage_order(ROOT)
+    assert order[:4] == ["validate", "format", "train", "merge"]
+    assert set(order[4:6]) == {"quantize@gptq", "quantize@awq"} and order[-1] == "evaluate"
