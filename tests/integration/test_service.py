@@ -1,0 +1,405 @@
+"""The BentoML service and its packaging, on a tiny random Llama (seconds, not minutes).
+
+Two layers:
+- in process: the service class mounted with ``Service.to_asgi()`` behind Starlette's
+  TestClient (no subprocess, no build): response schema, caps, stop, streaming, errors;
+- end to end: ``save_model`` -> ``build`` -> ``bentoml serve`` of the built bento in a
+  subprocess -> HTTP and the official ``openai`` client.
+
+Everything lives in a temporary BENTOML_HOME. The tiny model borrows the builtin model's
+tokenizer (and chat template) from ``$PHIOPS_CACHE``, building it there on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phiops import bento, models
+from phiops.config import ServeCfg
+
+pytestmark = pytest.mark.integration
+
+SERVICE_DIR = Path(__file__).resolve().parents[2] / "services"
+TINY_ARCH = {
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+}
+CAP = 8  # max_new_tokens of the in-process service: small keeps generation fast
+SECRET = "SECRET-7f3a-do-not-echo"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("bentoml-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BENTOML_HOME", str(path))
+        mp.setenv("BENTOML_DO_NOT_TRACK", "True")
+        yield path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "llama"
+    return models.tiny_random(TINY_ARCH, out, tokenizer_from=models.ensure_builtin())
+
+
+@pytest.fixture(scope="module")
+def model_tag(home: Path, tiny_dir: Path) -> str:
+    return bento.save_model(tiny_dir, "tiny-llama", "t1", {"stage": "test", "metrics": {"exact_match": 0.5}})
+
+
+# --------------------------------------------------------------------------------------------
+# save_model
+# --------------------------------------------------------------------------------------------
+
+
+def test_save_model_stores_checkpoint_with_manifest(home: Path, tiny_dir: Path, model_tag: str) -> None:
+    import bentoml
+
+    assert model_tag == "tiny-llama:t1"
+    stored = bentoml.models.get(model_tag, _model_store=bento._model_store())
+    meta = stored.info.metadata
+    assert meta["stage"] == "test" and meta["metrics"] == {"exact_match": 0.5}
+    files = meta["phiops"]["files"]
+    assert "model.safetensors" in files and "config.json" in files
+    ckpt = Path(stored.path_of(bento.CHECKPOINT_SUBDIR))
+    assert {p.name for p in ckpt.iterdir()} == set(files)
+
+
+def test_save_model_is_idempotent_and_refuses_changed_content(
+    home: Path, tiny_dir: Path, model_tag: str, tmp_path: Path
+) -> None:
+    t0 = time.perf_counter()
+    assert bento.save_model(tiny_dir, "tiny-llama", "t1", {"stage": "test"}) == model_tag
+    assert time.perf_counter() - t0 < 30
+
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_dir, changed)
+    (changed / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "changed": True}))
+    with pytest.raises(bento.BentoError, match="different files"):
+        bento.save_model(changed, "tiny-llama", "t1", {})
+
+
+def test_save_model_skips_pickles_and_rejects_bad_input(home: Path, tiny_dir: Path, tmp_path: Path) -> None:
+    import bentoml
+
+    with_pickle = tmp_path / "with-pickle"
+    shutil.copytree(tiny_dir, with_pickle)
+    (with_pickle / "training_args.bin").write_bytes(b"\x80\x04not-loaded")
+    tag = bento.save_model(with_pickle, "tiny-llama", "pickle-skipped", {})
+    stored = bentoml.models.get(tag, _model_store=bento._model_store())
+    assert "training_args.bin" not in stored.info.metadata["phiops"]["files"]
+
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(models.ModelError, match="safetensors"):
+        bento.save_model(no_weights, "tiny-llama", "bad", {})
+    with pytest.raises(ValueError, match="reserved"):
+        bento.save_model(tiny_dir, "tiny-llama", "t2", {"phiops": 1})
+    with pytest.raises(ValueError, match="lowercase"):
+        bento.save_model(tiny_dir, "Tiny", "t2", {})
+
+
+# --------------------------------------------------------------------------------------------
+# The service in process
+# --------------------------------------------------------------------------------------------
+
+
+def _import_service(name: str) -> Any:
+    """Import services/service.py afresh under `name` (its settings are read at import)."""
+    spec = importlib.util.spec_from_file_location(name, SERVICE_DIR / "service.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def _service_env(env: dict[str, str]) -> Iterator[None]:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        # BentoML's default model store is a process-wide singleton fixed on first use; point it
+        # at this test's home, whatever touched it before.
+        BentoMLContainer.model_store.set(bento._model_store())
+        try:
+            yield
+        finally:
+            BentoMLContainer.model_store.reset()
+
+
+@pytest.fixture(scope="module")
+def service(home: Path, model_tag: str) -> Iterator[tuple[Any, Any]]:
+    from starlette.testclient import TestClient
+
+    env = {"PHIOPS_MODEL_TAG": model_tag, "PHIOPS_SERVED_MODEL": "tiny", "PHIOPS_MAX_NEW_TOKENS": str(CAP)}
+    name = "phiops_service_under_test"
+    with _service_env(env):
+        module = _import_service(name)
+        try:
+            with TestClient(module.PhiOpsLLM.to_asgi()) as client:  # lifespan: load + warm-up
+                yield module, client
+        finally:
+            sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def service_module(service: tuple[Any, Any]) -> Any:
+    return service[0]
+
+
+@pytest.fixture(scope="module")
+def client(service: tuple[Any, Any]) -> Any:
+    return service[1]
+
+
+def _chat(client: Any, **overrides: Any) -> Any:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Say hi."}], "temperature": 0}
+    body.update(overrides)
+    return client.post("/v1/chat/completions", json=body)
+
+
+def _assert_completion(data: dict[str, Any], model: str) -> str:
+    assert data["id"].startswith("chatcmpl-")
+    assert data["object"] == "chat.completion"
+    assert isinstance(data["created"], int) and data["model"] == model
+    (choice,) = data["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = data["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] >= 1
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    return choice["message"]["content"]
+
+
+def test_defaults_match_project_config(service_module: Any) -> None:
+    assert service_module.DEFAULT_MAX_NEW_TOKENS == ServeCfg().max_new_tokens
+    assert service_module.DEFAULT_MAX_PROMPT_TOKENS == ServeCfg().max_prompt_tokens
+
+
+def test_ready_and_models(client: Any, model_tag: str) -> None:
+    assert client.get("/readyz").status_code == 200
+    data = client.get("/v1/models").json()
+    assert data["object"] == "list"
+    assert [m["id"] for m in data["data"]] == ["tiny"]
+    assert data["data"][0]["root"] == model_tag
+
+
+def test_chat_completion_schema_and_cap(client: Any) -> None:
+    res = _chat(client, max_tokens=1000)
+    assert res.status_code == 200, res.text
+    _assert_completion(res.json(), "tiny")
+    usage = res.json()["usage"]
+    assert usage["completion_tokens"] <= CAP  # clamped to the service cap, not an error
+    # Greedy decoding is deterministic; the full model tag is accepted as the model id too.
+    again = _chat(client, max_tokens=1000, model=client.get("/v1/models").json()["data"][0]["root"])
+    assert again.json()["choices"][0]["message"] == res.json()["choices"][0]["message"]
+
+
+def test_seeded_sampling_is_reproducible(client: Any) -> None:
+    a = _chat(client, temperature=1.0, top_p=0.9, seed=7).json()["choices"][0]["message"]["content"]
+    b = _chat(client, temperature=1.0, top_p=0.9, seed=7).json()["choices"][0]["message"]["content"]
+    assert a == b
+
+
+def test_stop_sequence_truncates(client: Any) -> None:
+    full = _chat(client).json()["choices"][0]["message"]["content"]
+    if len(full) < 6:
+        pytest.skip("random model produced too little text to place a stop sequence")
+    stop = full[3:5]
+    res = _chat(client, stop=[stop]).json()
+    assert res["choices"][0]["message"]["content"] == full[: full.find(stop)]
+    assert res["choices"][0]["finish_reason"] == "stop"
+
+
+def test_streaming_matches_non_streaming(client: Any) -> None:
+    full = _chat(client).json()["choices"][0]["message"]["content"]
+    with client.stream("POST", "/v1/chat/completions", json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Say hi."}], "temperature": 0,
+        "stream": True, "stream_options": {"include_usage": True},
+    }) as res:
+        assert res.status_code == 200
+        assert res.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in res.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == full
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "tiny", "messages": [{"role": "hacker", "content": SECRET}]},
+    {"model": "tiny", "messages": [{"role": "user", "content": SECRET}], "max_tokens": 0},
+    {"model": "tiny", "messages": [{"role": "user", "content": SECRET}], "temperature": SECRET},
+    {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], f"<i>{SECRET}</i>": 1},
+    {"model": "tiny", "messages": []},
+    {"messages": [{"role": "user", "content": SECRET}]},
+    {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2},
+    {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
+])
+def test_bad_request_is_400_without_echo(client: Any, body: dict[str, Any]) -> None:
+    res = client.post("/v1/chat/completions", json=body)
+    assert res.status_code == 400
+    err = res.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert SECRET not in res.text
+
+
+def test_malformed_json_unknown_model_and_long_prompt(client: Any) -> None:
+    res = client.post("/v1/chat/completions", content=b'{"model": "' + SECRET.encode(),
+                      headers={"content-type": "application/json"})
+    assert res.status_code == 400 and SECRET not in res.text
+    res = _chat(client, model=SECRET)
+    assert res.status_code == 404 and res.json()["error"]["code"] == "model_not_found"
+    assert SECRET not in res.text
+    res = _chat(client, messages=[{"role": "user", "content": "word " * 3000}])
+    assert res.status_code == 400 and res.json()["error"]["code"] == "context_length_exceeded"
+    huge = _chat(client, messages=[{"role": "user", "content": "x" * 2_000_000}])  # refused untokenized
+    assert huge.status_code == 400 and huge.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_compressed_tensors_w4a16_checkpoint_serves(home: Path, tmp_path: Path) -> None:
+    """A W4A16 (pack-quantized) checkpoint loads through the same from_pretrained call."""
+    pytest.importorskip("llmcompressor")
+    import torch
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+
+    # W4A16 quantizes in groups of 128 input features, so the tiny model is 128 wide here.
+    src = models.tiny_random({**TINY_ARCH, "hidden_size": 128, "intermediate_size": 256}, tmp_path / "src",
+                             tokenizer_from=models.ensure_builtin())
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]))
+    quant = tmp_path / "w4a16"
+    model.save_pretrained(quant, save_compressed=True)
+    models.load_tokenizer(src).save_pretrained(quant)
+    assert json.loads((quant / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+
+    tag = bento.save_model(quant, "tiny-llama-w4a16", "t1", {"quantization": "W4A16"})
+    env = {"PHIOPS_MODEL_TAG": tag, "PHIOPS_SERVED_MODEL": "", "PHIOPS_MAX_NEW_TOKENS": "4"}
+    # The service class itself, without a second ASGI app (BentoML registers per-service
+    # Prometheus metrics once per process, so two apps of one service cannot coexist).
+    with _service_env(env):
+        module = _import_service("phiops_service_w4a16")
+        try:
+            instance = module.PhiOpsLLM.inner()  # loads the model and runs the warm-up
+            request = module.ChatCompletionRequest(
+                model="tiny-llama-w4a16", messages=[{"role": "user", "content": "Hello"}], temperature=0
+            )
+            _assert_completion(asyncio.run(instance.chat_completions(body=request)), "tiny-llama-w4a16")
+        finally:
+            sys.modules.pop("phiops_service_w4a16", None)
+
+
+# --------------------------------------------------------------------------------------------
+# Build, then serve the built bento in a subprocess
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bento_tag(home: Path, model_tag: str) -> str:
+    # lock_packages=False keeps the test off the network; the production path (locking with uv
+    # against PyPI) differs only in how requirements.txt is produced.
+    t0 = time.perf_counter()
+    tag = bento.build(model_tag, "t1", service_dir=SERVICE_DIR, served_model_name="tiny",
+                      max_new_tokens=16, lock_packages=False)
+    print(f"\nbentoml build: {time.perf_counter() - t0:.1f}s")
+    return tag
+
+
+def test_build_bakes_model_and_pins(home: Path, model_tag: str, bento_tag: str) -> None:
+    import bentoml
+
+    assert bento_tag == "phiops-llm:t1"
+    built = bentoml.bentos.get(bento_tag, _bento_store=bento._bento_store())
+    assert built.info.args == {"model_tag": model_tag, "served_model_name": "tiny", "max_new_tokens": 16}
+    assert [str(m.tag) for m in built.info.all_models] == [model_tag]
+    reqs = Path(built.path_of("env/python/requirements.txt")).read_text()
+    for pin in ("torch==2.13.0", "transformers==5.17.0", "compressed-tensors==0.19.0"):
+        assert pin in reqs
+    assert Path(built.path_of("env/docker/Dockerfile")).is_file()
+    assert bento.containerize_command(bento_tag) == ["bentoml", "containerize", bento_tag]
+
+    # Same inputs: the existing bento; other inputs under the same version: refused.
+    t0 = time.perf_counter()
+    assert bento.build(model_tag, "t1", service_dir=SERVICE_DIR, served_model_name="tiny",
+                       max_new_tokens=16, lock_packages=False) == bento_tag
+    assert time.perf_counter() - t0 < 10
+    with pytest.raises(bento.BentoError, match="exists"):
+        bento.build(model_tag, "t1", service_dir=SERVICE_DIR, lock_packages=False)
+    with pytest.raises(bento.BentoError, match="not in the store"):
+        bento.build("no-such-model:v9", "t9", service_dir=SERVICE_DIR, lock_packages=False)
+
+
+def test_built_bento_serves_openai_chat(home: Path, bento_tag: str) -> None:
+    import httpx
+
+    t0 = time.perf_counter()
+    with bento.serving(bento_tag, timeout=300) as base:
+        print(f"\nbentoml serve {bento_tag}: ready after {time.perf_counter() - t0:.1f}s")
+        t1 = time.perf_counter()
+        res = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 500,
+        })
+        print(f"one chat completion: {time.perf_counter() - t1:.2f}s")
+        assert res.status_code == 200, res.text
+        _assert_completion(res.json(), "tiny")
+        assert res.json()["usage"]["completion_tokens"] <= 16  # the cap baked in at build
+
+        bad = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "messages": [{"role": "robot", "content": SECRET}],
+        })
+        assert bad.status_code == 400 and SECRET not in bad.text
+
+        openai = pytest.importorskip("openai")
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        out = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0, seed=1
+        )
+        assert out.choices[0].message.role == "assistant" and out.usage.completion_tokens <= 4
+        pieces = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0, stream=True
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+        assert streamed == out.choices[0].message.content
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], top_p=5)
+
+
+def test_ask_returns_answer_and_stops_server(home: Path, bento_tag: str) -> None:
+    import httpx
+
+    port = bento.free_port()
+    answer = bento.ask(bento_tag, "Hello", port=port, max_tokens=4)
+    assert isinstance(answer, str)
+    with pytest.raises(httpx.HTTPError):  # the server is gone
+        httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
