@@ -39,6 +39,15 @@ def _git(root: Path, *args: str) -> str:
     return res.stdout.strip()
 
 
+def _identity(root: Path) -> tuple[str, str]:
+    """git's configured author, or phiops' fallback on machines with none (CI)."""
+    def get(key: str) -> str:
+        res = subprocess.run(["git", "config", key], cwd=root, capture_output=True, text=True)
+        return res.stdout.strip()
+
+    return get("user.name") or _FALLBACK_IDENTITY["GIT_AUTHOR_NAME"], get("user.email") or _FALLBACK_IDENTITY["GIT_AUTHOR_EMAIL"]
+
+
 def bento_tag(version: str) -> str:
     """The bento of a registry version carries the same version (services/bentofile.yaml names it)."""
     return f"phiops-llm:{version}"
@@ -48,7 +57,7 @@ class Registry:
     def __init__(self, layout: Layout, artifact: str):
         self.root = layout.root.resolve()
         self.artifact = artifact
-        self.dir = layout.registry / artifact
+        self.dir = Layout(self.root).registry / artifact
 
     # -- reading -----------------------------------------------------------------------------
     def record(self, version: str) -> dict[str, Any]:
@@ -66,17 +75,17 @@ class Registry:
         return sorted(recs, key=lambda r: r["number"])
 
     def production(self) -> dict[str, Any] | None:
-        """The record of the version in production, or None."""
-        import gto.api
+        """The record of the version in production, or None.
 
-        try:
-            found = gto.api.find_versions_in_stage(str(self.root), self.artifact, PRODUCTION)
-        except Exception:  # not a git repo yet, or no tags: nothing is in production
+        The latest `<artifact>#production#N` assignment wins. GTO orders assignments by tag
+        time, which has one-second resolution; N is strictly increasing, so it breaks ties
+        (a rollback within the same second as the promotion it undoes).
+        """
+        assigned = [e for e in self.events() if e.get("event") == "assignment" and e.get("stage") == PRODUCTION]
+        if not assigned:
             return None
-        if not found:
-            return None
-        vs = found[0] if isinstance(found, list) else found
-        return self.record(vs.version)
+        latest = max(assigned, key=lambda e: int(str(e["ref"]).rsplit("#", 1)[-1]))
+        return self.record(latest["version"])
 
     def verify(self, version: str, model_dir: Path) -> None:
         """Refuse model files whose sha256 differ from the registry record.
@@ -129,7 +138,11 @@ class Registry:
             paths.append("dvc.lock")
         _git(self.root, "add", "--", *paths)
         _git(self.root, "commit", "--quiet", "-m", f"phiops: register {self.artifact} {version}", "--", *paths)
-        gto.api.register(str(self.root), self.artifact, "HEAD", version=version, message=f"registered by phiops ({lineage.get('variant')})")
+        name, email = _identity(self.root)
+        gto.api.register(
+            str(self.root), self.artifact, "HEAD", version=version,
+            message=f"registered by phiops ({lineage.get('variant')})", author=name, author_email=email,
+        )
         return record
 
     def set_production(self, version: str, approver: str, reason: str) -> dict[str, Any]:
@@ -151,6 +164,8 @@ class Registry:
             version=version,
             message=json.dumps({"approver": approver, "reason": reason}),
             force=True,  # re-assigning a version that was in production before (rollback)
+            author=_identity(self.root)[0],
+            author_email=_identity(self.root)[1],
         )
         return record
 
