@@ -116,7 +116,14 @@ def build_bento(root: str, cfg: config.Params, record: dict[str, Any]) -> str:
     model_tag = bento.save_model(
         layout.root / record["model_path"], cfg.registry.artifact, record["version"], {"registry": record["version"]}
     )
-    tag = bento.build(model_tag, record["version"], service_dir=layout.root / "services")
+    tag = bento.build(
+        model_tag,
+        record["version"],
+        service_dir=layout.root / "services",
+        served_model_name=cfg.registry.artifact,
+        max_new_tokens=cfg.serve.max_new_tokens,
+        max_prompt_tokens=cfg.serve.max_prompt_tokens,
+    )
     get_run_logger().info("bento %s built; containerize with: bentoml containerize %s", tag, tag)
     return tag
 

@@ -132,7 +132,6 @@ class RegistryCfg(_Section):
 class ServeCfg(_Section):
     max_new_tokens: int = Field(128, ge=1)
     max_prompt_tokens: int = Field(1024, ge=1)
-    port: int = Field(3000, ge=1, le=65535)
 
 
 class Params(_Section):
