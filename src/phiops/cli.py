@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # One line per HTTP call to the local Prefect API drowns the stage logs.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.fn(args)
     except config.ConfigError as exc:
