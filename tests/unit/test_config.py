@@ -81,3 +81,16 @@ def test_console_script_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "phiops.cli", "--help"], capture_output=True, text=True, check=True).stdout
     for cmd in ("run", "stage", "config", "model", "data", "gate", "registry", "promote", "ask"):
         assert cmd in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["run"], ["stage"], ["config"], ["config", "check"], ["config", "use"], ["model", "fetch"], ["data", "generate"],
+     ["gate"], ["registry", "show"], ["registry", "history"], ["promote"], ["ask"]],
+    ids=" ".join,
+)
+def test_every_command_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--help"])
+    assert done.value.code == 0
+    assert "usage: phiops" in capsys.readouterr().out
