@@ -127,7 +127,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="phiops", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="phiops",
+        description="Fine-tune, quantize, gate, approve and serve Phi-family models (each command has --help).",
+    )
     p.add_argument("--params", default="params.yaml", help="config file (default: %(default)s)")
     p.add_argument("--root", default=".", help="project root holding dvc.yaml (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true")
