@@ -13,6 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Prefect's temporary server logs its shutdown at interpreter exit, after pytest has closed the
+# streams ("I/O operation on closed file"); tests read no Prefect INFO logs.
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 TINY = {
     # vocab_size matches the embedded tokenizer so real chat-formatted data can be used.
