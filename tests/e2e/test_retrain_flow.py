@@ -72,8 +72,14 @@ def _approve_when_paused(stop: threading.Event, approvals: list) -> None:
 
 
 def _run(proj: Path) -> dict:
+    from prefect import get_client
+
     from flows.retrain import retrain
 
+    # Start Prefect's temporary server here, before two threads race to start the same
+    # process-wide instance (the loser sees it "running" with no process yet).
+    with get_client(sync_client=True) as client:
+        client.hello()
     stop, approvals = threading.Event(), []
     t = threading.Thread(target=_approve_when_paused, args=(stop, approvals), daemon=True)
     t.start()
