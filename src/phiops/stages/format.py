@@ -103,7 +103,7 @@ def run(cfg: Params, layout: Layout, tokenizer: Any = None) -> FormatOutputs:
             **enc,
         }
         splits["test" if is_test(rid, cfg.data.test_fraction) else "train"].append(rec)
-        lengths.append(len(enc["input_ids"]) if not enc["truncated"] else cfg.format.max_length)
+        lengths.append(len(enc["input_ids"]))  # already cut to format.max_length
 
     if not splits["train"] or not splits["test"]:
         raise ValueError(

@@ -94,7 +94,11 @@ def no_pinning_without_accelerator() -> Iterator[bool]:
     without an accelerator there are none (the cache is read on the CPU it lives on), so
     skipping it changes no number. The patch is applied only when no accelerator is present,
     only for the duration of the block, and the original method is put back even if the
-    block raises; with CUDA it does nothing.
+    block raises; with CUDA it does nothing. (It is a class attribute, so it holds for the
+    whole process while the block runs; without an accelerator no caller could pin anyway.)
+    The explicit pin was introduced upstream by vllm-project/llm-compressor#2813; when a
+    release guards it, ``test_upstream_pin_memory_still_fails_without_accelerator`` fails
+    and this can go.
 
     Yields:
         True when the patch is active, False when it was not needed (or the method no
