@@ -157,6 +157,7 @@ class Registry:
         current = self.production()
         if current and current["version"] == version:
             return record
+        name, email = _identity(self.root)
         gto.api.assign(
             str(self.root),
             self.artifact,
@@ -164,8 +165,8 @@ class Registry:
             version=version,
             message=json.dumps({"approver": approver, "reason": reason}),
             force=True,  # re-assigning a version that was in production before (rollback)
-            author=_identity(self.root)[0],
-            author_email=_identity(self.root)[1],
+            author=name,
+            author_email=email,
         )
         return record
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from phiops import models, templates
 from phiops.config import QUANT_METHODS, Params
-from phiops.io import dir_size, read_jsonl, write_json, write_jsonl, write_text
+from phiops.io import read_jsonl, write_json, write_jsonl, write_text
+from phiops.lineage import variant_dir
 from phiops.metrics import METRICS
 from phiops.paths import Layout
 
@@ -34,8 +35,8 @@ class EvaluateOutputs:
 
 def variants(cfg: Params, layout: Layout) -> dict[str, Path]:
     """Name -> checkpoint directory of every variant to score, base first."""
-    out = {"base": Path(models.resolve(cfg.model.base)), "merged": layout.merged}
-    out.update({m: layout.quantized(m) for m in QUANT_METHODS})
+    out = {"base": Path(models.resolve(cfg.model.base))}
+    out.update({v: variant_dir(layout, v) for v in ("merged", *QUANT_METHODS)})
     return out
 
 
