@@ -14,6 +14,7 @@ from phiops.paths import Layout
 
 STAGES = ("validate", "format", "train", "merge", "quantize", "evaluate")
 EXIT_CONFIG = 2  # bad params: nothing ran
+EXIT_DATA = 3  # validate or format refused the data; the message names every row and rule
 
 
 def _load(args: argparse.Namespace) -> config.Params:
@@ -28,6 +29,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
     cfg = _load(args)
     layout = Layout(Path(args.root))
     mod = importlib.import_module(f"phiops.stages.{args.name}")
+    if args.name == "validate":
+        for given in (cfg.data.raw, cfg.data.test):
+            if given is not None and not (layout.root / given).resolve().is_relative_to((layout.root / "data/raw").resolve()):
+                logging.getLogger("phiops").warning(
+                    "%s is outside data/raw/: dvc.yaml tracks data/raw, so DVC will not see it change", given)
     if args.name == "quantize":
         if not args.method:
             raise SystemExit("phiops stage quantize needs --method gptq|awq")
@@ -197,11 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     # One line per HTTP call to the local Prefect API drowns the stage logs.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # GX logs its own import at INFO, a few hundred lines.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     try:
         return args.fn(args)
     except config.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except ValueError as exc:
+        # Bad data is the user's to fix, not a crash: the message names every row and rule.
+        if type(exc).__name__ not in ("DataValidationError", "FormatError"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DATA
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ whose message lists each bad key by dotted path with what was expected.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,12 +36,26 @@ class ModelCfg(_Section):
 
 
 class DataCfg(_Section):
+    # A JSONL file, or a directory of them (each file's format detected on its own).
     raw: Path = Path("data/raw/tickets.jsonl")
-    # alpaca = {instruction, input, output}; the only format of the foundation (more in #3).
-    format: Literal["alpaca"] = "alpaca"
-    # Fraction of rows (by content hash, so appends never move rows) held out for evaluation.
+    # alpaca {instruction, input, output} | chat {messages} | prompt_completion {prompt, completion};
+    # `auto` detects each file's format from its rows' keys.
+    format: Literal["auto", "alpaca", "chat", "prompt_completion"] = "auto"
+    # A held-out file or directory; when set, every raw row trains, these rows test, and a test
+    # prompt that also appears in training is rejected as leakage.
+    test: Path | None = None
+    # Without `test`: the fraction of prompts (by hash, so appends never move rows) held out.
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     system_prompt: str | None = None
+
+
+# Named PII patterns (Python regexes) checked by `validate` unless `validate.pii: off`.
+PII_PATTERNS: dict[str, str] = {
+    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+    "phone": r"(?<![\w.])\+?\d{1,3}[ .-]?\(?\d{2,4}\)?[ .-]?\d{3,4}[ .-]?\d{3,4}(?![\w.])",
+    "api_key": r"\b(?:sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{36,}|xox[baprs]-[A-Za-z0-9-]{10,}"
+               r"|AIza[0-9A-Za-z_-]{35})\b",
+}
 
 
 class ValidateCfg(_Section):
@@ -49,11 +64,23 @@ class ValidateCfg(_Section):
     on_invalid: Literal["fail", "quarantine"] = "fail"
     # With on_invalid=quarantine, fail anyway above this fraction: a mostly-broken file is a bug.
     max_invalid_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    # Rows above max_tokens: reject them, or keep them (format truncates to format.max_length).
+    over_length: Literal["reject", "truncate"] = "reject"
+    # PII patterns: `warn` counts and lists matches (rows kept), `reject` rejects the rows.
+    pii: Literal["off", "warn", "reject"] = "warn"
+    pii_patterns: dict[str, str] = Field(default_factory=lambda: dict(PII_PATTERNS))
+    # Rows validated per Great Expectations batch: memory is bounded by a chunk, not the file.
+    chunk_rows: int = Field(50_000, ge=1)
 
     @model_validator(mode="after")
     def _range(self) -> "ValidateCfg":
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        for name, pattern in self.pii_patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pii_patterns.{name}: not a valid regex: {exc}") from None
         return self
 
 

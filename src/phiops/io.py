@@ -58,6 +58,37 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     return n
 
 
+class JsonlWriter:
+    """Stream JSON lines into a temporary sibling of `path`; ``commit`` renames it into place.
+
+    For outputs too big to build in memory first. Until ``commit``, `path` keeps its old content
+    (or stays absent); ``discard`` (or a crash) leaves only a ``.tmp`` sibling, removed here.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        self.tmp = Path(tmp)
+        self._f = os.fdopen(fd, "w", encoding="utf-8")
+        self.rows = 0
+
+    def write(self, obj: dict[str, Any]) -> None:
+        self._f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self.rows += 1
+
+    def commit(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     with open(path, encoding="utf-8") as f:
         for line in f:

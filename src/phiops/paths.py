@@ -32,6 +32,10 @@ class Layout:
         return self._p("reports/validate.json")
 
     @property
+    def validate_markdown(self) -> Path:
+        return self._p("reports/validate.md")
+
+    @property
     def data_docs(self) -> Path:
         return self._p("reports/data_docs")
 
@@ -51,6 +55,10 @@ class Layout:
     @property
     def format_report(self) -> Path:
         return self._p("reports/format.json")
+
+    @property
+    def format_lengths(self) -> Path:
+        return self._p("reports/format_lengths.csv")
 
     # train
     @property

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from phiops import config, lora
+from phiops import data as D
 from phiops.io import write_jsonl
 from phiops.paths import Layout
 from phiops.stages import format as format_stage
@@ -18,14 +19,24 @@ from phiops.stages import merge, train
 pytestmark = pytest.mark.integration
 
 ROWS = [
-    {"instruction": "Classify the ticket.", "input": f"Order {i} is late, product {p}.", "output": json.dumps({"p": p, "n": i % 3}), "source_line": i + 1}
+    {"instruction": "Classify the ticket.", "input": f"Order {i} is late, product {p}.", "output": json.dumps({"p": p, "n": i % 3})}
     for i, p in enumerate(["Nimbus", "Atlas", "Orbit"] * 14)
 ]
 
 
+def _validated(test_fraction: float) -> list[dict]:
+    """ROWS as the validate stage writes them (canonical conversations with their split)."""
+    out = []
+    for i, r in enumerate(ROWS):
+        m = D.to_messages(r, "alpaca")
+        out.append({"id": D.row_id(m), "messages": m, "split": "test" if D.is_test(m, test_fraction) else "train",
+                    "format": "alpaca", "source": "rows.jsonl", "source_line": i + 1, "meta": {}})
+    return out
+
+
 def _project(tmp_path: Path, base: Path, **train_kw) -> tuple[config.Params, Layout]:
     layout = Layout(tmp_path)
-    write_jsonl(layout.validated, ROWS)
+    write_jsonl(layout.validated, _validated(0.2))
     cfg = config.parse(
         {
             "model": {"base": str(base)},

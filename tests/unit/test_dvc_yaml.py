@@ -28,6 +28,8 @@ def test_every_stage_is_a_phiops_command():
 def test_outs_match_layout():
     assert str(L.validated) in _paths(DVC["validate"]["outs"])
     assert str(L.processed) in _paths(DVC["format"]["outs"])
+    assert str(L.validate_markdown) in _paths(DVC["validate"]["outs"])
+    assert str(L.format_lengths) in _paths(DVC["format"]["plots"])
     assert str(L.adapter) in _paths(DVC["train"]["outs"])
     assert str(L.merged) in _paths(DVC["merge"]["outs"])
     assert DVC["quantize"]["foreach"] == list(QUANT_METHODS)
@@ -39,3 +41,13 @@ def test_stage_order_follows_dependencies():
     order = stage_order(ROOT)
     assert order[:4] == ["validate", "format", "train", "merge"]
     assert set(order[4:6]) == {"quantize@gptq", "quantize@awq"} and order[-1] == "evaluate"
+
+
+def test_validate_tracks_the_default_raw_data_and_its_params():
+    from phiops.config import load
+
+    cfg = load(ROOT / "params.yaml")
+    deps = _paths(DVC["validate"]["deps"])
+    assert any(cfg.data.raw.is_relative_to(d) for d in deps), "DVC would not see a change of the raw data"
+    params = set(DVC["validate"]["params"])
+    assert {"data.raw", "data.test", "data.format", "data.test_fraction", "validate"} <= params

@@ -1,62 +1,73 @@
-"""The validate stage: raw JSONL -> accepted rows, rejected rows, a report and Data Docs.
+"""The validate stage: raw JSONL -> accepted conversations, rejected rows, a report and Data Docs.
 
-Two layers of checks:
+Input is ``data.raw`` (a file, or a directory of ``*.jsonl`` files) and optionally ``data.test``
+(a held-out file or directory). Each file is ``alpaca``, ``chat`` or ``prompt_completion``
+(:mod:`phiops.data`), declared by ``data.format`` or detected per file.
 
-1. **Parsing**, line by line in binary: invalid UTF-8, NUL bytes, invalid JSON and values that
-   are not JSON objects are reported as ``file:line:column: reason``. A UTF-8 BOM at the start is
-   accepted and stripped, CRLF endings are accepted, blank lines are skipped (not rows). An empty
-   file, or a UTF-16 one, is a file-level error.
-2. **Great Expectations** (1.x, ephemeral context) on a DataFrame of the parsed rows: required
-   columns exist; ``instruction``/``output`` non-null, str, non-blank; ``input`` non-null, str
-   (may be empty); token count of the example within ``[validate.min_tokens,
-   validate.max_tokens]``; no duplicate examples (content hash unique); no control characters.
-   Unexpected rows are mapped back to their line through the ``line`` column
-   (``unexpected_index_column_names``).
+Files are streamed: parsed line by line, validated in chunks of ``validate.chunk_rows`` rows, and
+written out as they go, so memory is bounded by a chunk, not the file. Two layers of checks:
+
+1. **Parsing**, line by line in binary: invalid UTF-8, NUL bytes, invalid JSON, duplicate keys,
+   NaN/Infinity and values that are not JSON objects are reported as ``file:line:column:
+   reason``. A UTF-8 BOM at the start is stripped, CRLF endings are accepted, blank lines are
+   skipped (not rows). An empty file, a UTF-16 one, a line over 1 MiB, or a file whose format
+   cannot be detected is an error.
+2. **Great Expectations** (1.x, ephemeral context), one suite per format, on a DataFrame per
+   chunk: required fields present, of the right type, not blank; chat messages well formed and in
+   a valid role order; no control characters; token length within ``[min_tokens, max_tokens]``
+   by the base model's tokenizer; no exact or normalized duplicates; no train/test leakage (a
+   test prompt that is also a train prompt); optional PII patterns. Unexpected rows are mapped
+   back to ``file:line`` through the ``row`` column (``unexpected_index_column_names``).
 
 Every rejected row gets reasons like
-``data/raw/x.jsonl:17: output: missing; must be a non-empty string (rule expect_column_values_to_not_be_null)``.
+``data/raw/x.jsonl:17: output: missing; must be a non-empty string (rule required:output)``.
 
-Policy (``validate.on_invalid``): ``fail`` raises :class:`DataValidationError` on any invalid
-row; ``quarantine`` keeps the valid rows and fails only above ``validate.max_invalid_fraction``.
-Either way rejected rows with their reasons go to ``data/quarantine/<raw stem>.rejected.jsonl``,
-``rows_in == accepted + rejected``, the report is written before anything is raised, and the
-raw file is only ever opened for reading.
+Policy: ``validate.on_invalid=fail`` fails on any invalid row; ``quarantine`` keeps the valid rows
+and fails only above ``validate.max_invalid_fraction``. ``over_length: truncate`` keeps rows above
+``max_tokens`` (``format`` truncates them; counted as warnings). ``pii: warn`` counts matches,
+``reject`` rejects the rows, ``off`` skips the patterns. Rejected rows with their reasons always go
+to ``data/quarantine/``; ``rows_in == accepted + rejected`` and the report says so; the report is
+written before anything is raised; raw files are only ever opened for reading.
+
+Accepted rows are written in the canonical form (``messages``, ``split``, ``source``,
+``source_line``, ``format``, ``meta`` for extra keys), so ``format`` reads one shape.
 """
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import json
 import logging
 import math
 import re
+import resource
 import shutil
 import time
-from collections import Counter, defaultdict
+from array import array
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from phiops import data as D
 from phiops.config import Params
-from phiops.io import atomic_dir, sha256_file, write_json, write_jsonl
+from phiops.io import JsonlWriter, atomic_dir, sha256_file, write_json, write_text
 from phiops.paths import Layout
 
 log = logging.getLogger(__name__)
 
-REQUIRED = ("instruction", "input", "output")
-# `input` may legitimately be empty (alpaca rows with no context); the other two may not.
-NON_BLANK = ("instruction", "output")
 # C0 controls except tab/LF/CR, DEL, and C1 controls: invisible, and they poison tokenizers.
 CONTROL_RE = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
 # A row of max_tokens (<= a few thousand) tokens is tens of KB; a multi-MB "line" is a broken
 # file (a missing newline, a binary blob), refused before it is read into memory whole.
 MAX_LINE_BYTES = 1 << 20
-# Problems listed in the exception message and in the report; the quarantine file has all.
+# Problems listed in the exception message and in the report; the quarantine files have all.
 MESSAGE_PROBLEMS = 20
 REPORT_PROBLEMS = 200
 PARSE_RULE = "jsonl_parse"
 FILE_RULE = "jsonl_file"
+DETECT_ROWS = 1000  # rows read ahead to detect a file's format
 
 TokenCounter = Callable[[Sequence[str]], Sequence[int]]
 """Counts tokens of a batch of texts; injectable so unit tests need no model."""
@@ -66,7 +77,8 @@ class DataValidationError(ValueError):
     """The data failed validation under the configured policy.
 
     Attributes:
-        problems: every problem found, as ``file:line[:column]: field: what (rule r)``.
+        problems: every problem kept (the first ``REPORT_PROBLEMS``), as
+            ``file:line[:column]: field: what (rule r)``.
         report_path: where the full JSON report was written (before raising).
     """
 
@@ -81,12 +93,12 @@ class ValidateOutputs:
     """Paths the stage wrote.
 
     Attributes:
-        validated: accepted rows (JSONL), each with a ``source_line`` key.
-        report: the JSON report.
-        quarantine: rejected rows with reasons, written under either policy (dvc.yaml declares
-            ``data/quarantine`` an output, and under ``fail`` it shows what failed the run).
+        validated: accepted rows (JSONL, canonical form).
+        report: the JSON report (DVC metrics).
+        quarantine: the directory of ``<file>.rejected.jsonl``, one per input file with rejects,
+            written under either policy (under ``fail`` it shows what failed the run).
         data_docs: the Great Expectations Data Docs site (``index.html`` inside); ``None``
-            when no rows parsed (nothing to validate) or docs were turned off.
+            when no rows parsed or docs were turned off.
     """
 
     validated: Path
@@ -95,28 +107,28 @@ class ValidateOutputs:
     data_docs: Path | None
 
 
+# ----------------------------------------------------------------------------- parsing
+
+
 @dataclass
-class _Reject:
+class FileFacts:
+    """File-level facts gathered while a file streams through :func:`iter_jsonl`."""
+
+    bom: bool = False
+    crlf_lines: int = 0
+    blank_lines: int = 0
+    file_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Line:
+    """One non-blank line: a parsed object, or (``obj is None``) a parse error at ``col``."""
+
     line: int
     raw: str
-    reasons: list[str] = field(default_factory=list)  # for the quarantine: "field: what (rule r)"
-    problems: list[str] = field(default_factory=list)  # the same, prefixed "file:line[:col]: "
-    rules: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ParsedJsonl:
-    """What :func:`parse_jsonl` found; ``rows`` and ``errors`` are in line order."""
-
-    rows: list[tuple[int, dict[str, Any], str]]  # (line, object, raw text)
-    errors: list[tuple[int, int, str, str]]  # (line, column, reason, raw text)
-    file_error: str | None = None
-    blank_lines: int = 0
-    crlf_lines: int = 0
-    bom: bool = False
-
-
-# ----------------------------------------------------------------------------- parsing
+    obj: dict[str, Any] | None = None
+    col: int = 0
+    reason: str = ""
 
 
 def _column(data: bytes, byte_offset: int) -> int:
@@ -139,25 +151,10 @@ def _iter_lines(f: Any) -> Iterator[tuple[bytes, bool]]:
             yield chunk, False
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json.loads silently keeps the last of repeated keys; a row edited by concatenation
-    # would then validate with half of its content gone.
-    obj: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in obj:
-            raise _DuplicateKey(k)
-        obj[k] = v
-    return obj
-
-
 class _DuplicateKey(ValueError):
     def __init__(self, key: str):
         super().__init__(key)
         self.key = key
-
-
-def _reject_constant(name: str) -> Any:
-    raise _BadConstant(name)
 
 
 class _BadConstant(ValueError):
@@ -166,111 +163,97 @@ class _BadConstant(ValueError):
         self.name = name
 
 
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads silently keeps the last of repeated keys; a row edited by concatenation
+    # would then validate with half of its content gone.
+    obj: dict[str, Any] = {}
+    for k, val in pairs:
+        if k in obj:
+            raise _DuplicateKey(k)
+        obj[k] = val
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise _BadConstant(name)
+
+
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+          type(None): "null"}
 
 
-def parse_jsonl(path: Path) -> ParsedJsonl:
-    """Stream-parse a JSONL file; never raises for bad content, only collects it.
+def _parse_line(lineno: int, data: bytes) -> Line:
+    raw = data.decode("utf-8", errors="backslashreplace")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        return Line(lineno, raw, col=_column(data, nul), reason="NUL byte")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Line(lineno, raw, col=_column(data, exc.start), reason=f"invalid UTF-8 (byte 0x{data[exc.start]:02x})")
+    if text.startswith("\ufeff"):  # two files concatenated: the second one's BOM lands mid-file
+        return Line(lineno, raw, col=1, reason="UTF-8 BOM in the middle of the file")
+    try:
+        obj = _DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        return Line(lineno, raw, col=exc.colno, reason=f"invalid JSON: {exc.msg}")
+    except _DuplicateKey as exc:
+        return Line(lineno, raw, col=text.rfind(json.dumps(exc.key)) + 1 or 1,
+                    reason=f"duplicate key {exc.key!r} in one object")
+    except _BadConstant as exc:
+        return Line(lineno, raw, col=text.find(exc.name) + 1 or 1, reason=f"{exc.name} is not valid JSON")
+    if not isinstance(obj, dict):
+        kind = _KINDS.get(type(obj), type(obj).__name__)
+        return Line(lineno, raw, col=1, reason=f"expected a JSON object, got {kind}")
+    return Line(lineno, raw, obj=obj)
+
+
+def iter_jsonl(path: Path, facts: FileFacts) -> Iterator[Line]:
+    """Stream a JSONL file: one :class:`Line` per non-blank line; never raises for bad content.
 
     Args:
-        path: the file (opened read-only, binary).
-
-    Returns:
-        Parsed rows (1-based line, object, raw text), parse errors (line, column, reason, raw),
-        and file-level facts (BOM, CRLF and blank line counts, a file-level error).
+        path: the file (opened read-only, binary; read one line at a time).
+        facts: filled in as the file is read (BOM, CRLF and blank line counts, a file-level
+            error such as UTF-16 or an empty file, set when the stream ends).
 
     Raises:
-        OSError: the file cannot be opened.
+        OSError: the file cannot be opened or read.
     """
-    out = ParsedJsonl(rows=[], errors=[])
+    seen = False
     with open(path, "rb") as f:
         for lineno, (data, too_long) in enumerate(_iter_lines(f), start=1):
             if lineno == 1:
                 if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-                    out.file_error = "file is UTF-16 encoded; expected UTF-8 JSON lines"
-                    return out
+                    facts.file_error = "file is UTF-16 encoded; expected UTF-8 JSON lines"
+                    return
                 if data.startswith(b"\xef\xbb\xbf"):
-                    out.bom = True
+                    facts.bom = True
                     data = data[3:]
             if too_long:
                 raw = data[:4096].decode("utf-8", errors="backslashreplace") + "..."
-                out.errors.append((lineno, MAX_LINE_BYTES + 1, f"line longer than {MAX_LINE_BYTES} bytes", raw))
+                seen = True
+                yield Line(lineno, raw, col=MAX_LINE_BYTES + 1, reason=f"line longer than {MAX_LINE_BYTES} bytes")
                 continue
             if data.endswith(b"\r\n"):
-                out.crlf_lines += 1
+                facts.crlf_lines += 1
                 data = data[:-2]
             elif data.endswith(b"\n"):
                 data = data[:-1]
-            raw = data.decode("utf-8", errors="backslashreplace")
             if not data.strip():
-                out.blank_lines += 1
+                facts.blank_lines += 1
                 continue
-            nul = data.find(b"\x00")
-            if nul >= 0:
-                out.errors.append((lineno, _column(data, nul), "NUL byte", raw))
-                continue
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                bad = data[exc.start]
-                out.errors.append((lineno, _column(data, exc.start), f"invalid UTF-8 (byte 0x{bad:02x})", raw))
-                continue
-            if text.startswith("\ufeff"):
-                # Two files concatenated: the second one's BOM lands mid-file.
-                out.errors.append((lineno, 1, "UTF-8 BOM in the middle of the file", raw))
-                continue
-            try:
-                obj = _DECODER.decode(text)
-            except json.JSONDecodeError as exc:
-                out.errors.append((lineno, exc.colno, f"invalid JSON: {exc.msg}", raw))
-                continue
-            except _DuplicateKey as exc:
-                col = text.rfind(json.dumps(exc.key)) + 1 or 1
-                out.errors.append((lineno, col, f"duplicate key {exc.key!r} in one object", raw))
-                continue
-            except _BadConstant as exc:
-                col = text.find(exc.name) + 1 or 1
-                out.errors.append((lineno, col, f"{exc.name} is not valid JSON", raw))
-                continue
-            if not isinstance(obj, dict):
-                kind = {list: "an array", str: "a string", int: "a number", float: "a number",
-                        bool: "a boolean", type(None): "null"}.get(type(obj), type(obj).__name__)
-                out.errors.append((lineno, 1, f"expected a JSON object, got {kind}", raw))
-                continue
-            out.rows.append((lineno, obj, raw))
-    if not out.rows and not out.errors:
-        out.file_error = "file is empty (no JSON lines)"
-    return out
+            seen = True
+            yield _parse_line(lineno, data)
+    if not seen:
+        facts.file_error = "file is empty (no JSON lines)"
 
 
 # ----------------------------------------------------------------------------- tokens
 
 
-def example_text(row: dict[str, Any]) -> str:
-    """The text whose tokens are counted: instruction, input (if any) and output.
-
-    The chat template adds a few dozen tokens on top; ``format.max_length`` bounds the
-    templated length, this bounds the content.
-
-    Args:
-        row: a row whose three fields are strings.
-
-    Returns:
-        The fields joined by blank lines.
-    """
-    return "\n\n".join(p for p in (row["instruction"], row["input"], row["output"]) if p)
-
-
 def hf_token_counter(tokenizer: Any, batch_size: int = 4096) -> TokenCounter:
-    """Wrap a Hugging Face tokenizer as a :data:`TokenCounter` (fast batched encoding).
-
-    Args:
-        tokenizer: a ``transformers`` tokenizer.
-        batch_size: texts per encoding call (bounds memory on big files).
-
-    Returns:
-        A function from texts to token counts, special tokens excluded.
-    """
+    """Wrap a Hugging Face tokenizer as a :data:`TokenCounter` (batched, special tokens excluded)."""
 
     def count(texts: Sequence[str]) -> list[int]:
         out: list[int] = []
@@ -282,227 +265,522 @@ def hf_token_counter(tokenizer: Any, batch_size: int = 4096) -> TokenCounter:
     return count
 
 
-def _default_counter(cfg: Params) -> tuple[TokenCounter, str]:
+def _default_counter(cfg: Params) -> tuple[TokenCounter, str, list[str]]:
+    """The base model's tokenizer: (token counter, name, its special tokens).
+
+    Straight from ``tokenizer.json`` when there is one: the ``tokenizers`` library encodes
+    exactly as the fast ``transformers`` tokenizer built from the same file, without importing
+    torch and transformers (seconds per stage run).
+    """
     from phiops.models import load_tokenizer, resolve
 
-    tok = load_tokenizer(resolve(cfg.model.base))
-    return hf_token_counter(tok), cfg.model.base
+    path = Path(resolve(cfg.model.base))
+    if (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        specials = [t.content for t in tok.get_added_tokens_decoder().values() if t.special]
+
+        def count(texts: Sequence[str]) -> list[int]:
+            return [len(e.ids) for e in tok.encode_batch(list(texts), add_special_tokens=False)]
+
+        return count, cfg.model.base, specials
+    hf = load_tokenizer(path)
+    return hf_token_counter(hf), cfg.model.base, list(getattr(hf, "all_special_tokens", []))
 
 
-# ----------------------------------------------------------------------------- GX
+def token_text(messages: list[dict[str, str]]) -> str:
+    """The text whose tokens ``min_tokens``/``max_tokens`` bound: every message's content.
+
+    The chat template adds a few dozen tokens on top; ``format.max_length`` bounds that.
+    """
+    return "\n\n".join(m["content"] for m in messages)
+
+
+# ----------------------------------------------------------------------------- GX suites
 
 
 @dataclass(frozen=True)
 class _Check:
-    key: str
-    field: str  # the row field named in the reason ("row" for whole-row checks)
-    rule: str
+    key: str  # the rule name in messages and the report
     expectation: Any
+    warning: bool = False  # recorded and counted, the row is kept
+
+    @property
+    def gx_type(self) -> str:
+        return self.expectation.expectation_type
 
 
-def _checks(columns: set[str], min_tokens: int, max_tokens: int) -> list[_Check]:
+def _checks(fmt: D.Format, cfg: Params, specials: Sequence[str]) -> list[_Check]:
+    """The expectation suite of one format, under the configured policies."""
     import great_expectations as gx
 
     E = gx.expectations
+    vcfg = cfg.validate_
     checks: list[_Check] = []
 
-    def add(key: str, fld: str, exp: Any) -> None:
-        checks.append(_Check(key, fld, exp.expectation_type, exp))
+    def add(key: str, exp_cls: Any, description: str, warning: bool = False, **kw: Any) -> None:
+        checks.append(_Check(key, exp_cls(meta={"phiops_check": key}, description=description, **kw), warning))
 
-    for col in REQUIRED:
-        add(f"exists:{col}", col, E.ExpectColumnToExist(
-            column=col, meta={"phiops_check": f"exists:{col}"},
-            description=f"`{col}` is a required alpaca field"))
-    for col in REQUIRED:
-        if col not in columns:
-            continue  # row-level checks on an absent column would only raise
-        add(f"not_null:{col}", col, E.ExpectColumnValuesToNotBeNull(
-            column=col, meta={"phiops_check": f"not_null:{col}"},
-            description=f"`{col}` is present and not null in every row"))
-        add(f"type:{col}", col, E.ExpectColumnValuesToBeOfType(
-            column=col, type_="str", meta={"phiops_check": f"type:{col}"},
-            description=f"`{col}` is a string"))
-        if col in NON_BLANK:
-            add(f"blank:{col}", col, E.ExpectColumnValuesToMatchRegex(
-                column=col, regex=r"\S", meta={"phiops_check": f"blank:{col}"},
-                description=f"`{col}` is not empty or only whitespace"))
-        add(f"control:{col}", col, E.ExpectColumnValuesToNotMatchRegex(
-            column=col, regex=CONTROL_RE, meta={"phiops_check": f"control:{col}"},
-            description=f"`{col}` has no control characters (tab and newlines allowed)"))
-    add("tokens", "row", E.ExpectColumnValuesToBeBetween(
-        column="n_tokens", min_value=min_tokens, max_value=max_tokens, meta={"phiops_check": "tokens"},
-        description=f"instruction+input+output is {min_tokens}..{max_tokens} tokens"))
-    add("unique", "row", E.ExpectColumnValuesToBeUnique(
-        column="content_sha256", meta={"phiops_check": "unique"},
-        description="no duplicate examples (sha256 of instruction, input, output)"))
+    if fmt == "chat":
+        add("required:messages", E.ExpectColumnValuesToNotBeNull, "`messages` is present and not null", column="messages")
+        add("type:messages", E.ExpectColumnValuesToBeOfType, "`messages` is a list", column="messages", type_="list")
+        add("structure", E.ExpectColumnValuesToBeNull,
+            "every message is an object with a known `role` and a non-empty string `content`", column="messages_error")
+        add("role_order", E.ExpectColumnValuesToMatchRegex,
+            "optional system message, then user/assistant alternating, ending with assistant",
+            column="roles", regex=D.ROLE_ORDER_RE)
+    else:
+        for col in D.FIELDS[fmt] + D.OPTIONAL[fmt]:
+            required = col in D.FIELDS[fmt]
+            add(f"required:{col}", E.ExpectColumnValuesToNotBeNull,
+                f"`{col}` is present and not null" if required else f"`{col}`, when present, is not null", column=col)
+            add(f"type:{col}", E.ExpectColumnValuesToBeOfType, f"`{col}` is a string", column=col, type_="str")
+            if required:
+                add(f"blank:{col}", E.ExpectColumnValuesToMatchRegex, f"`{col}` is not empty or only whitespace",
+                    column=col, regex=r"\S")
+    add("control", E.ExpectColumnValuesToNotMatchRegex, "no control characters (tab and newlines allowed)",
+        column="text", regex=CONTROL_RE)
+    special = D.special_token_pattern(specials)
+    if special:
+        add("special_tokens", E.ExpectColumnValuesToNotMatchRegex,
+            "no special token of the tokenizer written as text (it would end a turn mid-answer)",
+            column="text", regex=special)
+    if vcfg.over_length == "reject":
+        add("tokens", E.ExpectColumnValuesToBeBetween, f"content is {vcfg.min_tokens}..{vcfg.max_tokens} tokens",
+            column="n_tokens", min_value=vcfg.min_tokens, max_value=vcfg.max_tokens)
+    else:
+        add("tokens", E.ExpectColumnValuesToBeBetween, f"content is at least {vcfg.min_tokens} tokens",
+            column="n_tokens", min_value=vcfg.min_tokens)
+        add("over_length", E.ExpectColumnValuesToBeBetween,
+            f"content is at most {vcfg.max_tokens} tokens (longer rows are kept and truncated by format)",
+            warning=True, column="n_tokens", max_value=vcfg.max_tokens)
+    add("duplicate", E.ExpectColumnValuesToBeNull, "no exact duplicate of an earlier row", column="duplicate_of")
+    add("near_duplicate", E.ExpectColumnValuesToBeNull,
+        "no duplicate after folding case, Unicode form and whitespace", column="near_duplicate_of")
+    add("leakage", E.ExpectColumnValuesToBeNull, "no prompt in both the train and the test split", column="leak_of")
+    if vcfg.pii != "off":
+        for kind, pattern in vcfg.pii_patterns.items():
+            add(f"pii:{kind}", E.ExpectColumnValuesToNotMatchRegex, f"no {kind}-like string (PII policy {vcfg.pii})",
+                warning=vcfg.pii == "warn", column="text", regex=pattern)
     return checks
 
 
-def _frame(rows: list[tuple[int, dict[str, Any], str]], counter: TokenCounter) -> Any:
-    import pandas as pd
+class _Suites:
+    """One ephemeral GX context; a suite and validation definition per format, run per chunk."""
 
-    present = {k for _, obj, _ in rows for k in obj}
-    df = pd.DataFrame({"line": pd.Series([ln for ln, _, _ in rows], dtype="int64")})
-    for col in REQUIRED:
-        if col in present:
-            # object dtype keeps values as parsed (42 stays an int for the type check); pandas'
-            # string inference would otherwise coerce or reject mixed columns.
-            df[col] = pd.Series([obj.get(col) for _, obj, _ in rows], dtype=object)
-    ok = [i for i, (_, obj, _) in enumerate(rows) if all(isinstance(obj.get(c), str) for c in REQUIRED)]
-    counts = counter([example_text(rows[i][1]) for i in ok])
-    n_tokens = [math.nan] * len(rows)  # NaN = not countable; the type checks report why
-    for i, c in zip(ok, counts):
-        n_tokens[i] = float(c)
-    df["n_tokens"] = pd.Series(n_tokens, dtype="float64")
-    df["content_sha256"] = pd.Series(
-        [hashlib.sha256(json.dumps([obj.get(c) for c in REQUIRED], ensure_ascii=False, default=str)
-                        .encode()).hexdigest() for _, obj, _ in rows],
-        dtype=object,
-    )
-    return df
+    def __init__(self, cfg: Params, specials: Sequence[str]):
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
 
+        self.cfg, self.specials = cfg, specials
+        self.ctx = gx.get_context(mode="ephemeral")
+        self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+        self.source = self.ctx.data_sources.add_pandas("phiops")
+        self.by_format: dict[str, tuple[Any, dict[str, _Check]]] = {}
 
-def _run_gx(df: Any, checks: list[_Check]) -> tuple[Any, Any]:
-    """Validate `df` against `checks` in an ephemeral context; returns (context, result)."""
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    def run(self, fmt: D.Format, df: Any) -> tuple[Any, dict[str, _Check]]:
+        import great_expectations as gx
 
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    source = ctx.data_sources.add_pandas("phiops")
-    batch_def = source.add_dataframe_asset("rows").add_batch_definition_whole_dataframe("all")
-    suite = ctx.suites.add(gx.ExpectationSuite(name="phiops_validate"))
-    for c in checks:
-        suite.add_expectation(c.expectation)
-    vd = ctx.validation_definitions.add(gx.ValidationDefinition(name="validate", data=batch_def, suite=suite))
-    result = vd.run(
-        batch_parameters={"dataframe": df},
-        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["line"]},
-    )
-    return ctx, result
+        if fmt not in self.by_format:
+            checks = _checks(fmt, self.cfg, self.specials)
+            batch = self.source.add_dataframe_asset(fmt).add_batch_definition_whole_dataframe("chunk")
+            suite = self.ctx.suites.add(gx.ExpectationSuite(name=f"phiops_validate_{fmt}"))
+            for c in checks:
+                suite.add_expectation(c.expectation)
+            vd = self.ctx.validation_definitions.add(gx.ValidationDefinition(name=fmt, data=batch, suite=suite))
+            self.by_format[fmt] = (vd, {c.key: c for c in checks})
+        vd, checks_by_key = self.by_format[fmt]
+        result = vd.run(batch_parameters={"dataframe": df},
+                        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["row"]})
+        return result, checks_by_key
 
-
-def _build_docs(ctx: Any, docs_dir: Path) -> None:
-    """Render the context's suite and validation result as a Data Docs site in `docs_dir`."""
-    # The ephemeral context ships a default site under a fresh temp dir; point one site at
-    # ours instead so nothing is left behind in /tmp.
-    for name in list(ctx.get_site_names()):
-        ctx.delete_data_docs_site(name)
-    ctx.add_data_docs_site("phiops", {
-        "class_name": "SiteBuilder",
-        "show_how_to_buttons": False,
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-    })
-    ctx.build_data_docs(site_names=["phiops"])
-
-
-def _unexpected_lines(res: Any) -> list[int]:
-    return [int(d["line"]) for d in res.result.get("unexpected_index_list") or []]
-
-
-def _describe(check: _Check, value: Any, obj: dict[str, Any]) -> str:
-    kind, _, col = check.key.partition(":")
-    if kind == "not_null":
-        state = "missing" if col not in obj else "null"
-        want = "a string (may be empty)" if col not in NON_BLANK else "a non-empty string"
-        return f"{col}: {state}; must be {want}"
-    if kind == "type":
-        return f"{col}: must be a string, got {type(value).__name__} {json.dumps(value, default=str)[:40]}"
-    if kind == "blank":
-        return f"{col}: must be a non-empty string, got {json.dumps(value)[:40]}"
-    if kind == "control":
-        m = re.search(CONTROL_RE, str(value))
-        where = f" U+{ord(m.group()):04X} at character {m.start() + 1}" if m else ""
-        return f"{col}: control character{where}"
-    if kind == "exists":
-        return f"{col}: missing in every row (required column)"
-    raise AssertionError(check.key)  # tokens/unique are described by the caller
-
-
-# ----------------------------------------------------------------------------- the stage
-
-
-def _quarantine_path(layout: Layout, raw: Path) -> Path:
-    stem = raw.name[: -len(".jsonl")] if raw.name.endswith(".jsonl") else raw.name
-    return layout.quarantine / f"{stem}.rejected.jsonl"
-
-
-class _Rejects:
-    """Rejected rows by line, each with its reasons (quarantine form) and problems (message form)."""
-
-    def __init__(self, shown: str):
-        self.shown = shown
-        self.by_line: dict[int, _Reject] = {}
-
-    def add(self, line: int, raw_text: str, reason: str, rule: str, col: int | None = None) -> None:
-        r = self.by_line.setdefault(line, _Reject(line, raw_text))
-        r.reasons.append(f"column {col}: {reason} (rule {rule})" if col else f"{reason} (rule {rule})")
-        where = f"{self.shown}:{line}:{col}" if col else f"{self.shown}:{line}"
-        r.problems.append(f"{where}: {reason} (rule {rule})")
-        if rule not in r.rules:
-            r.rules.append(rule)
-
-    def ordered(self) -> list[_Reject]:
-        return sorted(self.by_line.values(), key=lambda r: r.line)
-
-
-def _map_results(result: Any, checks: list[_Check], df: Any, rows: list[tuple[int, dict[str, Any], str]],
-                 bounds: tuple[int, int], rejects: _Rejects) -> dict[str, Any]:
-    """Turn GX's unexpected rows (by their ``line`` column) into per-line reasons; returns a summary.
-
-    Raises:
-        RuntimeError: an expectation raised instead of evaluating (a bug here, not bad data).
-    """
-    by_line = {ln: (obj, raw_text) for ln, obj, raw_text in rows}
-    pos = {ln: i for i, (ln, _, _) in enumerate(rows)}  # df has a RangeIndex in row order
-    by_key = {c.key: c for c in checks}
-    summary: dict[str, Any] = {"success": bool(result.success), "expectations": []}
-    for res in result.results:
-        check = by_key[res.expectation_config.meta["phiops_check"]]
-        info = res.exception_info or {}
-        if info.get("raised_exception"):
-            raise RuntimeError(f"expectation {check.rule} ({check.key}) errored: {info.get('exception_message')}")
-        summary["expectations"].append({
-            "check": check.key, "rule": check.rule, "success": bool(res.success),
-            "unexpected_count": res.result.get("unexpected_count", 0 if res.success else None),
+    def build_docs(self, docs_dir: Path) -> None:
+        """Render the suites and every chunk's validation result as a Data Docs site."""
+        # The ephemeral context ships a default site under a fresh temp dir; point one site at
+        # ours instead so nothing is left behind in /tmp.
+        for name in list(self.ctx.get_site_names()):
+            self.ctx.delete_data_docs_site(name)
+        self.ctx.add_data_docs_site("phiops", {
+            "class_name": "SiteBuilder",
+            "show_how_to_buttons": False,
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         })
-        if res.success:
+        self.ctx.build_data_docs(site_names=["phiops"])
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclass
+class _Source:
+    path: Path
+    shown: str  # as the user wrote it (relative to the project when data.raw was)
+    split: str | None  # "test" for data.test files; None: by prompt hash
+    quarantine_name: str
+    format: D.Format | None = None
+    facts: FileFacts = field(default_factory=FileFacts)
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+def _sources(cfg: Params, layout: Layout) -> tuple[list[_Source], list[str]]:
+    """Input files in order (train files first, then test ones), and file-level problems."""
+    out: list[_Source] = []
+    problems: list[str] = []
+    for given, split in ((cfg.data.raw, None), (cfg.data.test, "test")):
+        if given is None:
             continue
-        lines = _unexpected_lines(res)
-        if check.key.startswith("exists:"):  # table-level: every row lacks the field
-            for ln, (obj, raw_text) in by_line.items():
-                rejects.add(ln, raw_text, _describe(check, None, obj), check.rule)
-        elif check.key == "tokens":
-            for ln in lines:
-                n = int(df.at[pos[ln], "n_tokens"])
-                rejects.add(ln, by_line[ln][1], f"row: {n} tokens, outside [{bounds[0]}, {bounds[1]}]", check.rule)
-        elif check.key == "unique":
-            # GX flags every copy; the first copy is a fine row, only later ones are duplicates.
-            groups: dict[str, list[int]] = defaultdict(list)
-            for ln in lines:
-                groups[df.at[pos[ln], "content_sha256"]].append(ln)
-            for group in groups.values():
-                first, *later = sorted(group)
-                for ln in later:
-                    rejects.add(ln, by_line[ln][1], f"row: duplicate of line {first}", check.rule)
+        path = given if given.is_absolute() else layout.root / given
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
+            if not files:
+                problems.append(f"{given}: no *.jsonl files in this directory (rule {FILE_RULE})")
+            for p in files:
+                rel = p.relative_to(path)
+                name = "__".join((given.name, *rel.with_suffix("").parts))
+                out.append(_Source(p, str(given / rel), split, f"{'test.' if split else ''}{name}.rejected.jsonl"))
         else:
-            for ln in lines:
-                obj = by_line[ln][0]
-                rejects.add(ln, by_line[ln][1], _describe(check, obj.get(check.field), obj), check.rule)
-    return summary
+            stem = path.name[: -len(".jsonl")] if path.name.endswith(".jsonl") else path.name
+            out.append(_Source(path, str(given), split, f"{'test.' if split else ''}{stem}.rejected.jsonl"))
+    return out, problems
 
 
-def _error_message(shown: str, failure: str, problems: list[str], report: dict[str, Any], report_path: Path) -> str:
+# ----------------------------------------------------------------------------- the run
+
+
+def _mask(text: str) -> str:
+    """A PII match as evidence without repeating it: first and last character only."""
+    return text[0] + "*" * max(len(text) - 2, 1) + text[-1] if len(text) > 2 else "**"
+
+
+class _Validation:
+    """State of one stage run across files and chunks (dedup and leakage keys are global)."""
+
+    def __init__(self, cfg: Params, count_tokens: TokenCounter, specials: Sequence[str], validated: JsonlWriter,
+                 quarantine_dir: Path):
+        self.cfg, self.vcfg = cfg, cfg.validate_
+        self.count_tokens, self.specials = count_tokens, specials
+        self.validated = validated
+        self.quarantine_dir = quarantine_dir
+        self.quarantine: dict[int, JsonlWriter] = {}
+        self.suites: _Suites | None = None
+        self.sources: list[_Source] = []
+        self.exact: dict[bytes, int] = {}  # key -> packed (source, line) of the first copy
+        self.normalized: dict[bytes, int] = {}
+        self.prompts: dict[bytes, tuple[str, int]] = {}  # prompt key -> (split, where) of accepted rows
+        self.problems: list[tuple[int, int, str]] = []  # (source, line, text), the first REPORT_PROBLEMS
+        self.problems_total = 0
+        self.warnings: list[str] = []
+        self.rejected_by_rule: Counter[str] = Counter()
+        self.warnings_by_rule: Counter[str] = Counter()
+        self.expectations: dict[str, dict[str, Any]] = {}
+        self.accepted_tokens = array("l")
+        self.splits: Counter[str] = Counter()
+        self.extra_keys: Counter[str] = Counter()
+        self.rows_in = self.accepted = self.rejected = self.parse_errors = self.chunks = 0
+        self.next_row = 0
+        self.timings: Counter[str] = Counter()  # seconds in tokenizing, hashing, GX, over all chunks
+
+    # -- references -------------------------------------------------------------
+    def where(self, ref: int) -> str:
+        return f"{self.sources[ref >> 40].shown}:{ref & ((1 << 40) - 1)}"
+
+    # -- output -----------------------------------------------------------------
+    def _problem(self, si: int, line: int, text: str, warning: bool = False) -> None:
+        if warning:
+            if len(self.warnings) < REPORT_PROBLEMS:
+                self.warnings.append(text)
+            return
+        self.problems_total += 1
+        if len(self.problems) < REPORT_PROBLEMS:
+            self.problems.append((si, line, text))
+
+    def sorted_problems(self) -> list[str]:
+        """Problems in file and line order (parse errors are found before a chunk's GX run)."""
+        return [text for *_, text in sorted(self.problems, key=lambda p: (p[0], p[1]))]
+
+    def reject(self, si: int, line: int, raw: str, reasons: list[tuple[str, str, int]]) -> None:
+        """Quarantine a row; reasons are (what, rule, column or 0)."""
+        src = self.sources[si]
+        if si not in self.quarantine:
+            self.quarantine[si] = JsonlWriter(self.quarantine_dir / src.quarantine_name)
+        texts = []
+        for what, rule, col in reasons:
+            texts.append(f"column {col}: {what} (rule {rule})" if col else f"{what} (rule {rule})")
+            where = f"{src.shown}:{line}:{col}" if col else f"{src.shown}:{line}"
+            self._problem(si, line, f"{where}: {what} (rule {rule})")
+        self.quarantine[si].write({"line": line, "raw": raw, "reasons": texts})
+        self.rejected_by_rule.update(dict.fromkeys((rule for _, rule, _ in reasons), 1))
+        self.rejected += 1
+        src.counts["rejected"] += 1
+
+    # -- a file ------------------------------------------------------------------
+    def run_source(self, si: int, chunk_rows: int) -> None:
+        src = self.sources[si]
+        stream = iter_jsonl(src.path, src.facts)
+        head = list(itertools.islice(stream, DETECT_ROWS))
+        if src.facts.file_error:
+            return
+        fmt = self.cfg.data.format
+        if fmt == "auto" and not any(ln.obj is not None for ln in head):
+            fmt = "alpaca"  # nothing parsed to detect from; every line is a parse error
+        elif fmt == "auto":
+            detected = D.detect(ln.obj for ln in head if ln.obj is not None)
+            if detected is None:
+                keys = sorted({k for ln in head if ln.obj is not None for k in ln.obj})[:8]
+                src.facts.file_error = (
+                    f"cannot detect the format: rows have keys {keys}; expected alpaca (instruction, output), "
+                    "chat (messages) or prompt_completion (prompt, completion); set data.format")
+                return
+            fmt = detected
+        src.format = fmt
+        chunk: list[Line] = []
+        parsed = 0
+        for ln in itertools.chain(head, stream):
+            chunk.append(ln)  # parse errors too: the quarantine stays in line order
+            parsed += ln.obj is not None
+            if parsed >= chunk_rows:
+                self.run_chunk(si, fmt, chunk)
+                chunk, parsed = [], 0
+        if chunk:
+            self.run_chunk(si, fmt, chunk)
+
+    # -- a chunk -----------------------------------------------------------------
+    def _messages(self, fmt: D.Format, obj: dict[str, Any]) -> tuple[list[dict[str, str]] | None, str | None, str | None]:
+        """(messages or None when malformed, structure problem, role sequence) of one row."""
+        if fmt == "chat":
+            msgs = obj.get("messages")
+            if not isinstance(msgs, list):
+                return None, None, None
+            problem = D.chat_problem(msgs)
+            if problem is not None:
+                return None, problem, None
+            roles = ",".join(m["role"] for m in msgs)
+            if not re.match(D.ROLE_ORDER_RE, roles):
+                return None, None, roles
+            return D.to_messages(obj, fmt), None, roles
+        if not all(isinstance(obj.get(k), str) and obj[k].strip() for k in D.FIELDS[fmt]):
+            return None, None, None
+        if not all(isinstance(obj.get(k, ""), str) for k in D.OPTIONAL[fmt]):
+            return None, None, None
+        return D.to_messages(obj, fmt), None, None
+
+    def run_chunk(self, si: int, fmt: D.Format, all_lines: list[Line]) -> None:
+        """Validate one chunk: parse errors as they are, parsed rows through GX; write in line order."""
+        import pandas as pd
+
+        src = self.sources[si]
+        self.rows_in += len(all_lines)
+        src.counts["rows_in"] += len(all_lines)
+        lines = [ln for ln in all_lines if ln.obj is not None]
+        n = len(lines)
+        if not n:
+            self._write(si, fmt, all_lines, {}, {}, [], [], [])
+            return
+        base = self.next_row
+        self.next_row += n
+        self.chunks += 1
+        explicit_test = self.cfg.data.test is not None
+
+        msgs: list[list[dict[str, str]] | None] = [None] * n
+        errors: list[str | None] = [None] * n
+        roles: list[str | None] = [None] * n
+        for i, ln in enumerate(lines):
+            msgs[i], errors[i], roles[i] = self._messages(fmt, ln.obj)  # type: ignore[arg-type]
+        ok = [i for i in range(n) if msgs[i] is not None]
+        t = time.perf_counter()
+        counts = self.count_tokens([token_text(msgs[i]) for i in ok])  # type: ignore[arg-type]
+        n_tokens = [math.nan] * n  # NaN = not countable; the structure rules say why
+        for i, c in zip(ok, counts):
+            n_tokens[i] = float(c)
+        self.timings["tokens_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+
+        dup: list[str | None] = [None] * n
+        near: list[str | None] = [None] * n
+        leak: list[str | None] = [None] * n
+        split: list[str] = ["train"] * n
+        pkeys: list[bytes | None] = [None] * n
+        for i in ok:
+            m = msgs[i]
+            ref = (si << 40) | lines[i].line
+            first = self.exact.setdefault(D.exact_key(m), ref)  # type: ignore[arg-type]
+            if first != ref:
+                dup[i] = self.where(first)
+            else:
+                first = self.normalized.setdefault(D.normalized_key(m), ref)  # type: ignore[arg-type]
+                if first != ref:
+                    near[i] = self.where(first)
+            if src.split == "test" or (not explicit_test and D.is_test(m, self.cfg.data.test_fraction)):  # type: ignore[arg-type]
+                split[i] = "test"
+            pkeys[i] = D.prompt_key(m)  # type: ignore[arg-type]
+            seen = self.prompts.get(pkeys[i])  # type: ignore[arg-type]
+            if seen is not None and seen[0] != split[i]:
+                leak[i] = f"{seen[0]} split at {self.where(seen[1])}"
+
+        cols: dict[str, Any] = {"row": pd.Series(range(base, base + n), dtype="int64")}
+        if fmt == "chat":
+            cols["messages"] = pd.Series([ln.obj.get("messages") for ln in lines], dtype=object)  # type: ignore[union-attr]
+            cols["messages_error"] = pd.Series(errors, dtype=object)
+            cols["roles"] = pd.Series(roles, dtype=object)
+        else:
+            for col in D.FIELDS[fmt]:
+                # object dtype keeps values as parsed (42 stays an int for the type rule).
+                cols[col] = pd.Series([ln.obj.get(col) for ln in lines], dtype=object)  # type: ignore[union-attr]
+            for col in D.OPTIONAL[fmt]:
+                cols[col] = pd.Series([ln.obj.get(col, "") for ln in lines], dtype=object)  # type: ignore[union-attr]
+        cols["text"] = pd.Series(
+            ["\n".join(t for _, t in D.fields_text(ln.obj, fmt)) for ln in lines], dtype=object)  # type: ignore[arg-type]
+        cols["n_tokens"] = pd.Series(n_tokens, dtype="float64")
+        cols["duplicate_of"] = pd.Series(dup, dtype=object)
+        cols["near_duplicate_of"] = pd.Series(near, dtype=object)
+        cols["leak_of"] = pd.Series(leak, dtype=object)
+        df = pd.DataFrame(cols)
+
+        self.timings["keys_and_frame_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        if self.suites is None:
+            self.suites = _Suites(self.cfg, self.specials)
+        result, checks = self.suites.run(fmt, df)
+        self.timings["gx_s"] += time.perf_counter() - t
+
+        reasons: dict[int, list[tuple[str, str, int]]] = {}
+        for res in result.results:
+            check = checks[res.expectation_config.meta["phiops_check"]]
+            info = res.exception_info or {}
+            if info.get("raised_exception"):
+                raise RuntimeError(f"expectation {check.gx_type} ({check.key}) errored: {info.get('exception_message')}")
+            agg = self.expectations.setdefault(check.key, {"rule": check.gx_type, "warning": check.warning,
+                                                           "success": True, "unexpected_count": 0})
+            agg["success"] &= bool(res.success)
+            agg["unexpected_count"] += int(res.result.get("unexpected_count") or 0)
+            if res.success:
+                continue
+            for d in res.result.get("unexpected_index_list") or []:
+                i = int(d["row"]) - base
+                what = self._describe(check, lines[i], fmt, n_tokens[i], dup[i], near[i], leak[i])
+                if check.warning:
+                    self.warnings_by_rule[check.key] += 1
+                    self._problem(si, lines[i].line, f"{src.shown}:{lines[i].line}: {what} (rule {check.key})", warning=True)
+                else:
+                    reasons.setdefault(i, []).append((what, check.key, 0))
+
+        self._write(si, fmt, all_lines, {id(ln): i for i, ln in enumerate(lines)}, reasons, msgs, split,
+                    list(zip(pkeys, n_tokens)))
+
+    def _write(self, si: int, fmt: D.Format, all_lines: list[Line], index: dict[int, int],
+               reasons: dict[int, list[tuple[str, str, int]]], msgs: list[Any], split: list[str],
+               keys: list[tuple[bytes | None, float]]) -> None:
+        """Accept or quarantine each line of a chunk, in line order."""
+        src = self.sources[si]
+        for ln in all_lines:
+            if ln.obj is None:
+                self.parse_errors += 1
+                self.reject(si, ln.line, ln.raw, [(ln.reason, PARSE_RULE, ln.col)])
+                continue
+            i = index[id(ln)]
+            if i in reasons:
+                self.reject(si, ln.line, ln.raw, reasons[i])
+                continue
+            m = msgs[i]
+            assert m is not None, f"{src.shown}:{ln.line}: passed every rule without a conversation"
+            meta = {k: val for k, val in ln.obj.items() if k not in D.FIELDS[fmt] + D.OPTIONAL[fmt]}
+            self.extra_keys.update(meta.keys())
+            self.validated.write({"id": D.row_id(m), "messages": m, "split": split[i], "format": fmt,
+                                  "source": src.shown, "source_line": ln.line, "meta": meta})
+            pkey, n_tok = keys[i]
+            self.prompts.setdefault(pkey, (split[i], (si << 40) | ln.line))  # type: ignore[arg-type]
+            self.accepted_tokens.append(int(n_tok))
+            self.splits[split[i]] += 1
+            self.accepted += 1
+            src.counts["accepted"] += 1
+
+    def _describe(self, check: _Check, ln: Line, fmt: D.Format, n_tok: float, dup: str | None, near: str | None,
+                  leak: str | None) -> str:
+        obj = ln.obj or {}
+        kind, _, col = check.key.partition(":")
+        vcfg = self.vcfg
+        if kind == "required":
+            state = "missing" if col not in obj else "null"
+            want = {"messages": "a list of messages"}.get(col, "a non-empty string" if col in D.FIELDS[fmt]
+                                                          else "a string (may be empty)")
+            return f"{col}: {state}; must be {want}"
+        if kind == "type":
+            want = "a list" if col == "messages" else "a string"
+            return f"{col}: must be {want}, got {type(obj.get(col)).__name__} {D._short(obj.get(col))}"
+        if kind == "blank":
+            return f"{col}: must be a non-empty string, got {D._short(obj.get(col))}"
+        if kind == "structure":
+            return D.chat_problem(obj["messages"]) or "messages: malformed"
+        if kind == "role_order":
+            got = ",".join(str(m.get("role")) for m in obj["messages"])
+            return (f"messages: roles {got}; expected an optional system message, then user/assistant "
+                    "alternating, ending with assistant")
+        if kind in ("control", "pii", "special_tokens"):
+            pattern = {"control": CONTROL_RE, "special_tokens": D.special_token_pattern(self.specials)}.get(
+                kind) or vcfg.pii_patterns[col]
+            for name, text in D.fields_text(obj, fmt):
+                m = re.search(pattern, text)
+                if m:
+                    if kind == "control":
+                        return f"{name}: control character U+{ord(m.group()):04X} at character {m.start() + 1}"
+                    if kind == "special_tokens":
+                        return (f"{name}: the special token {m.group()!r} at character {m.start() + 1}; the model "
+                                "would read it as the real token")
+                    return f"{name}: looks like {col} at character {m.start() + 1} ({_mask(m.group())})"
+            return f"row: matches the {check.key} pattern"
+        if kind == "tokens":
+            hi = vcfg.max_tokens if vcfg.over_length == "reject" else "inf"
+            return f"row: {int(n_tok)} tokens, outside [{vcfg.min_tokens}, {hi}]"
+        if kind == "over_length":
+            return f"row: {int(n_tok)} tokens, above {vcfg.max_tokens}; kept, format truncates it"
+        if kind == "duplicate":
+            return f"row: duplicate of {dup}"
+        if kind == "near_duplicate":
+            return f"row: same as {near} after folding case, Unicode form and whitespace"
+        if kind == "leakage":
+            return f"row: its prompt is also in the {leak} (train/test leakage)"
+        raise AssertionError(check.key)
+
+    def commit_quarantine(self) -> None:
+        for w in self.quarantine.values():
+            w.commit()
+
+    def discard(self) -> None:
+        for w in self.quarantine.values():
+            w.discard()
+
+
+def _error_message(shown: str, failure: str, problems: list[str], total: int, report: dict[str, Any],
+                   report_path: Path) -> str:
     listed = "\n".join(f"  - {p}" for p in problems[:MESSAGE_PROBLEMS])
-    more = len(problems) - MESSAGE_PROBLEMS
-    where = f"the first {REPORT_PROBLEMS}" if len(problems) > REPORT_PROBLEMS else "all"
-    tail = f"\n  ... and {more} more ({where} in {report_path})" if more > 0 else ""
+    more = total - MESSAGE_PROBLEMS
+    where = f"the first {REPORT_PROBLEMS}" if total > REPORT_PROBLEMS else "all"
+    tail = f"\n  ... and {more} more ({where} in {report_path}; every row in data/quarantine/)" if more > 0 else ""
     counts = ""
     if "rows_in" in report:
         counts = (f"\nrows_in={report['rows_in']} accepted={report['accepted']} rejected={report['rejected']} "
                   f"(parse errors {report['parse_errors']}); rejected_by_rule={report['rejected_by_rule']}")
     return f"{shown}: {failure}\n{listed}{tail}{counts}"
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report as markdown (the Prefect artifact of a failed validation)."""
+    status = "passed" if report.get("passed") else f"**failed**: {report.get('failure')}"
+    out = [f"# Data validation {status}", "", f"Source: `{report.get('source')}`", ""]
+    if "rows_in" in report:
+        out += [f"`{report['counts']}`", "", "| rule | rows rejected |", "|---|---:|"]
+        out += [f"| {k} | {v} |" for k, v in report["rejected_by_rule"].items()] or ["| (none) | 0 |"]
+        if report.get("warnings_by_rule"):
+            out += ["", "| warning | rows |", "|---|---:|"]
+            out += [f"| {k} | {v} |" for k, v in report["warnings_by_rule"].items()]
+    probs = report.get("problems") or []
+    if probs:
+        out += ["", f"## Problems ({report.get('problems_total', len(probs))}; first {min(len(probs), 50)})", ""]
+        out += [f"- `{p}`" for p in probs[:50]]
+    out += ["", f"Every rejected row with its reasons: `{report.get('outputs', {}).get('quarantine')}`."]
+    return "\n".join(out) + "\n"
 
 
 def run(
@@ -511,144 +789,136 @@ def run(
     *,
     count_tokens: TokenCounter | None = None,
     tokenizer_name: str | None = None,
+    special_tokens: Sequence[str] = (),
     data_docs: bool = True,
 ) -> ValidateOutputs:
-    """Validate ``cfg.data.raw`` and write accepted rows, a report, a quarantine and Data Docs.
+    """Validate ``data.raw`` (and ``data.test``) and write accepted rows, a report, a quarantine, Data Docs.
 
     Args:
-        cfg: the config (``data.raw``, ``validate.*``, ``model.base`` for the tokenizer).
-        layout: where outputs go; a relative ``data.raw`` is resolved against ``layout.root``
-            and shown as written in messages.
-        count_tokens: token counter; default: the tokenizer of ``model.base``, loaded with
-            ``phiops.models.load_tokenizer(phiops.models.resolve(...))``.
+        cfg: the config (``data.*``, ``validate.*``, ``model.base`` for the tokenizer).
+        layout: where outputs go; relative data paths are resolved against ``layout.root`` and
+            shown as written in messages.
+        count_tokens: token counter; default: the tokenizer of ``model.base`` (and then its
+            special tokens are checked for, too).
         tokenizer_name: recorded in the report when `count_tokens` is given.
+        special_tokens: with `count_tokens`, the strings the ``special_tokens`` rule refuses.
         data_docs: build the Great Expectations Data Docs site under ``layout.data_docs``.
 
     Returns:
-        The written paths. Accepted rows are the parsed objects (extra keys kept) plus
-        ``source_line`` (1-based line in the raw file; overwrites a key of that name).
+        The written paths.
 
     Raises:
         DataValidationError: under ``fail``, any invalid row; under ``quarantine``, a rejected
-            fraction above ``validate.max_invalid_fraction``; under either, an unreadable,
-            empty or UTF-16 file, or no accepted row. The report is written first, and a stale
-            ``layout.validated`` / Data Docs from an earlier run are removed.
+            fraction above ``validate.max_invalid_fraction``; under either, an unreadable, empty,
+            UTF-16 or undetectable file, or no accepted row. The report and the quarantine are
+            written first, and a stale accepted set / Data Docs from an earlier run are removed.
         RuntimeError: an expectation itself errored (a bug here, not bad data).
     """
-    t0 = mark = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(name: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        timings[name], mark = round(now - mark, 3), now
-
+    t0 = time.perf_counter()
     vcfg = cfg.validate_
-    raw = cfg.data.raw if cfg.data.raw.is_absolute() else layout.root / cfg.data.raw
-    shown = str(cfg.data.raw) if not cfg.data.raw.is_absolute() else str(raw)
-    quarantine_file = _quarantine_path(layout, raw)
-    quarantining = vcfg.on_invalid == "quarantine"
-    docs_out: Path | None = None
+    sources, file_problems = _sources(cfg, layout)
+    shown = str(cfg.data.raw)
     report: dict[str, Any] = {
         "source": shown,
-        "source_sha256": None,
-        "policy": vcfg.on_invalid,
-        "max_invalid_fraction": vcfg.max_invalid_fraction,
+        "test_source": None if cfg.data.test is None else str(cfg.data.test),
+        "policy": {"on_invalid": vcfg.on_invalid, "max_invalid_fraction": vcfg.max_invalid_fraction,
+                   "over_length": vcfg.over_length, "pii": vcfg.pii},
         "token_bounds": [vcfg.min_tokens, vcfg.max_tokens],
         "tokenizer": None,
-        "gx": None,
-        "outputs": {"validated": None, "quarantine": None, "data_docs": None},
+        "outputs": {"validated": None, "quarantine": str(layout.quarantine), "data_docs": None},
     }
+    if count_tokens is None:
+        count_tokens, tokenizer_name, special_tokens = _default_counter(cfg)
+    report["tokenizer"] = tokenizer_name or getattr(count_tokens, "__name__", "custom")
 
-    def finish(problems: list[str], failure: str | None) -> None:
-        report.update(passed=failure is None, failure=failure, problems_total=len(problems),
-                      problems=problems[:REPORT_PROBLEMS], elapsed_s=round(time.perf_counter() - t0, 3),
-                      timings=timings)
-        write_json(layout.validate_report, report)
-        if failure is None:
-            return
-        # Outputs of an earlier run must not pass for this run's.
-        layout.validated.unlink(missing_ok=True)
-        if data_docs and docs_out is None:
-            shutil.rmtree(layout.data_docs, ignore_errors=True)
-        raise DataValidationError(_error_message(shown, failure, problems, report, layout.validate_report),
-                                  problems, layout.validate_report)
+    validated = JsonlWriter(layout.validated)
+    docs_built = False
+    with atomic_dir(layout.quarantine) as qdir:
+        state = _Validation(cfg, count_tokens, special_tokens, validated, qdir)
+        state.sources = sources
+        try:
+            for si, src in enumerate(sources):
+                try:
+                    src.facts.file_error = None
+                    state.run_source(si, vcfg.chunk_rows)
+                except OSError as exc:
+                    src.facts.file_error = f"cannot read: {exc.strerror}"
+                if src.facts.file_error:
+                    file_problems.append(f"{src.shown}: {src.facts.file_error} (rule {FILE_RULE})")
+            state.commit_quarantine()
+        except BaseException:
+            state.discard()
+            validated.discard()
+            raise
+    if data_docs and state.suites is not None:
+        t = time.perf_counter()
+        with atomic_dir(layout.data_docs) as tmp:
+            state.suites.build_docs(tmp)
+        state.timings["data_docs_s"] += time.perf_counter() - t
+        docs_built = True
+        report["outputs"]["data_docs"] = str(layout.data_docs)
 
-    try:
-        report["source_sha256"] = sha256_file(raw)
-        parsed = parse_jsonl(raw)
-    except OSError as exc:
-        finish([f"{shown}: cannot read: {exc.strerror} (rule {FILE_RULE})"], f"cannot read: {exc.strerror}")
-        raise  # not reached: finish raises on failure
-    lap("parse_s")
-    report.update(bom_stripped=parsed.bom, crlf_lines=parsed.crlf_lines, blank_lines_skipped=parsed.blank_lines)
-    if parsed.file_error:
-        finish([f"{shown}: {parsed.file_error} (rule {FILE_RULE})"], parsed.file_error)
-
-    rejects = _Rejects(shown)
-    for line, col, reason, raw_text in parsed.errors:
-        rejects.add(line, raw_text, reason, PARSE_RULE, col)
-
-    if parsed.rows:
-        if count_tokens is None:
-            count_tokens, tokenizer_name = _default_counter(cfg)
-            lap("tokenizer_load_s")
-        report["tokenizer"] = tokenizer_name or getattr(count_tokens, "__name__", "custom")
-        import great_expectations  # noqa: F401  (timed apart: importing GX alone takes seconds)
-
-        lap("gx_import_s")
-        df = _frame(parsed.rows, count_tokens)
-        lap("frame_and_tokens_s")
-        checks = _checks(set(df.columns), vcfg.min_tokens, vcfg.max_tokens)
-        ctx, result = _run_gx(df, checks)
-        lap("gx_s")
-        if data_docs:
-            with atomic_dir(layout.data_docs) as tmp:
-                _build_docs(ctx, tmp)
-            docs_out = layout.data_docs
-            report["outputs"]["data_docs"] = str(docs_out)
-            lap("data_docs_s")
-        report["gx"] = _map_results(result, checks, df, parsed.rows, (vcfg.min_tokens, vcfg.max_tokens), rejects)
-        # Of accepted rows only: this is what format.max_length has to fit.
-        tok = df.loc[~df["line"].isin(list(rejects.by_line)), "n_tokens"].dropna()
-        if len(tok):
-            report["n_tokens"] = {"min": int(tok.min()), "max": int(tok.max()),
-                                  "mean": round(float(tok.mean()), 1), "p99": int(tok.quantile(0.99))}
-        extra = Counter(k for _, obj, _ in parsed.rows for k in obj if k not in REQUIRED)
-        report["extra_keys"] = dict(sorted(extra.items()))
-
-    rows_in = len(parsed.rows) + len(parsed.errors)
-    ordered = rejects.ordered()
-    accepted = [{**obj, "source_line": ln} for ln, obj, _ in parsed.rows if ln not in rejects.by_line]
-    assert rows_in == len(accepted) + len(ordered)
-    fraction = len(ordered) / rows_in
+    rows_in, accepted, rejected = state.rows_in, state.accepted, state.rejected
+    assert rows_in == accepted + rejected, (rows_in, accepted, rejected)
+    fraction = rejected / rows_in if rows_in else 0.0
+    quarantining = vcfg.on_invalid == "quarantine"
+    tok = sorted(state.accepted_tokens)
+    elapsed = time.perf_counter() - t0
     report.update(
-        rows_in=rows_in,
-        accepted=len(accepted),
-        rejected=len(ordered),
-        quarantined=len(ordered) if quarantining else 0,
-        parse_errors=len(parsed.errors),
+        files=[{"path": s.shown, "format": s.format, "sha256": sha256_file(s.path) if s.path.is_file() else None,
+                "rows_in": s.counts["rows_in"], "accepted": s.counts["accepted"], "rejected": s.counts["rejected"],
+                "bom_stripped": s.facts.bom, "crlf_lines": s.facts.crlf_lines, "blank_lines_skipped": s.facts.blank_lines,
+                "error": s.facts.file_error} for s in sources],
+        rows_in=rows_in, accepted=accepted, rejected=rejected,
+        quarantined=rejected if quarantining else 0,
+        parse_errors=state.parse_errors,
         rejected_fraction=round(fraction, 6),
         # A row can break several rules, so these may sum to more than `rejected`.
-        rejected_by_rule=dict(sorted(Counter(rule for r in ordered for rule in r.rules).items())),
-        counts=f"rows_in {rows_in} = accepted {len(accepted)} + rejected {len(ordered)}"
-        + (" (quarantined)" if quarantining else ""),
+        rejected_by_rule=dict(sorted(state.rejected_by_rule.items())),
+        warnings_by_rule=dict(sorted(state.warnings_by_rule.items())),
+        warnings=state.warnings,
+        splits={"train": state.splits["train"], "test": state.splits["test"]},
+        counts=f"rows_in {rows_in} = accepted {accepted} + rejected {rejected}" + (" (quarantined)" if quarantining else ""),
+        gx={"chunks": state.chunks, "chunk_rows": vcfg.chunk_rows,
+            "success": all(e["success"] for e in state.expectations.values() if not e["warning"]),
+            "expectations": state.expectations},
+        extra_keys=dict(sorted(state.extra_keys.items())),
+        elapsed_s=round(elapsed, 3),
+        timings={k: round(v, 3) for k, v in sorted(state.timings.items())},
+        rows_per_s=round(rows_in / elapsed, 1) if elapsed else None,
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     )
-    write_jsonl(quarantine_file, ({"line": r.line, "raw": r.raw, "reasons": r.reasons} for r in ordered))
-    report["outputs"]["quarantine"] = str(quarantine_file)
+    if tok:
+        report["n_tokens"] = {"min": tok[0], "max": tok[-1], "mean": round(sum(tok) / len(tok), 1),
+                              "p99": tok[min(len(tok) - 1, math.ceil(0.99 * len(tok)) - 1)]}
 
     failure = None
-    if ordered and vcfg.on_invalid == "fail":
-        failure = f"{len(ordered)} of {rows_in} rows invalid (validate.on_invalid=fail)"
+    problems = file_problems + state.sorted_problems()
+    total = len(file_problems) + state.problems_total
+    if file_problems:
+        failure = file_problems[0].split(": ", 1)[1].rsplit(" (rule", 1)[0]
+    elif rejected and vcfg.on_invalid == "fail":
+        failure = f"{rejected} of {rows_in} rows invalid (validate.on_invalid=fail)"
     elif fraction > vcfg.max_invalid_fraction:
-        failure = (f"{len(ordered)} of {rows_in} rows invalid ({fraction:.1%}), above validate.max_invalid_fraction="
-                   f"{vcfg.max_invalid_fraction:.1%}; rejected rows are in {quarantine_file}")
+        failure = (f"{rejected} of {rows_in} rows invalid ({fraction:.1%}), above validate.max_invalid_fraction="
+                   f"{vcfg.max_invalid_fraction:.1%}; rejected rows are in {layout.quarantine}")
     elif not accepted:
         failure = "no rows accepted"
+    report.update(passed=failure is None, failure=failure, problems_total=total, problems=problems[:REPORT_PROBLEMS])
     if failure is None:
-        write_jsonl(layout.validated, accepted)
+        validated.commit()
         report["outputs"]["validated"] = str(layout.validated)
-    lap("write_s")
-    finish([p for r in ordered for p in r.problems], failure)
+    else:
+        validated.discard()
+        # Outputs of an earlier run must not pass for this run's.
+        layout.validated.unlink(missing_ok=True)
+        if data_docs and not docs_built:
+            shutil.rmtree(layout.data_docs, ignore_errors=True)
+    write_json(layout.validate_report, report)
+    write_text(layout.validate_markdown, report_markdown(report))
+    if failure is not None:
+        raise DataValidationError(_error_message(shown, failure, problems, total, report, layout.validate_report),
+                                  problems[:REPORT_PROBLEMS], layout.validate_report)
     log.info("validate %s: %s", shown, report["counts"])
-    return ValidateOutputs(layout.validated, layout.validate_report, quarantine_file, docs_out)
+    return ValidateOutputs(layout.validated, layout.validate_report, layout.quarantine,
+                           layout.data_docs if docs_built else None)
