@@ -30,6 +30,10 @@ def _dvc() -> str:
     return str(Path(sys.executable).with_name("dvc"))
 
 
+class DataRefused(RuntimeError):
+    """The validate stage refused the data: the run fails, nothing downstream runs."""
+
+
 @task(retries=0)  # a retry cannot fix bad data or a bad config; DVC resumes what finished
 def dvc_stage(root: str, stage: str) -> bool:
     """Reproduce one DVC stage, streaming its log into the Prefect run.
@@ -55,6 +59,12 @@ def dvc_stage(root: str, stage: str) -> bool:
             logger.info(line)
         ran |= line.startswith("Running stage")
     if proc.wait() != 0:
+        report = Layout(Path(root)).validate_markdown
+        if stage == "validate" and report.exists():
+            # The row-level report goes where the person looking at the failed run will see it.
+            create_markdown_artifact(key="data-validation", markdown=report.read_text(),
+                                     description="Why the data was refused (every rejected row is in data/quarantine/)")
+            raise DataRefused(f"the data failed validation; see the data-validation artifact and {report}")
         raise RuntimeError(f"DVC stage {stage!r} failed (exit {proc.returncode}); see the log above")
     return ran
 
@@ -128,7 +138,7 @@ def build_bento(root: str, cfg: config.Params, record: dict[str, Any]) -> str:
     return tag
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain", log_prints=True, retries=0)
 def retrain(root: str = ".", params: str = "params.yaml", ask: str | None = None) -> dict[str, Any]:
     """Run the chain; returns {"status": promoted|unchanged|rejected|refused, ...}."""
     logger = get_run_logger()

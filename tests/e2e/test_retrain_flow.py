@@ -129,3 +129,32 @@ def test_whole_chain_then_noop_then_partial_rerun(tiny_models, tmp_path, monkeyp
     assert "validate" not in third["stages_run"] and "format" not in third["stages_run"]
     assert {"merge", "quantize@gptq", "quantize@awq", "evaluate"} <= set(third["stages_run"])
     assert third["version"] == "v2.0.0"
+
+
+def test_bad_data_fails_the_run_once_with_the_report_attached(tiny_models, tmp_path, monkeypatch):
+    import sys
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, TaskRunFilter, \
+        TaskRunFilterFlowRunId
+
+    from flows.retrain import retrain
+
+    proj = _make_project(tmp_path, tiny_models["llama"])
+    raw = proj / "data/raw/tickets.jsonl"
+    raw.write_text(raw.read_text() + '{"instruction": "x", "input": "", "output": 42}\n')
+    monkeypatch.chdir(proj)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}")
+
+    state = retrain(root=str(proj), return_state=True)
+    assert state.is_failed(), state
+    with get_client(sync_client=True) as client:
+        run_id = state.state_details.flow_run_id
+        tasks = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[run_id])))
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    stages = [t for t in tasks if t.name.startswith("dvc_stage")]
+    assert len(stages) == 1 and stages[0].state.is_failed() and stages[0].run_count == 1  # not retried
+    (art,) = [a for a in arts if a.key == "data-validation"]
+    assert "data/raw/tickets.jsonl:161: output: must be a string, got int 42 (rule type:output)" in art.data
+    assert not (proj / "data/processed").exists() and not (proj / "models").exists()  # nothing downstream ran
+    assert json.loads((proj / "data/quarantine/tickets.rejected.jsonl").read_text())["line"] == 161
