@@ -106,7 +106,7 @@ class EvaluateCfg(_Section):
     max_samples: int = Field(100, ge=1)  # test rows used for generation metrics
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(16, ge=1)
-    metric: Literal["exact_match", "json_fields", "json_validity"] = "json_fields"
+    metric: Literal["exact_match", "json_fields", "json_validity", "rouge_l"] = "json_fields"
 
 
 class GateCfg(_Section):
