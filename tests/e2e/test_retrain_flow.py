@@ -42,7 +42,7 @@ def _make_project(tmp: Path, base: Path) -> Path:
     params["evaluate"].update(max_samples=4, max_new_tokens=4, batch_size=4)
     # A random model cannot learn the task in 2 steps: open the gate so promotion is exercised.
     params["gate"] = {"min_task_metric": 0.0, "min_gain_over_base": -1.0, "max_loss_vs_production": 1.0,
-                      "max_quantized_ppl_increase": 100.0, "max_quantized_metric_drop": 1.0}
+                      "max_quantized_ppl_increase": 100.0, "max_quantized_metric_decrease": 1.0}
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = lambda *a: subprocess.run(["git", *a], cwd=proj, check=True, capture_output=True)  # noqa: E731
     git("init", "-q")
