@@ -148,7 +148,7 @@ def decide(
 
     passing = sorted((table[n]["size_bytes"], n) for n, f in checks.items() if not f)
     if not passing:
-        reasons = ["no variant passed the gate: " + "; ".join(f"{n}: {', '.join(f)}" for n, f in checks.items())]
+        reasons = ["no variant passed the gate", *(f"{n}: {'; '.join(f)}" for n, f in checks.items())]
         return Decision(False, None, reasons, checks, prod_version, vs_prod, used)
     size, chosen = passing[0]
     reasons = [f"{chosen} passes every rule and is the smallest passing variant ({size / 1e6:.1f} MB)"]
@@ -168,8 +168,8 @@ def explain(d: Decision) -> str:
     """A few lines a person reads: verdict, then each variant's failed rules."""
     lines = [f"gate: {'PASS -> ' + str(d.variant) if d.passed else 'REJECT'}"]
     lines += [f"  {r}" for r in d.reasons]
-    for name, fails in d.checks.items():
-        lines.append(f"  {name}: " + ("ok" if not fails else "; ".join(fails)))
+    if d.passed:  # a rejection's reasons already name each variant's failed rules
+        lines += [f"  {name}: " + ("ok" if not fails else "; ".join(fails)) for name, fails in d.checks.items()]
     return "\n".join(lines)
 
 

@@ -90,7 +90,10 @@ def test_refuses_candidate_no_better_than_base():
     d = decide(CFG, rep)
     assert not d.passed and d.variant is None
     assert any("gain over base" in r for r in d.checks["merged"])
-    assert "no variant passed" in d.reasons[0] and "gain over base" in d.reasons[0]
+    assert d.reasons == [
+        "no variant passed the gate",
+        "merged: task metric 0.150 < minimum 0.500; gain over base +0.050 < required +0.100",
+    ]
 
 
 def test_refuses_candidate_worse_than_production():
