@@ -129,3 +129,10 @@ def test_whole_chain_then_noop_then_partial_rerun(tiny_models, tmp_path, monkeyp
     assert "validate" not in third["stages_run"] and "format" not in third["stages_run"]
     assert {"merge", "quantize@gptq", "quantize@awq", "evaluate"} <= set(third["stages_run"])
     assert third["version"] == "v2.0.0"
+    # v1 was in production and the working tree now holds the new candidate: v1 was restored from
+    # DVC at its GTO tag, checked against its sha256, scored, and compared row by row.
+    prod_eval = json.loads((proj / "reports/eval_production.json").read_text())
+    assert prod_eval["version"] == "v1.0.0" and prod_eval["source"] == "DVC cache at phiops-model@v1.0.0"
+    assert len(prod_eval["scores"]) == params["evaluate"]["max_samples"]
+    gate = json.loads((proj / "reports/gate.json").read_text())
+    assert gate["production"] == "v1.0.0" and set(gate["vs_production"]) == {"merged", "gptq", "awq"}
