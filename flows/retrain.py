@@ -18,12 +18,13 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, get_run_logger, pause_flow_run, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.context import get_run_context  # noqa: E402
 from prefect.input import RunInput  # noqa: E402
 
 from phiops import bento, config, gate, lineage, registry  # noqa: E402
 from phiops.paths import Layout  # noqa: E402
+from phiops.stages import evaluate  # noqa: E402
 
 
 def _dvc() -> str:
@@ -76,13 +77,32 @@ def stage_order(root: str) -> list[str]:
 
 
 @task(cache_policy=None)
-def decide(root: str, cfg: config.Params) -> gate.Decision:
+def evaluate_production(root: str, cfg: config.Params) -> dict[str, Any] | None:
+    """Score the production model on this run's test split (never cached: registry state)."""
     layout = Layout(Path(root))
     prod = registry.Registry(layout, cfg.registry.artifact).production()
-    decision = gate.decide(cfg.gate, lineage.read_json(layout.eval_report), prod)
+    if prod is None:
+        layout.eval_production.unlink(missing_ok=True)
+        return None
+    return evaluate.production(cfg, layout, prod)
+
+
+@task(cache_policy=None)
+def decide(root: str, cfg: config.Params, prod_eval: dict[str, Any] | None) -> gate.Decision:
+    layout = Layout(Path(root))
+    report = lineage.read_json(layout.eval_report)
+    decision = gate.decide(cfg.gate, report, evaluate.load_scores(layout), prod_eval)
     gate.write(layout.gate_report, decision)
     get_run_logger().info(gate.explain(decision))
     return decision
+
+
+def publish(report: dict[str, Any], prod_eval: dict[str, Any] | None) -> str:
+    """The eval table as Prefect artifacts (markdown and table); returns the markdown."""
+    md = evaluate.render_markdown(report, prod_eval)
+    create_markdown_artifact(key="eval-report", markdown=md, description="Evaluation of every variant")
+    create_table_artifact(key="eval-table", table=evaluate.table_rows(report, prod_eval), description="Evaluation of every variant")
+    return md
 
 
 class Approval(RunInput):
@@ -147,18 +167,25 @@ def retrain(root: str = ".", params: str = "params.yaml", ask: str | None = None
     layout = Layout(Path(root))
 
     ran = [s for s in stage_order(root) if dvc_stage(root, s)]
-    report_md = layout.eval_markdown.read_text()
-    create_markdown_artifact(key="eval-report", markdown=report_md, description="Evaluation of every variant")
+    report = lineage.read_json(layout.eval_report)
 
     reg = registry.Registry(layout, cfg.registry.artifact)
     prod = reg.production()
     if not ran and prod is not None and lineage.same_candidate(layout, prod):
+        publish(report, None)
         logger.info("nothing changed: every DVC stage was up to date and %s is in production", prod["version"])
         return {"status": "unchanged", "production": prod["version"], "stages_run": []}
 
-    decision = decide(root, cfg)
+    prod_eval = evaluate_production(root, cfg)
+    report_md = publish(report, prod_eval)
+    decision = decide(root, cfg, prod_eval)
     if not decision.passed:
-        return {"status": "rejected", "reasons": decision.reasons, "checks": decision.checks, "stages_run": ran}
+        logger.warning(
+            "candidate rejected; nothing was registered and production stays %s:\n%s",
+            prod["version"] if prod else "unset", gate.explain(decision),
+        )
+        return {"status": "rejected", "reasons": decision.reasons, "checks": decision.checks, "stages_run": ran,
+                "production": prod["version"] if prod else None}
     approval = approve(cfg, report_md, decision)
     if not approval["approved"]:
         return {"status": "refused", "approval": approval, "stages_run": ran}

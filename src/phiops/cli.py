@@ -87,11 +87,14 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
 
 def cmd_gate(args: argparse.Namespace) -> int:
     from phiops import gate, registry
+    from phiops.stages import evaluate
 
     cfg = _load(args)
     layout = Layout(Path(args.root))
     prod = registry.Registry(layout, cfg.registry.artifact).production()
-    decision = gate.decide(cfg.gate, json.loads(layout.eval_report.read_text()), prod)
+    prod_eval = evaluate.production(cfg, layout, prod) if prod is not None else None
+    report = json.loads(layout.eval_report.read_text())
+    decision = gate.decide(cfg.gate, report, evaluate.load_scores(layout), prod_eval)
     gate.write(layout.gate_report, decision)
     print(gate.explain(decision))
     return 0 if decision.passed else 1
@@ -174,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_data_generate)
 
-    s = sub.add_parser("gate", help="decide from reports/eval.json whether a candidate may be promoted")
+    s = sub.add_parser("gate", help="score production, then decide from reports/eval.json whether a candidate may be promoted")
     s.set_defaults(fn=cmd_gate)
 
     s = sub.add_parser("registry", help="registered versions and their lineage")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -42,8 +43,31 @@ def json_fields(pred: str, ref: str) -> float:
     return sum(got.get(k) == v for k, v in want.items()) / len(want)
 
 
+def _lcs(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence (O(len(a) * len(b)) time, O(len(b)) memory)."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev = 0  # row[j - 1] of the previous row
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(pred: str, ref: str) -> float:
+    """ROUGE-L F1 (Lin 2004) on lower-cased word tokens: order-aware overlap for free text."""
+    p, r = re.findall(r"\w+", pred.lower()), re.findall(r"\w+", ref.lower())
+    if not p or not r:
+        return float(p == r)
+    lcs = _lcs(p, r)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
 METRICS: dict[str, Callable[[str, str], float]] = {
     "exact_match": exact_match,
     "json_validity": json_validity,
     "json_fields": json_fields,
+    "rouge_l": rouge_l,
 }

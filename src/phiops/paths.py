@@ -110,6 +110,18 @@ class Layout:
     def eval_table(self) -> Path:
         return self._p("reports/eval_table.csv")
 
+    @property
+    def eval_plots(self) -> Path:
+        return self._p("reports/plots")
+
+    def eval_plot(self, name: str) -> Path:
+        return self.eval_plots / f"eval_{name}.png"
+
+    @property
+    def eval_production(self) -> Path:
+        # Outside DVC like the gate: production is registry state, not a content-hashed input.
+        return self._p("reports/eval_production.json")
+
     # gate / registry / bento (outside DVC: promotion is never cached)
     @property
     def gate_report(self) -> Path:

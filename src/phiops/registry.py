@@ -93,15 +93,7 @@ class Registry:
         Raises:
             RegistryError: naming each missing, extra or changed file.
         """
-        want = self.record(version)["files"]
-        got = dir_manifest(model_dir)
-        bad = sorted(
-            [f"changed: {f}" for f in want if f in got and got[f] != want[f]]
-            + [f"missing: {f}" for f in want if f not in got]
-            + [f"unexpected: {f}" for f in got if f not in want]
-        )
-        if bad:
-            raise RegistryError(f"{model_dir} does not match {self.artifact} {version}: " + "; ".join(bad))
+        verify_files(self.record(version)["files"], model_dir, f"{self.artifact} {version}")
 
     # -- writing -----------------------------------------------------------------------------
     def register(self, model_dir: Path, lineage: dict[str, Any]) -> dict[str, Any]:
@@ -178,6 +170,55 @@ class Registry:
             return [dict(e) for e in gto.api.history(str(self.root), self.artifact)]
         except Exception:
             return []
+
+
+def verify_files(want: dict[str, str], model_dir: Path, label: str) -> None:
+    """Refuse `model_dir` unless its files are exactly `want` (relative path -> sha256).
+
+    Raises:
+        RegistryError: naming each missing, extra or changed file.
+    """
+    got = dir_manifest(model_dir)
+    bad = sorted(
+        [f"changed: {f}" for f in want if f in got and got[f] != want[f]]
+        + [f"missing: {f}" for f in want if f not in got]
+        + [f"unexpected: {f}" for f in got if f not in want]
+    )
+    if bad:
+        raise RegistryError(f"{model_dir} does not match {label}: " + "; ".join(bad))
+
+
+def version_rev(record: dict[str, Any]) -> str:
+    """The git revision of a registered version: GTO's tag on its registration commit."""
+    return f"{record['artifact']}@{record['version']}"
+
+
+def fetch_files(root: Path, record: dict[str, Any], dest: Path) -> Path:
+    """Restore a registered version's model files into `dest` and check them against the record.
+
+    The registration commit's dvc.lock pins the files by content hash; DVC reads them from its
+    cache (or the configured remote) at that revision, whatever the working tree holds now.
+
+    Returns:
+        `dest`, holding exactly the recorded files.
+
+    Raises:
+        RegistryError: DVC cannot provide them (cache pruned and no remote: `dvc pull`), or
+            their sha256 differ from the record.
+    """
+    from dvc.api import DVCFileSystem
+
+    rev = version_rev(record)
+    try:
+        fs = DVCFileSystem(str(root), rev=rev)
+        fs.get(record["model_path"], str(dest), recursive=True)
+    except Exception as exc:  # DVC raises many kinds; all mean the same here
+        raise RegistryError(
+            f"cannot restore {record['model_path']} of {rev} from DVC ({type(exc).__name__}: {exc}); "
+            "is the cache pruned? try `dvc pull`"
+        ) from exc
+    verify_files(record["files"], dest, rev)
+    return dest
 
 
 def _has_commits(root: Path) -> bool:

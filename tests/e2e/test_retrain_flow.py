@@ -42,7 +42,7 @@ def _make_project(tmp: Path, base: Path) -> Path:
     params["evaluate"].update(max_samples=4, max_new_tokens=4, batch_size=4)
     # A random model cannot learn the task in 2 steps: open the gate so promotion is exercised.
     params["gate"] = {"min_task_metric": 0.0, "min_gain_over_base": -1.0, "max_loss_vs_production": 1.0,
-                      "max_quantized_ppl_increase": 100.0, "max_quantized_metric_drop": 1.0}
+                      "max_quantized_ppl_increase": 100.0, "max_quantized_metric_decrease": 1.0}
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git = lambda *a: subprocess.run(["git", *a], cwd=proj, check=True, capture_output=True)  # noqa: E731
     git("init", "-q")
@@ -129,6 +129,13 @@ def test_whole_chain_then_noop_then_partial_rerun(tiny_models, tmp_path, monkeyp
     assert "validate" not in third["stages_run"] and "format" not in third["stages_run"]
     assert {"merge", "quantize@gptq", "quantize@awq", "evaluate"} <= set(third["stages_run"])
     assert third["version"] == "v2.0.0"
+    # v1 was in production and the working tree now holds the new candidate: v1 was restored from
+    # DVC at its GTO tag, checked against its sha256, scored, and compared row by row.
+    prod_eval = json.loads((proj / "reports/eval_production.json").read_text())
+    assert prod_eval["version"] == "v1.0.0" and prod_eval["source"] == "DVC cache at phiops-model@v1.0.0"
+    assert len(prod_eval["scores"]) == params["evaluate"]["max_samples"]
+    gate = json.loads((proj / "reports/gate.json").read_text())
+    assert gate["production"] == "v1.0.0" and set(gate["vs_production"]) == {"merged", "gptq", "awq"}
 
 
 def test_bad_data_fails_the_run_once_with_the_report_attached(tiny_models, tmp_path, monkeypatch):

@@ -67,8 +67,33 @@ def test_train_adapts_every_target_and_merge_is_equivalent(arch, tiny_models, tm
     m = json.loads(layout.merge_report.read_text())
     assert m["max_abs_logit_diff"] <= cfg.merge.max_abs_logit_diff
     assert m["argmax_agreement"] == 1.0
+    assert m["dtype"] == "torch.float32" and m["bound"] == cfg.merge.max_abs_logit_diff
     gen = json.loads((layout.merged / "generation_config.json").read_text())
     assert 2 in (gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]])
+    # What serving needs travels with the weights: the chat template renders the same prompt.
+    from phiops.models import load_tokenizer
+
+    msgs = [{"role": "user", "content": "hi"}]
+    assert load_tokenizer(layout.merged).apply_chat_template(msgs, tokenize=False) == load_tokenizer(
+        tiny_models[arch]).apply_chat_template(msgs, tokenize=False)
+    assert not list(layout.merged.glob("*.bin")) and list(layout.merged.glob("*.safetensors"))
+
+
+def test_merge_bound_follows_the_dtype():
+    cfg = config.parse({})
+    assert merge.bound_for(cfg, torch.float32) == cfg.merge.max_abs_logit_diff == 1e-3
+    assert merge.bound_for(cfg, torch.bfloat16) == cfg.merge.max_abs_logit_diff_bf16
+
+
+def test_merge_mismatch_fails_the_stage(tiny_models, tmp_path):
+    cfg, layout = _project(tmp_path, tiny_models["llama"])
+    cfg = config.parse({**cfg.dump(), "merge": {"max_abs_logit_diff": 1e-12}})  # tighter than fp32 round-off
+    format_stage.run(cfg, layout)
+    train.run(cfg, layout)
+    with pytest.raises(merge.MergeMismatchError, match="max \\|dlogit\\|"):
+        merge.run(cfg, layout)
+    assert json.loads(layout.merge_report.read_text())["bound"] == 1e-12  # recorded even when it fails
+    assert not layout.merged.exists()
 
 
 def test_base_weights_bit_identical_after_training(tiny_models, tmp_path):

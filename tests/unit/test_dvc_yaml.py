@@ -8,6 +8,7 @@ from phiops.cli import STAGES
 from phiops.config import QUANT_METHODS
 from phiops.lineage import stage_order
 from phiops.paths import Layout
+from phiops.stages.evaluate import PLOTS
 
 ROOT = Path(__file__).resolve().parents[2]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -35,6 +36,8 @@ def test_outs_match_layout():
     assert DVC["quantize"]["foreach"] == list(QUANT_METHODS)
     assert {str(L.quantized(m)) for m in QUANT_METHODS} <= _paths(DVC["evaluate"]["deps"])
     assert str(L.eval_report) in _paths(DVC["evaluate"]["metrics"])
+    # Every PNG the evaluate stage writes is declared as a DVC plot, beside the CSV table.
+    assert {str(L.eval_table), *(str(L.eval_plot(p)) for p in PLOTS)} == _paths(DVC["evaluate"]["plots"])
 
 
 def test_stage_order_follows_dependencies():

@@ -24,3 +24,36 @@ def test_stop_ids_keep_every_end_of_turn_token():
             return {"<|endoftext|>": 32000, "<|end|>": 32007, "hello": 5}
 
     assert stop_ids(Tok()) == [32000, 32007]
+
+
+def test_every_loader_asks_for_safetensors_and_no_remote_code(tmp_path, monkeypatch):
+    # Record what each loader passes to transformers instead of loading anything.
+    from types import SimpleNamespace
+
+    import transformers
+
+    from phiops import models
+    from phiops.embeddings import Embedder
+
+    calls = []
+
+    def fake(kind):
+        def from_pretrained(cls, path, *args, **kwargs):
+            calls.append((kind, kwargs))
+            if kind == "AutoTokenizer":
+                return SimpleNamespace(pad_token="<pad>")
+            raise RuntimeError("recorded")
+        return classmethod(from_pretrained)
+
+    for cls in ("AutoModelForCausalLM", "AutoModel", "AutoTokenizer"):
+        monkeypatch.setattr(getattr(transformers, cls), "from_pretrained", fake(cls))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    models.load_tokenizer(tmp_path)
+    for load in (lambda: models.load_causal_lm(tmp_path), Embedder):
+        with pytest.raises(RuntimeError, match="recorded"):
+            load()
+    assert [k for k, _ in calls] == ["AutoTokenizer", "AutoModelForCausalLM", "AutoTokenizer", "AutoModel"]
+    for kind, kwargs in calls:
+        assert kwargs.get("trust_remote_code") is False, kind
+        if kind != "AutoTokenizer":
+            assert kwargs.get("use_safetensors") is True, kind

@@ -1,28 +1,45 @@
-"""Stage `evaluate`: score base, merged and quantized variants on the test split.
+"""Stage `evaluate`: score every variant on the test split.
 
-For each variant: perplexity on the assistant tokens of the test split, the task metric on
-greedy generations, generation latency and tokens/s, size on disk and in memory. Outputs a
-metrics JSON (DVC metrics), a markdown report a person reads before approving, a CSV table
-(DVC plots) and the per-example scores (the gate's bootstrap reads them).
+Variants: base, merged, gptq and awq (:func:`run`, the DVC stage, cached by content), and the
+current production model (:func:`production`). Production is scored outside DVC, like the gate:
+it is registry state (a GTO tag), not a content-hashed input, so inside the cached stage its
+row would go stale after a rollback, or a promotion would re-run evaluation with nothing
+changed. Its files are checked against the registry's sha256 before anything loads them.
+
+For each variant: perplexity on the assistant tokens of the test split; the task metric
+(`evaluate.metric`) and JSON validity of greedy answers; optionally embedding similarity of
+answer and reference (:mod:`phiops.embeddings`); generation latency and tokens/s; size on disk;
+peak memory (process RSS, and the CUDA allocator's peak on GPU) of that variant alone.
+Outputs: a metrics JSON (DVC metrics), the per-example scores (the gate's bootstrap pairs them
+by row id), a CSV table and PNG plots (DVC plots) and a markdown report that shows both.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from phiops import models, templates
 from phiops.config import QUANT_METHODS, Params
-from phiops.io import read_jsonl, write_json, write_jsonl, write_text
-from phiops.lineage import variant_dir
+from phiops.io import dir_manifest, read_jsonl, write_bytes, write_json, write_jsonl, write_text
+from phiops.lineage import read_json, variant_dir
+from phiops.memory import measure_peak
 from phiops.metrics import METRICS
 from phiops.paths import Layout
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CANDIDATES = ("merged", *QUANT_METHODS)
+PLOTS = ("quality", "size_perplexity", "speed_memory")
 
 
 @dataclass(frozen=True)
@@ -31,22 +48,67 @@ class EvaluateOutputs:
     markdown: Path
     table: Path
     samples: Path
+    plots: tuple[Path, ...] = ()
+
+
+@dataclass
+class VariantResult:
+    """One variant's row of the table and its per-example results (generation order)."""
+
+    row: dict[str, Any]
+    ids: list[str]
+    scores: list[float]
+    answers: list[str]
+    similarities: list[float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------------------
+
+
+class _LogLines(io.TextIOBase):
+    """A file for tqdm that turns each refresh into one log line (DVC/Prefect logs are not TTYs)."""
+
+    def write(self, s: str) -> int:
+        text = s.replace("\r", "").strip()
+        if text:
+            log.info(text)
+        return len(s)
+
+
+def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
+    """tqdm on a terminal; under DVC or Prefect a log line every 15 s instead of a redrawn bar."""
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    yield from tqdm(
+        items, total=total, desc=desc, unit="batch", leave=tty, file=None if tty else _LogLines(),
+        mininterval=0.5 if tty else 15.0, dynamic_ncols=tty, ascii=not tty,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------
 
 
 def variants(cfg: Params, layout: Layout) -> dict[str, Path]:
-    """Name -> checkpoint directory of every variant to score, base first."""
+    """Name -> checkpoint directory of every DVC-tracked variant to score, base first."""
     out = {"base": Path(models.resolve(cfg.model.base))}
-    out.update({v: variant_dir(layout, v) for v in ("merged", *QUANT_METHODS)})
+    out.update({v: variant_dir(layout, v) for v in CANDIDATES})
     return out
 
 
-def perplexity(model: Any, rows: list[dict[str, Any]], pad_id: int, batch_size: int) -> float:
+def perplexity(model: Any, rows: list[dict[str, Any]], pad_id: int, batch_size: int, desc: str = "perplexity") -> float:
     """exp(mean NLL) over the label (assistant) tokens of `rows`."""
     import torch
 
     device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
+    starts = range(0, len(rows), batch_size)
+    for i in progress(starts, len(starts), desc):
         chunk = rows[i : i + batch_size]
         width = max(len(r["input_ids"]) for r in chunk)
         ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in chunk], device=device)
@@ -63,11 +125,13 @@ def perplexity(model: Any, rows: list[dict[str, Any]], pad_id: int, batch_size: 
     return math.exp(nll / max(count, 1))
 
 
-def generate(model: Any, tok: Any, prompts: list[list[dict[str, str]]], cfg: Params, stops: list[int]) -> tuple[list[str], int, float]:
+def generate(
+    model: Any, tok: Any, prompts: list[list[dict[str, str]]], cfg: Params, stops: list[int], desc: str = "generate"
+) -> tuple[list[str], int, float]:
     """Greedy answers for chat prompts, batched with left padding.
 
     Returns:
-        (answers, generated token count, seconds).
+        (answers, generated token count, seconds spent in generate).
     """
     import torch
 
@@ -76,9 +140,12 @@ def generate(model: Any, tok: Any, prompts: list[list[dict[str, str]]], cfg: Par
     answers: list[str] = []
     n_tokens, seconds = 0, 0.0
     bs = cfg.evaluate.batch_size
-    for i in range(0, len(prompts), bs):
+    starts = range(0, len(prompts), bs)
+    for i in progress(starts, len(starts), desc):
         texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[i : i + bs]]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.no_grad():
             out = model.generate(
@@ -88,6 +155,8 @@ def generate(model: Any, tok: Any, prompts: list[list[dict[str, str]]], cfg: Par
                 eos_token_id=stops,
                 pad_token_id=tok.pad_token_id,
             )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
         new = out[:, enc["input_ids"].shape[1] :]
         for row in new:
@@ -98,84 +167,324 @@ def generate(model: Any, tok: Any, prompts: list[list[dict[str, str]]], cfg: Par
     return answers, n_tokens, seconds
 
 
-def score_variant(name: str, path: Path, cfg: Params, test: list[dict[str, Any]]) -> tuple[dict[str, Any], list[float], list[str]]:
-    """Load one variant and compute its row of the table."""
+def weights_size(path: Path) -> int:
+    """Bytes of weights on disk (*.safetensors): what serving loads, without tokenizer files."""
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def score_variant(
+    name: str, path: Path, cfg: Params, test: list[dict[str, Any]], embedder: Any = None
+) -> VariantResult:
+    """Load one variant and compute its row of the table.
+
+    Args:
+        name: the variant's name (``base`` gets the configured chat template applied).
+        path: its safetensors checkpoint directory.
+        cfg: the validated params.
+        test: the test split rows (perplexity on all, generation on the first
+            ``evaluate.max_samples``).
+        embedder: an :class:`phiops.embeddings.Embedder`, or None to skip similarity.
+
+    Returns:
+        The row and the per-example scores, answers and similarities.
+
+    Raises:
+        ModelError: the checkpoint holds no safetensors weights.
+    """
     import torch
 
+    models.check_safetensors(path)  # before the tokenizer too: a pickle-only directory fails here, clearly
     device = models.pick_device(cfg.train.device)
-    tok = models.load_tokenizer(path)
-    if name == "base":
-        templates.apply(tok, cfg.model.chat_template)
-    torch.manual_seed(cfg.train.seed)
-    model = models.load_causal_lm(path, device=device).eval()
-    stops = models.stop_ids(tok, path)
-    ppl = perplexity(model, test, tok.pad_token_id, cfg.evaluate.batch_size)
-    sample = test[: cfg.evaluate.max_samples]
-    answers, n_tok, secs = generate(model, tok, [r["messages"][:-1] for r in sample], cfg, stops)
+    t0 = time.perf_counter()
+    with measure_peak(device) as mem:
+        tok = models.load_tokenizer(path)
+        if name == "base":
+            templates.apply(tok, cfg.model.chat_template)
+        torch.manual_seed(cfg.evaluate.seed)
+        model = models.load_causal_lm(path, device=device).eval()
+        stops = models.stop_ids(tok, path)
+        ppl = perplexity(model, test, tok.pad_token_id, cfg.evaluate.batch_size, desc=f"{name} perplexity")
+        sample = test[: cfg.evaluate.max_samples]
+        answers, n_tok, secs = generate(model, tok, [r["messages"][:-1] for r in sample], cfg, stops, desc=f"{name} generate")
+        footprint = int(model.get_memory_footprint())
+        del model
+    refs = [r["messages"][-1]["content"] for r in sample]
     metric = METRICS[cfg.evaluate.metric]
-    scores = [metric(a, r["messages"][-1]["content"]) for a, r in zip(answers, sample)]
+    scores = [metric(a, ref) for a, ref in zip(answers, refs)]
+    sims = embedder.similarity(answers, refs) if embedder is not None else None
+    n = len(sample)
     row = {
         "perplexity": round(ppl, 4),
-        "task_metric": round(sum(scores) / len(scores), 4),
-        "json_validity": round(sum(METRICS["json_validity"](a, "") for a in answers) / len(answers), 4),
-        "latency_s_per_request": round(secs / len(sample) * cfg.evaluate.batch_size, 4),
+        "task_metric": round(sum(scores) / n, 4),
+        "json_validity": round(sum(METRICS["json_validity"](a, "") for a in answers) / n, 4),
+        "embedding_similarity": round(sum(sims) / n, 4) if sims is not None else None,
+        # One batch of `evaluate.batch_size` requests served together: seconds per batch.
+        "latency_s_per_request": round(secs / n * cfg.evaluate.batch_size, 4),
         "tokens_per_s": round(n_tok / secs, 1) if secs else None,
-        "size_bytes": sum(p.stat().st_size for p in path.glob("*.safetensors")),
-        "memory_bytes": int(model.get_memory_footprint()),
-        "n_samples": len(sample),
+        "size_bytes": weights_size(path),
+        "memory_bytes": footprint,
+        "peak_rss_bytes": mem["peak_rss_bytes"],
+        "peak_cuda_bytes": mem["peak_cuda_bytes"],
+        "n_samples": n,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "device": device,
     }
-    del model
-    return row, scores, answers
+    return VariantResult(row, [r["id"] for r in sample], scores, answers, sims)
+
+
+def _embedder(cfg: Params) -> Any:
+    if not cfg.evaluate.embedding_similarity:
+        return None
+    from phiops.embeddings import Embedder
+
+    return Embedder(device=models.pick_device(cfg.train.device))
+
+
+# --------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------
 
 
 def run(cfg: Params, layout: Layout) -> EvaluateOutputs:
-    """Evaluate every variant on the test split.
+    """Evaluate base, merged and the quantized variants on the test split.
 
     Returns:
-        Paths of the metrics JSON, the markdown report, the CSV table and the per-example scores.
+        Paths of the metrics JSON, the markdown report, the CSV table, the per-example scores
+        and the PNG plots.
     """
     test = list(read_jsonl(layout.test_split))
+    embedder = _embedder(cfg)
     table: dict[str, dict[str, Any]] = {}
     samples: list[dict[str, Any]] = []
     for name, path in variants(cfg, layout).items():
-        t0 = time.time()
-        row, scores, answers = score_variant(name, path, cfg, test)
-        table[name] = row
-        log.info("evaluate %s: %s (%.0f s)", name, row, time.time() - t0)
-        for r, s, a in zip(test, scores, answers):
-            samples.append({"variant": name, "id": r["id"], "score": s, "answer": a})
+        res = score_variant(name, path, cfg, test, embedder)
+        table[name] = res.row
+        log.info("evaluate %s: %s", name, res.row)
+        samples += _sample_rows(name, res)
 
-    report = {"metric": cfg.evaluate.metric, "test_rows": len(test), "variants": table}
+    report = {
+        "metric": cfg.evaluate.metric,
+        "test_rows": len(test),
+        "seed": cfg.evaluate.seed,
+        "variants": table,
+        # Relative to merged: what the gate's quantized-variant rule reads, and what the issue asks to report.
+        "vs_merged": _vs_merged(table),
+    }
     write_json(layout.eval_report, report)
     write_jsonl(layout.eval_samples, samples)
     write_text(layout.eval_table, _csv(table))
-    write_text(layout.eval_markdown, render_markdown(report))
-    return EvaluateOutputs(layout.eval_report, layout.eval_markdown, layout.eval_table, layout.eval_samples)
+    plots = write_plots(layout, table)
+    write_text(layout.eval_markdown, render_markdown(report, plot_dir=layout.eval_plots.relative_to(layout.eval_markdown.parent)))
+    return EvaluateOutputs(layout.eval_report, layout.eval_markdown, layout.eval_table, layout.eval_samples, plots)
 
 
-_COLUMNS = ("task_metric", "json_validity", "perplexity", "size_bytes", "memory_bytes", "latency_s_per_request", "tokens_per_s")
+def _sample_rows(name: str, res: VariantResult) -> list[dict[str, Any]]:
+    sims = res.similarities or [None] * len(res.ids)
+    return [
+        {"variant": name, "id": i, "score": s, "similarity": sim, "answer": a}
+        for i, s, sim, a in zip(res.ids, res.scores, sims, res.answers)
+    ]
+
+
+def _vs_merged(table: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    merged = table.get("merged")
+    if not merged:
+        return {}
+    out = {}
+    for name in QUANT_METHODS:
+        row = table.get(name)
+        if row:
+            out[name] = {
+                "perplexity_increase": round(row["perplexity"] / merged["perplexity"] - 1, 4),
+                "task_metric_change": round(row["task_metric"] / merged["task_metric"] - 1, 4) if merged["task_metric"] else None,
+                "size_ratio": round(row["size_bytes"] / merged["size_bytes"], 4) if merged["size_bytes"] else None,
+            }
+    return out
+
+
+def load_scores(layout: Layout) -> dict[str, dict[str, float]]:
+    """Per-example task scores by variant then test-row id, from `reports/eval_samples.jsonl`."""
+    out: dict[str, dict[str, float]] = {}
+    if layout.eval_samples.exists():
+        for r in read_jsonl(layout.eval_samples):
+            out.setdefault(r["variant"], {})[r["id"]] = r["score"]
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The production model (outside DVC)
+# --------------------------------------------------------------------------------------
+
+
+def production(cfg: Params, layout: Layout, record: dict[str, Any]) -> dict[str, Any]:
+    """Score the production model on the current test split and write `reports/eval_production.json`.
+
+    Which files: the working tree's ``record["model_path"]`` when its sha256 manifest equals
+    the record's (the candidate variant is byte for byte production: its row and scores from
+    this evaluation are reused, nothing is loaded twice); otherwise the registered commit's
+    files, restored from DVC's cache into a temporary directory and checked against the
+    record's sha256 before anything loads them.
+
+    Args:
+        cfg: the validated params.
+        layout: artifact paths (the test split and this run's evaluation are read).
+        record: the production registry record (:meth:`phiops.registry.Registry.production`).
+
+    Returns:
+        ``{"version", "variant", "source", "files_verified", "metrics", "scores"}``; scores
+        map test-row id to the task score, for the gate's paired bootstrap.
+
+    Raises:
+        RegistryError: production's files cannot be found or differ from the record.
+    """
+    from phiops import registry
+
+    version, path = record["version"], layout.root / record["model_path"]
+    out: dict[str, Any] = {"version": version, "variant": record.get("variant"), "files_verified": True}
+    same = path.is_dir() and dir_manifest(path) == record["files"]
+    name = record.get("variant")
+    current = read_json(layout.eval_report).get("variants", {}) if layout.eval_report.exists() else {}
+    if same and name in current:
+        out["source"] = f"working tree {record['model_path']} (same files as this run's {name}: row reused)"
+        out["metrics"] = current[name]
+        out["scores"] = load_scores(layout).get(name, {})
+    else:
+        test = list(read_jsonl(layout.test_split))
+        embedder = _embedder(cfg)
+        with tempfile.TemporaryDirectory(prefix="phiops-production-") as tmp:
+            if same:
+                src, out["source"] = path, f"working tree {record['model_path']}"
+            else:
+                src = registry.fetch_files(layout.root, record, Path(tmp) / "model")
+                out["source"] = f"DVC cache at {registry.version_rev(record)}"
+            res = score_variant("production", src, cfg, test, embedder)
+        out["metrics"] = res.row
+        out["scores"] = dict(zip(res.ids, res.scores))
+    log.info("evaluate production %s (%s): %s", version, out["source"], out["metrics"])
+    write_json(layout.eval_production, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Report: CSV, plots, markdown, table rows
+# --------------------------------------------------------------------------------------
+
+_COLUMNS = (
+    "task_metric", "json_validity", "embedding_similarity", "perplexity", "size_bytes", "memory_bytes",
+    "peak_rss_bytes", "peak_cuda_bytes", "latency_s_per_request", "tokens_per_s",
+)
 
 
 def _csv(table: dict[str, dict[str, Any]]) -> str:
     lines = ["variant," + ",".join(_COLUMNS)]
-    lines += [f"{name}," + ",".join(str(row[c]) for c in _COLUMNS) for name, row in table.items()]
+    lines += [f"{name}," + ",".join("" if row.get(c) is None else str(row[c]) for c in _COLUMNS) for name, row in table.items()]
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    """The eval table as markdown: what the approver reads."""
+def _cell(col: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if col.endswith("_bytes"):
+        return f"{value / 1e6:.1f} MB"
+    return str(value)
+
+
+def _ordered(table: dict[str, Any]) -> list[tuple[str, Any]]:
+    """base, merged, gptq, awq, then anything else (eval.json's keys come back sorted)."""
+    order = ("base", *CANDIDATES)
+    return sorted(table.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
+
+
+def table_rows(report: dict[str, Any], prod: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The table as a list of rows (a Prefect table artifact), production last if given."""
+    rows = [{"variant": n, **{c: _cell(c, r.get(c)) for c in _COLUMNS}} for n, r in _ordered(report["variants"])]
+    if prod is not None:
+        rows.append({"variant": f"production {prod['version']}", **{c: _cell(c, prod["metrics"].get(c)) for c in _COLUMNS}})
+    return rows
+
+
+def render_markdown(report: dict[str, Any], prod: dict[str, Any] | None = None, plot_dir: Path | str | None = None) -> str:
+    """The eval table as markdown: what the approver reads.
+
+    Args:
+        report: `reports/eval.json`.
+        prod: the production evaluation (:func:`production`), shown as the last row.
+        plot_dir: where the PNGs are, relative to the markdown file; None leaves them out.
+    """
+    rows = table_rows(report, prod)
     head = "| variant | " + " | ".join(_COLUMNS) + " |"
     sep = "|" + "---|" * (len(_COLUMNS) + 1)
-    rows = []
-    for name, row in report["variants"].items():
-        cells = []
-        for c in _COLUMNS:
-            v = row[c]
-            cells.append(f"{v / 1e6:.1f} MB" if c.endswith("_bytes") else str(v))
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    return (
-        f"# Evaluation\n\nTask metric: `{report['metric']}` on {report['test_rows']} test rows "
-        f"(generation on the first {next(iter(report['variants'].values()))['n_samples']}).\n\n"
-        + "\n".join([head, sep, *rows])
-        + "\n"
-    )
+    body = [f"| {r['variant']} | " + " | ".join(r[c] for c in _COLUMNS) + " |" for r in rows]
+    first = next(iter(report["variants"].values()))
+    parts = [
+        "# Evaluation\n",
+        f"Task metric: `{report['metric']}` on the first {first['n_samples']} of {report['test_rows']} test rows "
+        f"(perplexity on all of them; answer tokens only).\n",
+        "\n".join([head, sep, *body]) + "\n",
+    ]
+    if report.get("vs_merged"):
+        parts.append("Quantized vs merged: " + "; ".join(
+            f"{n} perplexity {v['perplexity_increase']:+.1%}, size {v['size_ratio']:.0%} of merged"
+            + (f", task metric {v['task_metric_change']:+.1%}" if v.get("task_metric_change") is not None else "")
+            for n, v in report["vs_merged"].items()
+        ) + ".\n")
+    if prod is not None:
+        parts.append(f"Production {prod['version']} ({prod.get('variant')}) scored from: {prod['source']}.\n")
+    if plot_dir is not None:
+        parts.append("\n".join(f"![{p}]({Path(plot_dir) / f'eval_{p}.png'})" for p in PLOTS) + "\n")
+    return "\n".join(parts)
+
+
+def write_plots(layout: Layout, table: dict[str, dict[str, Any]]) -> tuple[Path, ...]:
+    """Three PNGs (DVC plots): quality scores, size vs perplexity, speed and peak memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    names = [n for n, _ in _ordered(table)]
+    x = range(len(names))
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    cols = [c for c in ("task_metric", "json_validity", "embedding_similarity") if any(table[n].get(c) is not None for n in names)]
+    w = 0.8 / len(cols)
+    for k, c in enumerate(cols):
+        ax.bar([i + k * w for i in x], [table[n].get(c) or 0.0 for n in names], w, label=c)
+    ax.set_xticks([i + w * (len(cols) - 1) / 2 for i in x], names)
+    ax.set_ylim(0, 1.25)  # headroom for the legend above the bars
+    ax.set_title("Quality by variant (higher is better)")
+    ax.legend(fontsize=8, loc="upper left", ncols=len(cols))
+    paths.append(_save(fig, layout.eval_plot("quality")))
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for n in names:
+        ax.scatter(table[n]["size_bytes"] / 1e6, table[n]["perplexity"])
+        ax.annotate(n, (table[n]["size_bytes"] / 1e6, table[n]["perplexity"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("weights on disk (MB)")
+    ax.set_ylabel("perplexity (answer tokens)")
+    ax.set_title("Size vs perplexity (lower left is better)")
+    paths.append(_save(fig, layout.eval_plot("size_perplexity")))
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.5))
+    a1.bar(names, [table[n]["tokens_per_s"] or 0.0 for n in names])
+    a1.set_title("generation tokens/s")
+    mem_key = "peak_cuda_bytes" if all(table[n].get("peak_cuda_bytes") for n in names) else "peak_rss_bytes"
+    a2.bar(names, [table[n][mem_key] / 1e6 for n in names])
+    a2.set_title(f"{mem_key.removesuffix('_bytes').replace('_', ' ')} (MB)")
+    for a in (a1, a2):
+        a.tick_params(axis="x", labelsize=8)
+    paths.append(_save(fig, layout.eval_plot("speed_memory")))
+    return tuple(paths)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    # No timestamp or version in the PNG: the same table gives the same bytes.
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    write_bytes(path, buf.getvalue())
+    return path

@@ -42,6 +42,13 @@ def _fixed_batch(tok: Any, path: Path, n: int = 4) -> dict[str, Any]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def bound_for(cfg: Params, dtype: Any) -> float:
+    """The equivalence bound for a merge done in `dtype` (fp32 exact up to round-off; bf16/fp16 not)."""
+    import torch
+
+    return cfg.merge.max_abs_logit_diff if dtype == torch.float32 else cfg.merge.max_abs_logit_diff_bf16
+
+
 def run(cfg: Params, layout: Layout) -> MergeOutputs:
     """Merge `layout.adapter` into the base and save it at `layout.merged`.
 
@@ -68,17 +75,21 @@ def run(cfg: Params, layout: Layout) -> MergeOutputs:
     diff = (before - after).abs()[mask]
     max_diff = float(diff.max())
     agree = float((before.argmax(-1) == after.argmax(-1))[mask].float().mean())
+    dtype = next(merged.parameters()).dtype
+    bound = bound_for(cfg, dtype)
     report = {
         "max_abs_logit_diff": max_diff,
         "argmax_agreement": agree,
-        "bound": cfg.merge.max_abs_logit_diff,
-        "dtype": str(next(merged.parameters()).dtype),
+        "bound": bound,
+        "dtype": str(dtype),
+        "device": device,
+        "tokens_compared": int(mask.sum()),
     }
     write_json(layout.merge_report, report)
-    if max_diff > cfg.merge.max_abs_logit_diff:
+    if max_diff > bound:
         raise MergeMismatchError(
             f"merged model differs from base + adapter: max |dlogit| {max_diff:.3g} > bound "
-            f"{cfg.merge.max_abs_logit_diff:g} (argmax agreement {agree:.4f})"
+            f"{bound:g} for {dtype} (argmax agreement {agree:.4f})"
         )
 
     stops = models.stop_ids(tok, base_path)

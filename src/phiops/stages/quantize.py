@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import resource
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from phiops.config import Params
 from phiops.io import atomic_dir, dir_size, read_jsonl, write_json
+from phiops.memory import measure_peak
 from phiops.models import check_safetensors, default_dtype, load_causal_lm, load_tokenizer, pick_device
 from phiops.paths import Layout
 
@@ -408,12 +408,6 @@ def copy_tokenizer_assets(src: Path, dst: Path) -> list[str]:
     return sorted(copied)
 
 
-def _peak_rss_bytes() -> int:
-    # ru_maxrss is KiB on Linux; it is the process-lifetime peak, so a long-lived caller
-    # (a flow running several stages) sees the highest stage so far.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 # --------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------
@@ -449,53 +443,53 @@ def quantize_checkpoint(
 
 
     Returns:
-        Measurements: seconds, size_bytes, source_size_bytes, peak_rss_bytes,
-        peak_cuda_bytes (None on CPU), device, dtype, architecture.
+        Measurements: seconds, size_bytes, source_size_bytes, peak_rss_bytes and
+        rss_scope, peak_cuda_bytes (None on CPU), device, dtype, architecture.
 
     Raises:
         QuantizeError: group size does not fit the model, or the output is not a
             compressed-tensors checkpoint.
         ModelError: `src` holds no safetensors weights.
     """
-    import torch
     from llmcompressor import oneshot
 
     dev = pick_device("auto")
     t0 = time.perf_counter()
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    # Loaded on the CPU even with CUDA: the sequential pipeline onloads one layer at a time,
-    # so models larger than the GPU still calibrate.
-    dtype = default_dtype(dev)
-    model = load_causal_lm(src, device="cpu", dtype=dtype)
-    tokenizer = load_tokenizer(src)
-    check_group_size(model, group_size)
+    with measure_peak(dev) as mem:
+        # Loaded on the CPU even with CUDA: the sequential pipeline onloads one layer at a
+        # time, so models larger than the GPU still calibrate.
+        dtype = default_dtype(dev)
+        model = load_causal_lm(src, device="cpu", dtype=dtype)
+        tokenizer = load_tokenizer(src)
+        check_group_size(model, group_size)
 
-    recipe = quantizer.recipe(model, weight_scheme(scheme, group_size), IGNORE)
-    with quantizer.calibration_context():
-        oneshot(
-            model=model,
-            processor=tokenizer,
-            recipe=recipe,
-            dataset=calibration,
-            num_calibration_samples=len(calibration),
-            max_seq_length=max(len(r) for r in calibration["input_ids"]),
-            shuffle_calibration_samples=False,  # "the first N rows", reproducibly
-            batch_size=1,  # no padding: every token of every row counts
-            trust_remote_code_model=False,
-        )
+        recipe = quantizer.recipe(model, weight_scheme(scheme, group_size), IGNORE)
+        with quantizer.calibration_context():
+            oneshot(
+                model=model,
+                processor=tokenizer,
+                recipe=recipe,
+                dataset=calibration,
+                num_calibration_samples=len(calibration),
+                max_seq_length=max(len(r) for r in calibration["input_ids"]),
+                shuffle_calibration_samples=False,  # "the first N rows", reproducibly
+                batch_size=1,  # no padding: every token of every row counts
+                trust_remote_code_model=False,
+            )
 
-    with atomic_dir(dst) as tmp:
-        model.save_pretrained(tmp, save_compressed=True)
-        copy_tokenizer_assets(src, tmp)
-        _verify_compressed(tmp)
+        with atomic_dir(dst) as tmp:
+            model.save_pretrained(tmp, save_compressed=True)
+            copy_tokenizer_assets(src, tmp)
+            _verify_compressed(tmp)
 
     return {
         "seconds": round(time.perf_counter() - t0, 2),
         "size_bytes": dir_size(dst),
         "source_size_bytes": dir_size(src),
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if dev == "cuda" else None,
+        # Peaks of this call alone (phiops.memory), not of the process so far.
+        "peak_rss_bytes": mem["peak_rss_bytes"],
+        "rss_scope": mem["rss_scope"],
+        "peak_cuda_bytes": mem["peak_cuda_bytes"],
         "device": dev,
         "dtype": str(dtype).removeprefix("torch."),
         "architecture": type(model).__name__,

@@ -1,0 +1,91 @@
+"""The retrain flow with a candidate worse than production: rejected, said why, registry untouched.
+
+The DVC stages and the production scoring are stubbed (their own tests cover them); what runs
+for real is the flow's wiring after evaluation: production comparison, gate, artifacts, and the
+refusal to touch the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from phiops.io import write_json, write_jsonl
+from phiops.paths import Layout
+from phiops.registry import Registry
+
+pytestmark = pytest.mark.e2e
+IDS = [f"row{i}" for i in range(100)]
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # the registry's fallback git identity
+    proj = tmp_path / "proj"
+    layout = Layout(proj)
+    (proj / "models/merged").mkdir(parents=True)
+    (proj / "models/merged/model.safetensors").write_bytes(b"production weights")
+    (proj / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    # Manual approval with a short timeout: if the gate wrongly passed, the flow fails fast instead of waiting.
+    (proj / "params.yaml").write_text(yaml.safe_dump({"approval": {"mode": "manual", "timeout_hours": 0.001}}))
+    _git(proj, "init", "-q")
+    _git(proj, "add", "-A")
+    _git(proj, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    reg = Registry(layout, "phiops-model")
+    reg.register(proj / "models/merged", {"variant": "merged", "metrics": {"task_metric": 0.95}})
+    reg.set_production("v1.0.0", approver="ana", reason="first")
+
+    # This run's evaluation: the candidate beats the base but gets 80 rows right where production got 95.
+    row = lambda m, size: {"task_metric": m, "perplexity": 1.5, "size_bytes": size, "n_samples": 100}  # noqa: E731
+    write_json(layout.eval_report, {"metric": "json_fields", "test_rows": 100, "variants": {
+        "base": row(0.1, 1000), "merged": row(0.8, 1000), "gptq": row(0.8, 300), "awq": row(0.8, 280)}})
+    write_jsonl(layout.eval_samples, [
+        {"variant": v, "id": i, "score": float(k < (10 if v == "base" else 80))}
+        for v in ("base", "merged", "gptq", "awq") for k, i in enumerate(IDS)])
+    return proj, reg
+
+
+def test_worse_candidate_is_rejected_and_production_unchanged(project, monkeypatch):
+    import flows.retrain as flow
+    from prefect import get_client
+
+    proj, reg = project
+    tags_before, head_before = _git(proj, "tag"), _git(proj, "rev-parse", "HEAD")
+    history_before = reg.history()
+
+    monkeypatch.setattr(flow, "stage_order", lambda root: ["evaluate"])
+    monkeypatch.setattr(flow, "dvc_stage", lambda root, stage: True)  # "evaluate ran"
+    scored = []
+
+    def production(cfg, layout, record):
+        scored.append(record["version"])
+        return {"version": record["version"], "variant": "merged", "source": "stub", "files_verified": True,
+                "metrics": {"task_metric": 0.95, "perplexity": 1.4, "size_bytes": 1000},
+                "scores": {i: float(k < 95) for k, i in enumerate(IDS)}}
+
+    monkeypatch.setattr(flow.evaluate, "production", production)
+    with get_client(sync_client=True) as client:
+        client.hello()  # start Prefect's temporary server before the flow
+    result = flow.retrain(root=str(proj))
+
+    assert result["status"] == "rejected" and result["production"] == "v1.0.0"
+    assert scored == ["v1.0.0"]
+    assert result["reasons"][0] == "no variant passed the gate"
+    assert result["reasons"][1].startswith("merged: may lose to production v1.0.0 by more than 0.000")
+    for variant in ("merged", "gptq", "awq"):
+        assert any(r.startswith("may lose to production v1.0.0") for r in result["checks"][variant]), variant
+    gate = json.loads((proj / "reports/gate.json").read_text())
+    assert gate["passed"] is False and gate["production"] == "v1.0.0"
+    assert gate["vs_production"]["merged"]["ci_high"] < 0
+    # Nothing registered, nothing promoted, no commit, no tag.
+    assert reg.production()["version"] == "v1.0.0"
+    assert reg.history() == history_before
+    assert _git(proj, "tag") == tags_before and _git(proj, "rev-parse", "HEAD") == head_before

