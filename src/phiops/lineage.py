@@ -57,9 +57,14 @@ def out_hash(layout: Layout, rel_path: str) -> str | None:
 
 
 def data_hash(layout: Layout, cfg: Params) -> str | None:
-    """The raw data's content hash as DVC recorded it for the validate stage."""
+    """The raw data's content hash as DVC recorded it for the validate stage.
+
+    That is the md5 of the dependency holding ``data.raw``: the file itself, or the directory
+    DVC tracks (``data/raw``, an ``.dir`` hash over every file in it, ``data.test`` included).
+    """
+    raw = Path(cfg.data.raw)
     for dep in _lock(layout).get("validate", {}).get("deps", []):
-        if dep["path"] == str(cfg.data.raw):
+        if raw == Path(dep["path"]) or raw.is_relative_to(dep["path"]):
             return dep.get("md5")
     return None
 
