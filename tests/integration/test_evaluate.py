@@ -16,6 +16,7 @@ from phiops.models import ModelError, load_tokenizer
 from phiops.paths import Layout
 from phiops.registry import Registry, RegistryError
 from phiops.stages import evaluate
+from phiops.stages import format as format_stage
 
 pytestmark = pytest.mark.integration
 
@@ -32,9 +33,7 @@ def _rows(model_dir: Path, n: int = 6) -> list[dict]:
             {"role": "user", "content": f"Ticket {i}: the router on floor {i} drops wifi every hour."},
             {"role": "assistant", "content": json.dumps({"category": "network", "priority": "high", "floor": i})},
         ]
-        prompt = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        full = tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
-        rows.append({"id": f"row{i}", "messages": msgs, "input_ids": full, "labels": [-100] * len(prompt) + full[len(prompt):]})
+        rows.append({"id": f"row{i}", "messages": msgs, **format_stage.encode_batch(tok, [msgs], 512)[0]})
     return rows
 
 

@@ -19,6 +19,7 @@ from phiops.io import write_jsonl
 from phiops.models import ensure_builtin, load_tokenizer, tiny_random
 from phiops.paths import Layout
 from phiops.stages import quantize as Q
+from phiops.stages import format as format_stage
 
 pytestmark = pytest.mark.integration
 
@@ -56,8 +57,7 @@ def _train_rows(model_dir: Path, n: int = 6) -> list[dict]:
             {"role": "user", "content": f"Ticket #{i}: printer on floor {i} jams every morning, urgent."},
             {"role": "assistant", "content": json.dumps({"category": "hardware", "priority": "high", "floor": i})},
         ]
-        text = tok.apply_chat_template(msgs, tokenize=False)
-        rows.append({"text": text, "input_ids": tok(text, add_special_tokens=False)["input_ids"]})
+        rows.append(format_stage.encode_batch(tok, [msgs], 512)[0])
     return rows
 
 

@@ -37,20 +37,20 @@ def write_lines(path: Path, lines: Sequence[str | dict], newline: str = "\n") ->
     return path
 
 
-def _json_col(text: str) -> int:
+def _json_error(text: str) -> json.JSONDecodeError:
     try:
         json.loads(text)
     except json.JSONDecodeError as exc:
-        return exc.colno
+        return exc
     raise AssertionError(text)
+
+
+def _json_col(text: str) -> int:
+    return _json_error(text).colno
 
 
 def _json_msg(text: str) -> str:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError as exc:
-        return exc.msg
-    raise AssertionError(text)
+    return _json_error(text).msg
 
 
 def cfg_for(raw: str | Path, data: dict[str, Any] | None = None, **validate: Any) -> config.Params:
