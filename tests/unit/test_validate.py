@@ -449,7 +449,8 @@ def test_hash_split_keeps_one_prompt_in_one_split(tmp_path: Path) -> None:
     for r in read_jsonl(out.validated):
         by_prompt.setdefault(r["messages"][0]["content"], set()).add(r["split"])
     assert all(len(s) == 1 for s in by_prompt.values()) and len(by_prompt) == 200
-    assert report(tmp_path)["gx"]["expectations"]["leakage"]["unexpected_count"] == 0
+    (leakage,) = [e for e in report(tmp_path)["gx"]["expectations"] if e["check"] == "leakage"]
+    assert leakage["unexpected_count"] == 0 and leakage["success"]
 
 
 @pytest.mark.parametrize("policy", ["warn", "reject", "off"])
@@ -466,7 +467,7 @@ def test_pii_policy(tmp_path: Path, policy: str) -> None:
         assert quarantined(out) == {} and len(read_jsonl(out.validated)) == 3
         assert rep["warnings"] == [f"data/raw/x.jsonl:2: {email}", f"data/raw/x.jsonl:3: {key}"]
     else:
-        assert quarantined(out) == {} and rep["warnings"] == [] and "pii:email" not in rep["gx"]["expectations"]
+        assert quarantined(out) == {} and rep["warnings"] == [] and "pii:email" not in {e["check"] for e in rep["gx"]["expectations"]}
     assert "jane.doe@example.com" not in json.dumps(rep)  # evidence is masked, never repeated
 
 

@@ -881,7 +881,8 @@ def run(
         counts=f"rows_in {rows_in} = accepted {accepted} + rejected {rejected}" + (" (quarantined)" if quarantining else ""),
         gx={"chunks": state.chunks, "chunk_rows": vcfg.chunk_rows,
             "success": all(e["success"] for e in state.expectations.values() if not e["warning"]),
-            "expectations": state.expectations},
+            # A list, not a dict: DVC shows numbers of dicts as metrics, and these are details.
+            "expectations": [{"check": k, **e} for k, e in state.expectations.items()]},
         extra_keys=dict(sorted(state.extra_keys.items())),
         elapsed_s=round(elapsed, 3),
         timings={k: round(v, 3) for k, v in sorted(state.timings.items())},
