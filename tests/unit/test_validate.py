@@ -442,6 +442,14 @@ def test_leakage_between_train_and_an_explicit_test_file(tmp_path: Path) -> None
     assert report(tmp_path)["splits"] == {"train": 3, "test": 1}
 
 
+def test_a_test_file_inside_the_raw_directory_only_tests(tmp_path: Path) -> None:
+    write_lines(tmp_path / "data/raw/a.jsonl", [row(1), row(2)])
+    write_lines(tmp_path / "data/raw/held_out.jsonl", [row(3)])
+    out = run(tmp_path, "data/raw", data={"test": "data/raw/held_out.jsonl"})
+    assert [(r["source"], r["split"]) for r in read_jsonl(out.validated)] == [
+        ("data/raw/a.jsonl", "train"), ("data/raw/a.jsonl", "train"), ("data/raw/held_out.jsonl", "test")]
+
+
 def test_hash_split_keeps_one_prompt_in_one_split(tmp_path: Path) -> None:
     rows = [row(i, output=f'{{"a": {k}}}') for i in range(200) for k in range(2)]  # each prompt twice
     out = run(tmp_path, write_lines(tmp_path / "data/raw/x.jsonl", rows), data={"test_fraction": 0.3})

@@ -428,12 +428,22 @@ def _sources(cfg: Params, layout: Layout) -> tuple[list[_Source], list[str]]:
     """Input files in order (train files first, then test ones), and file-level problems."""
     out: list[_Source] = []
     problems: list[str] = []
+
+    def resolve(given: Path) -> Path:
+        return given if given.is_absolute() else layout.root / given
+
+    # data.test may sit inside the data.raw directory: its files are test rows, never train rows too.
+    held_out: set[Path] = set()
+    if cfg.data.test is not None:
+        t = resolve(cfg.data.test)
+        held_out = {p.resolve() for p in t.rglob("*.jsonl")} if t.is_dir() else {t.resolve()}
     for given, split in ((cfg.data.raw, None), (cfg.data.test, "test")):
         if given is None:
             continue
-        path = given if given.is_absolute() else layout.root / given
+        path = resolve(given)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
+            files = sorted(p for p in path.rglob("*.jsonl")
+                           if p.is_file() and (split == "test" or p.resolve() not in held_out))
             if not files:
                 problems.append(f"{given}: no *.jsonl files in this directory (rule {FILE_RULE})")
             for p in files:
