@@ -129,6 +129,16 @@ def test_stage_writes_splits_masks_metrics_and_histogram(tok: Any, tmp_path: Pat
     assert lines[0] == "tokens,rows" and sum(int(x.split(",")[1]) for x in lines[1:]) == 13
 
 
+def test_a_train_row_whose_prompt_fills_max_length_is_skipped_and_named(tok: Any, tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+    _validated(layout, [_conv(0), _conv(1), long_prompt], splits=["test", "train", "train"])
+    out = F.run(config.parse({"format": {"max_length": 64}}), layout, tokenizer=tok)
+    rep = json.loads(out.report.read_text())
+    assert rep["train_rows"] == 1 and rep["train_rows_skipped_without_labels"] == 1
+    assert rep["skipped_without_labels"] == ["data/raw/x.jsonl:3"]
+
+
 def test_validate_counts_tokens_like_transformers(builtin_model: Path, tok: Any) -> None:
     count, name, specials = v._default_counter(config.parse({"model": {"base": str(builtin_model)}}))
     assert {"<|im_start|>", "<|im_end|>", "<|endoftext|>"} <= set(specials)

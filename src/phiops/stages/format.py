@@ -207,7 +207,8 @@ def run(cfg: Params, layout: Layout, tokenizer: Any = None) -> FormatOutputs:
 
     writers = {"train": JsonlWriter(layout.train_split), "test": JsonlWriter(layout.test_split)}
     hist: Counter[int] = Counter()
-    lengths_sum = truncated = no_labels = 0
+    lengths_sum = truncated = 0
+    no_labels: list[str] = []
     lo, hi = 1 << 30, 0
     bad: list[str] = []
     try:
@@ -229,7 +230,11 @@ def run(cfg: Params, layout: Layout, tokenizer: Any = None) -> FormatOutputs:
                     continue
                 n = len(enc["input_ids"])
                 truncated += enc["truncated"]
-                no_labels += not trained
+                if not trained and row["split"] == "train":
+                    # The prompt alone fills format.max_length: nothing to learn, and a batch of such
+                    # rows has no label token at all (a NaN loss). Counted and named, not written.
+                    no_labels.append(where)
+                    continue
                 hist[min(n // HIST_BIN * HIST_BIN, max_length)] += 1
                 lengths_sum += n
                 lo, hi = min(lo, n), max(hi, n)
@@ -262,7 +267,8 @@ def run(cfg: Params, layout: Layout, tokenizer: Any = None) -> FormatOutputs:
         "train_rows": writers["train"].rows,
         "test_rows": writers["test"].rows,
         "truncated": truncated,
-        "truncated_without_labels": no_labels,
+        "train_rows_skipped_without_labels": len(no_labels),
+        "skipped_without_labels": no_labels[:20],
         "max_length": max_length,
         "tokens": {"min": lo, "max": hi, "mean": round(lengths_sum / total, 1), **pct},
         "round_trip_checked": total,
