@@ -111,6 +111,14 @@ class TrainCfg(_Section):
     grad_accum: int = Field(1, ge=1)
     gradient_checkpointing: bool = False  # on for big models on GPU; slows tiny CPU runs
     logging_steps: int = Field(10, ge=1)
+    # A complete checkpoint (adapter, optimizer, scheduler, RNG, data position) every N optimizer
+    # steps; a rerun after a crash resumes from the last one. Each costs one adapter + optimizer
+    # write (a few tens of MB at r=16), so every 50 steps is noise next to the steps themselves.
+    save_steps: int = Field(50, ge=1)
+    # `auto`: paged 8-bit AdamW when the base is 4-bit (QLoRA; optimizer memory spikes are paged
+    # to host instead of OOM), plain torch AdamW otherwise (bitsandbytes' 8-bit kernels are CUDA).
+    optim: Literal["auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"] = "auto"
+    lr_scheduler: Literal["constant_with_warmup", "cosine", "linear", "constant"] = "constant_with_warmup"
 
 
 class MergeCfg(_Section):

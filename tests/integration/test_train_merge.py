@@ -124,3 +124,139 @@ def test_stop_token_is_inside_the_loss_mask(tiny_models, tmp_path):
     trained = [t for t in row["labels"] if t != -100]
     assert 2 in trained  # <|im_end|>, the embedded template's end-of-turn / EOS
     assert row["input_ids"][-len(trained):] == trained
+
+
+# --- crash safety: checkpoints, kill -9, resume -------------------------------------------------
+
+RESUME_KW = {"max_steps": 12, "save_steps": 3, "logging_steps": 1}  # 12 steps of 4 rows: crosses an epoch
+
+# Runs the real CLI (`phiops stage train`, what DVC runs) with each optimizer step slowed, so the
+# parent can SIGKILL it between checkpoints; or, with KILL_IN_SAVE, SIGKILLs itself while the
+# checkpoint of that step is written but not yet marked complete.
+DRIVER = """
+import os, signal, sys, time
+import transformers
+from phiops import checkpoints
+step = transformers.Trainer.training_step
+def slow(self, *a, **k):
+    time.sleep(float(os.environ.get("STEP_SLEEP", "0")))
+    return step(self, *a, **k)
+transformers.Trainer.training_step = slow
+commit = checkpoints.commit
+def commit_or_die(written, root, step, fp, keep=1):
+    if step == int(os.environ.get("KILL_IN_SAVE", "-1")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return commit(written, root, step, fp, keep)
+checkpoints.commit = commit_or_die
+from phiops.cli import main
+sys.exit(main(["stage", "train"]))
+"""
+
+
+def _adapter(layout: Layout) -> dict[str, torch.Tensor]:
+    return load_file(layout.adapter / "adapter_model.safetensors")
+
+
+def _assert_same_run(a: Layout, b: Layout) -> None:
+    ta, tb = _adapter(a), _adapter(b)
+    assert set(ta) == set(tb)
+    for k in ta:
+        assert torch.allclose(ta[k], tb[k], rtol=1e-4, atol=1e-6), k
+    ra, rb = json.loads(a.train_report.read_text()), json.loads(b.train_report.read_text())
+    assert ra["steps"] == rb["steps"] == RESUME_KW["max_steps"]
+    assert rb["final_train_loss"] == pytest.approx(ra["final_train_loss"], abs=1e-4)
+    assert rb["train_loss"] == pytest.approx(ra["train_loss"], abs=1e-4)
+    assert rb["eval_loss"] == pytest.approx(ra["eval_loss"], abs=1e-4)
+    assert rb["tokens_seen"] == ra["tokens_seen"]  # same batches in the same order, none twice
+    # The curve of the resumed run holds the whole run, the steps before the kill included.
+    assert a.train_curve.read_text() == b.train_curve.read_text()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_models, tmp_path_factory) -> Layout:
+    cfg, layout = _project(tmp_path_factory.mktemp("uninterrupted"), tiny_models["phi3"], **RESUME_KW)
+    format_stage.run(cfg, layout)
+    train.run(cfg, layout)
+    return layout
+
+
+def _killed_project(tiny_models, tmp_path: Path, env: dict[str, str], wait_for_checkpoint: bool):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from phiops import checkpoints
+
+    cfg, layout = _project(tmp_path, tiny_models["phi3"], **RESUME_KW)
+    format_stage.run(cfg, layout)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg.dump()))
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=tmp_path, env={**os.environ, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if wait_for_checkpoint:
+        deadline = time.time() + 300
+        while not checkpoints.complete(layout.checkpoints):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # kill -9: no handler, no cleanup
+    proc.wait(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+    assert not layout.adapter.exists()
+    return cfg, layout
+
+
+def _rerun_cli(layout: Layout) -> None:
+    """`phiops stage train` again in the same project, as `dvc repro` does after a crash."""
+    from phiops.cli import main
+
+    assert main(["--root", str(layout.root), "--params", str(layout.root / "params.yaml"), "stage", "train"]) == 0
+
+
+def test_resume_after_kill_9_matches_uninterrupted_run(uninterrupted, tiny_models, tmp_path):
+    from phiops import checkpoints
+
+    _, layout = _killed_project(tiny_models, tmp_path, {"STEP_SLEEP": "0.4"}, wait_for_checkpoint=True)
+    left = checkpoints.complete(layout.checkpoints)
+    assert left and int(left[-1].name.split("-")[1]) < RESUME_KW["max_steps"]
+
+    _rerun_cli(layout)
+    report = json.loads(layout.train_report.read_text())
+    assert report["resumed_from_step"] == int(left[-1].name.split("-")[1])
+    _assert_same_run(uninterrupted, layout)
+    assert not any(layout.checkpoints.iterdir())  # removed once the adapter is in place
+
+
+def test_kill_during_checkpoint_save_keeps_the_previous_one(uninterrupted, tiny_models, tmp_path):
+    import shutil
+
+    from phiops import checkpoints
+
+    # Killed while checkpoint-6 is written (every file there, no marker yet): checkpoint-3 stands.
+    _, layout = _killed_project(tiny_models, tmp_path, {"KILL_IN_SAVE": "6"}, wait_for_checkpoint=False)
+    assert [p.name for p in checkpoints.complete(layout.checkpoints)] == ["checkpoint-3"]
+    assert (checkpoints.staging(layout.checkpoints) / "checkpoint-6" / "adapter_model.safetensors").exists()
+    # A checkpoint dir in its final place but without the marker (e.g. copied by hand) is ignored too.
+    fake = layout.checkpoints / "checkpoint-9"
+    shutil.copytree(layout.checkpoints / "checkpoint-3", fake)
+    (fake / checkpoints.MARKER).unlink()
+
+    _rerun_cli(layout)
+    assert json.loads(layout.train_report.read_text())["resumed_from_step"] == 3
+    _assert_same_run(uninterrupted, layout)
+
+
+def test_checkpoint_of_another_config_is_not_resumed(tiny_models, tmp_path):
+    from phiops import checkpoints
+
+    cfg, layout = _project(tmp_path, tiny_models["llama"], max_steps=2)
+    format_stage.run(cfg, layout)
+    stale = layout.checkpoints / "checkpoint-1"
+    stale.mkdir(parents=True)
+    (stale / checkpoints.MARKER).write_text(json.dumps({"step": 1, "fingerprint": "another run"}))
+    train.run(cfg, layout)
+    report = json.loads(layout.train_report.read_text())
+    assert report["resumed_from_step"] is None and report["steps"] == 2
