@@ -97,12 +97,21 @@ class LoraCfg(_Section):
     targets: Literal["auto", "all-linear"] | list[str] = "auto"
 
 
+class QloraCfg(_Section):
+    # The 4-bit base of QLoRA (used when train.quantize_base resolves to nf4, i.e. on CUDA).
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # NF4 fits normally distributed weights (QLoRA paper)
+    double_quant: bool = True  # quantize the quantization constants too: ~0.4 bit/param saved
+    # `auto`: bf16 on CUDA (H100/A100 native, fp32 range); fp32 on CPU (bf16 measured 4-5x slower there).
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+
 class TrainCfg(_Section):
     seed: int = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # 4-bit NF4 QLoRA on CUDA; on CPU fp32 LoRA by default (bf16 measured 4-5x slower here).
     quantize_base: Literal["auto", "nf4", "none"] = "auto"
     lora: LoraCfg = LoraCfg()
+    qlora: QloraCfg = QloraCfg()
     lr: float = Field(2e-4, gt=0.0)
     warmup_steps: int = Field(5, ge=0)
     epochs: float = Field(1.0, gt=0.0)

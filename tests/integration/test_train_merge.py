@@ -96,18 +96,42 @@ def test_merge_mismatch_fails_the_stage(tiny_models, tmp_path):
     assert not layout.merged.exists()
 
 
-def test_base_weights_bit_identical_after_training(tiny_models, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "phi3", "phi"])
+def test_base_weights_bit_identical_after_training(arch, tiny_models, tmp_path, caplog):
+    import re
+
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg, layout = _project(tmp_path, tiny_models["phi3"])
+    # Gradient checkpointing on, as the Phi presets have it: it must work with LoRA on CPU too.
+    cfg, layout = _project(tmp_path, tiny_models[arch], gradient_checkpointing=True)
     format_stage.run(cfg, layout)
-    train.run(cfg, layout)
-    before = load_file(tiny_models["phi3"] / "model.safetensors")
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models["phi3"]), str(layout.adapter))
+    with caplog.at_level("INFO", logger="phiops"):
+        train.run(cfg, layout)
+    assert any("trainable parameters by module" in r.getMessage() for r in caplog.records)
+    before = load_file(tiny_models[arch] / "model.safetensors")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_models[arch]), str(layout.adapter))
     after = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
     assert set(before) <= set(after)
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # Every intended projection of every layer has an adapter, and every lora_B moved off zero.
+    adapter = load_file(layout.adapter / "adapter_model.safetensors")
+    pairs = {(int(m.group(1)), m.group(2)) for k in adapter if (m := re.search(r"layers\.(\d+)\..*?\.(\w+)\.lora_B", k))}
+    n_layers = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).config.num_hidden_layers
+    assert pairs == {(i, t) for i in range(n_layers) for t in lora.TARGETS[arch]}
+    assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_a_trainable_base_weight_fails_verify(tiny_models):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_models["phi3"]),
+                           LoraConfig(r=4, target_modules=lora.TARGETS["phi3"], task_type="CAUSAL_LM"))
+    assert set(lora.verify(model, lora.TARGETS["phi3"])) == set(lora.TARGETS["phi3"])
+    model.base_model.model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(lora.LoraTargetError, match="lm_head"):
+        lora.verify(model, lora.TARGETS["phi3"])
 
 
 def test_llama_target_list_on_phi3_fails_loudly(tiny_models, tmp_path):
@@ -260,3 +284,23 @@ def test_checkpoint_of_another_config_is_not_resumed(tiny_models, tmp_path):
     train.run(cfg, layout)
     report = json.loads(layout.train_report.read_text())
     assert report["resumed_from_step"] is None and report["steps"] == 2
+
+
+def test_report_counts_real_tokens_and_logs_progress(tiny_models, tmp_path, caplog):
+    import csv
+    import re
+
+    # One full epoch, batch 4: every row once, padded to its batch's longest row.
+    cfg, layout = _project(tmp_path, tiny_models["llama"], max_steps=-1, epochs=1.0, logging_steps=2)
+    format_stage.run(cfg, layout)
+    with caplog.at_level("INFO", logger="phiops"):
+        train.run(cfg, layout)
+    rows = [json.loads(line) for line in layout.train_split.read_text().splitlines()]
+    report = json.loads(layout.train_report.read_text())
+    assert report["tokens_seen"] == sum(len(r["input_ids"]) for r in rows)  # pad tokens not counted
+    assert report["tokens_per_s"] > 0 and report["peak_memory_bytes"] > 0
+    assert report["trainable_params"] == sum(report["trainable_params_by_module"].values()) > 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(re.fullmatch(r"step \d+/\d+  loss \d+\.\d+  \d+ tok/s  eta \d+:\d\d:\d\d", m) for m in lines), lines
+    curve = list(csv.DictReader(layout.train_curve.open()))
+    assert any(r["train_loss"] for r in curve) and curve[-1]["eval_loss"]  # both series for `dvc plots`

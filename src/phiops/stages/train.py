@@ -45,11 +45,15 @@ def _load_base(cfg: Params, base_path: str, device: str) -> Any:
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    q = cfg.train.qlora
+    if q.compute_dtype == "auto":
+        compute = torch.bfloat16 if device == "cuda" else torch.float32
+    else:
+        compute = getattr(torch, q.compute_dtype)
     bnb = BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,  # ~0.4 bit/param saved on the quantization constants
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=compute,
     )
     model = models.load_causal_lm(
@@ -175,7 +179,8 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
         seed=cfg.train.seed,
         data_seed=cfg.train.seed,
         optim=_optim(cfg, nf4),
-        bf16=device == "cuda",
+        bf16=device == "cuda" and cfg.train.qlora.compute_dtype in ("auto", "bfloat16"),
+        fp16=device == "cuda" and cfg.train.qlora.compute_dtype == "float16",
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
