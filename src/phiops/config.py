@@ -128,6 +128,9 @@ class TrainCfg(_Section):
     # to host instead of OOM), plain torch AdamW otherwise (bitsandbytes' 8-bit kernels are CUDA).
     optim: Literal["auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"] = "auto"
     lr_scheduler: Literal["constant_with_warmup", "cosine", "linear", "constant"] = "constant_with_warmup"
+    # Rows of a batch are concatenated into one sequence (position ids restart per row, attention
+    # stays within a row) instead of padded to the longest: no compute on pad tokens, same loss.
+    padding_free: bool = True
 
 
 class MergeCfg(_Section):

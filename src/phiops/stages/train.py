@@ -102,7 +102,8 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import TrainerCallback, set_seed
+    from trl import SFTConfig, SFTTrainer
 
     t0 = time.time()
     set_seed(cfg.train.seed)
@@ -160,7 +161,7 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
             log.info("step %d/%d  loss %.4f  %.0f tok/s  eta %s", state.global_step, state.max_steps,
                      logs["loss"], (state.num_input_tokens_seen - self.tok0) / dt, _hms(eta))
 
-    args = TrainingArguments(
+    args = SFTConfig(
         output_dir=str(ckpts.staging(ckpt_root)),
         per_device_train_batch_size=cfg.train.batch_size,
         per_device_eval_batch_size=cfg.train.batch_size,
@@ -185,14 +186,22 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
         disable_tqdm=True,  # _Progress logs step, loss, tokens/s and ETA instead (DVC runs capture logs)
-        include_num_input_tokens_seen="non_padding",  # attention-mask sum: real tokens, kept across resume
+        # Real tokens, kept across a resume: the attention-mask sum when padded; padding-free
+        # batches hold no pad at all (and counting `!= pad_id` would drop every <|im_end|>, the pad).
+        include_num_input_tokens_seen="all" if cfg.train.padding_free else "non_padding",
+        padding_free=cfg.train.padding_free,
+        packing=False,  # one row per sequence: packing rows into fixed blocks would change what a step sees
+        max_length=None,  # the format stage truncated already (and counted it)
+        # Rows come tokenized with the format stage's labels (-100 outside assistant turns, the
+        # end-of-turn token inside): TRL's own chat templating and masking must not redo that.
+        dataset_kwargs={"skip_prepare_dataset": True},
     )
-    trainer = Trainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
+        processing_class=tok,
         callbacks=[_Commit(), _Progress(), *(callbacks or [])],
     )
     tokens_before = 0
