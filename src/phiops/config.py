@@ -97,12 +97,21 @@ class LoraCfg(_Section):
     targets: Literal["auto", "all-linear"] | list[str] = "auto"
 
 
+class QloraCfg(_Section):
+    # The 4-bit base of QLoRA (used when train.quantize_base resolves to nf4, i.e. on CUDA).
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # NF4 fits normally distributed weights (QLoRA paper)
+    double_quant: bool = True  # quantize the quantization constants too: ~0.4 bit/param saved
+    # `auto`: bf16 on CUDA (H100/A100 native, fp32 range); fp32 on CPU (bf16 measured 4-5x slower there).
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+
 class TrainCfg(_Section):
     seed: int = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # 4-bit NF4 QLoRA on CUDA; on CPU fp32 LoRA by default (bf16 measured 4-5x slower here).
     quantize_base: Literal["auto", "nf4", "none"] = "auto"
     lora: LoraCfg = LoraCfg()
+    qlora: QloraCfg = QloraCfg()
     lr: float = Field(2e-4, gt=0.0)
     warmup_steps: int = Field(5, ge=0)
     epochs: float = Field(1.0, gt=0.0)
@@ -111,6 +120,17 @@ class TrainCfg(_Section):
     grad_accum: int = Field(1, ge=1)
     gradient_checkpointing: bool = False  # on for big models on GPU; slows tiny CPU runs
     logging_steps: int = Field(10, ge=1)
+    # A complete checkpoint (adapter, optimizer, scheduler, RNG, data position) every N optimizer
+    # steps; a rerun after a crash resumes from the last one. Each costs one adapter + optimizer
+    # write (a few tens of MB at r=16), so every 50 steps is noise next to the steps themselves.
+    save_steps: int = Field(50, ge=1)
+    # `auto`: paged 8-bit AdamW when the base is 4-bit (QLoRA; optimizer memory spikes are paged
+    # to host instead of OOM), plain torch AdamW otherwise (bitsandbytes' 8-bit kernels are CUDA).
+    optim: Literal["auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"] = "auto"
+    lr_scheduler: Literal["constant_with_warmup", "cosine", "linear", "constant"] = "constant_with_warmup"
+    # Rows of a batch are concatenated into one sequence (position ids restart per row, attention
+    # stays within a row) instead of padded to the longest: no compute on pad tokens, same loss.
+    padding_free: bool = True
 
 
 class MergeCfg(_Section):

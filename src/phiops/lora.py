@@ -48,8 +48,8 @@ def verify(peft_model: Any, targets: str | list[str]) -> dict[str, int]:
         Trainable parameter count per module type (e.g. {"qkv_proj": 1_572_864, ...}).
 
     Raises:
-        LoraTargetError: listing each (layer, projection) left without an adapter, or a
-            target name that matches no module at all.
+        LoraTargetError: listing each (layer, projection) left without an adapter, a
+            target name that matches no module at all, or a base parameter left trainable.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -85,8 +85,14 @@ def verify(peft_model: Any, targets: str | list[str]) -> dict[str, int]:
         raise LoraTargetError("LoRA targets not adapted:\n  " + "\n  ".join(missing))
 
     counts: Counter[str] = Counter()
+    unfrozen = []
     for name, p in peft_model.named_parameters():
         if p.requires_grad:
             m = re.search(r"\.([A-Za-z0-9_]+)\.lora_[AB]\.", name)
-            counts[m.group(1) if m else "other"] += p.numel()
+            if m:
+                counts[m.group(1)] += p.numel()
+            else:
+                unfrozen.append(name)
+    if unfrozen:  # a trainable base weight would be trained, then silently dropped by save_pretrained
+        raise LoraTargetError(f"base parameters left trainable: {unfrozen[:8]}{'…' if len(unfrozen) > 8 else ''}")
     return dict(sorted(counts.items()))

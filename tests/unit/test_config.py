@@ -94,3 +94,26 @@ def test_every_command_has_help(argv, capsys):
         main([*argv, "--help"])
     assert done.value.code == 0
     assert "usage: phiops" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p.stem.startswith("phi-")], ids=lambda p: p.stem)
+def test_phi_presets_carry_the_qlora_recipe(preset):
+    from phiops.stages.train import _optim
+
+    t = config.load(preset).train
+    assert (t.qlora.quant_type, t.qlora.double_quant, t.qlora.compute_dtype) == ("nf4", True, "auto")
+    assert (t.lora.r, t.lora.alpha, t.lora.dropout) == (16, 16, 0.05)
+    assert t.lr_scheduler == "constant_with_warmup" and t.warmup_steps > 0 and t.gradient_checkpointing
+    assert _optim(config.parse({"train": t.model_dump()}), nf4=True) == "paged_adamw_8bit"
+    assert _optim(config.parse({"train": t.model_dump()}), nf4=False) == "adamw_torch"  # CPU
+
+
+def test_optimizer_and_qlora_are_overridable():
+    from phiops.stages.train import _optim
+
+    cfg = config.parse({"train": {"optim": "adamw_torch_fused", "lr_scheduler": "cosine",
+                                  "qlora": {"quant_type": "fp4", "double_quant": False, "compute_dtype": "float16"}}})
+    assert _optim(cfg, nf4=True) == "adamw_torch_fused"
+    assert cfg.train.qlora.quant_type == "fp4" and cfg.train.lr_scheduler == "cosine"
+    with pytest.raises(config.ConfigError, match="train.qlora.quant_type"):
+        config.parse({"train": {"qlora": {"quant_type": "int3"}}})

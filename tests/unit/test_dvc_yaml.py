@@ -54,3 +54,11 @@ def test_validate_tracks_the_default_raw_data_and_its_params():
     assert any(cfg.data.raw.is_relative_to(d) for d in deps), "DVC would not see a change of the raw data"
     params = set(DVC["validate"]["params"])
     assert {"data.raw", "data.test", "data.format", "data.test_fraction", "validate"} <= params
+
+
+def test_checkpoints_survive_a_dvc_rerun():
+    # DVC deletes a stage's outs before rerunning it; the resume-after-crash checkpoints must not be one.
+    for st in DVC.values():
+        for kind in ("outs", "metrics", "plots"):
+            assert str(L.checkpoints) not in _paths(st.get("do", st).get(kind, []))
+    assert "src/phiops/checkpoints.py" in DVC["train"]["deps"]

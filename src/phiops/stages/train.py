@@ -2,13 +2,15 @@
 
 On CUDA the base is loaded in 4-bit NF4 with double quantization and bf16 compute (QLoRA);
 on CPU it stays fp32 (bf16 measured 4-5x slower on this CPU). The loss is on assistant tokens
-only (labels come from the format stage). transformers' Trainer does the loop, checkpointing
-and resumption; we own the data, the targets and the reports.
+only (labels come from the format stage). TRL's SFTTrainer does the loop on padding-free
+batches; checkpoints are made crash-safe by :mod:`phiops.checkpoints` and a rerun resumes from
+the last complete one. We own the data, the targets, the checkpoints and the reports.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io as _io
 import json
 import logging
@@ -19,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phiops import checkpoints as ckpts
 from phiops import lora, models, templates
 from phiops.config import Params
-from phiops.io import atomic_dir, read_jsonl, write_json, write_text
+from phiops.io import atomic_dir, read_jsonl, sha256_file, write_json, write_text
 from phiops.paths import Layout
 
 log = logging.getLogger(__name__)
@@ -43,11 +46,15 @@ def _load_base(cfg: Params, base_path: str, device: str) -> Any:
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
-    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    q = cfg.train.qlora
+    if q.compute_dtype == "auto":
+        compute = torch.bfloat16 if device == "cuda" else torch.float32
+    else:
+        compute = getattr(torch, q.compute_dtype)
     bnb = BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,  # ~0.4 bit/param saved on the quantization constants
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=compute,
     )
     model = models.load_causal_lm(
@@ -57,12 +64,35 @@ def _load_base(cfg: Params, base_path: str, device: str) -> Any:
     return model, True
 
 
-def run(cfg: Params, layout: Layout) -> TrainOutputs:
+def fingerprint(cfg: Params, layout: Layout) -> str:
+    """What a checkpoint must share with this run to be resumed: train params, base, data.
+
+    `save_steps` and `logging_steps` are left out: they change when state is written or
+    logged, not what is learnt.
+    """
+    train = cfg.train.model_dump(mode="json", exclude={"save_steps", "logging_steps"})
+    payload = {"train": train, "base": cfg.model.base, "template": cfg.model.chat_template,
+               "train_split": sha256_file(layout.train_split)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _optim(cfg: Params, nf4: bool) -> str:
+    if cfg.train.optim != "auto":
+        return cfg.train.optim
+    return "paged_adamw_8bit" if nf4 else "adamw_torch"
+
+
+def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> TrainOutputs:
     """Train a LoRA adapter and save it (safetensors) at `layout.adapter`.
+
+    Every `train.save_steps` a complete checkpoint goes to `layout.checkpoints` (see
+    :mod:`phiops.checkpoints`); a rerun after a crash resumes from the newest one of the same
+    config and data. After the adapter is written the checkpoints are removed.
 
     Args:
         cfg: the validated params (sections `model`, `train`).
         layout: artifact paths.
+        callbacks: extra `TrainerCallback`s (tests use them to slow or interrupt a run).
 
     Returns:
         Paths of the adapter directory, the metrics JSON and the loss curve CSV.
@@ -73,7 +103,8 @@ def run(cfg: Params, layout: Layout) -> TrainOutputs:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import TrainerCallback, set_seed
+    from trl import SFTConfig, SFTTrainer
 
     t0 = time.time()
     set_seed(cfg.train.seed)
@@ -100,80 +131,146 @@ def run(cfg: Params, layout: Layout) -> TrainOutputs:
     train_ds = Dataset.from_list(rows)
     eval_rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(layout.test_split)]
     eval_ds = Dataset.from_list(eval_rows[:64])  # a fixed slice: eval loss for the curve, not a metric
-    mean_len = sum(len(r["input_ids"]) for r in rows) / len(rows)
 
-    history: list[dict[str, Any]] = []
+    ckpt_root = layout.checkpoints
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint(cfg, layout)
+    resume = ckpts.resumable(ckpt_root, fp)
+    if resume is not None:
+        log.info("resuming from %s", resume)
 
-    class _Record(TrainerCallback):
+    class _Commit(TrainerCallback):
+        """Trainer has written every file of checkpoint-N into staging: mark it and move it in."""
+
+        def on_save(self, args, state, control, **kw):
+            written = ckpts.staging(ckpt_root) / f"checkpoint-{state.global_step}"
+            final = ckpts.commit(written, ckpt_root, state.global_step, fp)
+            log.info("checkpoint %s complete", final.name)
+
+    class _Progress(TrainerCallback):
+        """One log line per logging step: step, loss, tokens/s and ETA of this process."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t, self.step0, self.tok0 = time.time(), state.global_step, state.num_input_tokens_seen
+
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs:
-                history.append({"step": state.global_step, **logs})
+            if not logs or "loss" not in logs:
+                return
+            dt = max(time.time() - self.t, 1e-9)
+            done = state.global_step - self.step0
+            eta = (state.max_steps - state.global_step) * dt / done if done else float("nan")
+            log.info("step %d/%d  loss %.4f  %.0f tok/s  eta %s", state.global_step, state.max_steps,
+                     logs["loss"], (state.num_input_tokens_seen - self.tok0) / dt, _hms(eta))
 
-    layout.checkpoints.mkdir(parents=True, exist_ok=True)
-    args = TrainingArguments(
-        output_dir=str(layout.checkpoints),
+    args = SFTConfig(
+        output_dir=str(ckpts.staging(ckpt_root)),
         per_device_train_batch_size=cfg.train.batch_size,
         per_device_eval_batch_size=cfg.train.batch_size,
         gradient_accumulation_steps=cfg.train.grad_accum,
         learning_rate=cfg.train.lr,
-        lr_scheduler_type="constant_with_warmup",
+        lr_scheduler_type=cfg.train.lr_scheduler,
         warmup_steps=cfg.train.warmup_steps,
         num_train_epochs=cfg.train.epochs,
         max_steps=cfg.train.max_steps,
         logging_steps=cfg.train.logging_steps,
         eval_strategy="steps",
         eval_steps=max(cfg.train.logging_steps * 5, 1),
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=cfg.train.save_steps,
         report_to=[],
         seed=cfg.train.seed,
         data_seed=cfg.train.seed,
-        optim="paged_adamw_8bit" if nf4 else "adamw_torch",
-        bf16=device == "cuda",
+        optim=_optim(cfg, nf4),
+        bf16=device == "cuda" and cfg.train.qlora.compute_dtype in ("auto", "bfloat16"),
+        fp16=device == "cuda" and cfg.train.qlora.compute_dtype == "float16",
         gradient_checkpointing=cfg.train.gradient_checkpointing,
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
-        disable_tqdm=False,
+        disable_tqdm=True,  # _Progress logs step, loss, tokens/s and ETA instead (DVC runs capture logs)
+        # Real tokens, kept across a resume: the attention-mask sum when padded; padding-free
+        # batches hold no pad at all (and counting `!= pad_id` would drop every <|im_end|>, the pad).
+        include_num_input_tokens_seen="all" if cfg.train.padding_free else "non_padding",
+        padding_free=cfg.train.padding_free,
+        packing=False,  # one row per sequence: packing rows into fixed blocks would change what a step sees
+        max_length=None,  # the format stage truncated already (and counted it)
+        # Rows come tokenized with the format stage's labels (-100 outside assistant turns, the
+        # end-of-turn token inside): TRL's own chat templating and masking must not redo that.
+        dataset_kwargs={"skip_prepare_dataset": True},
     )
-    trainer = Trainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
-        callbacks=[_Record()],
+        processing_class=tok,
+        callbacks=[_Commit(), _Progress(), *(callbacks or [])],
     )
-    result = trainer.train()
-    final_eval = trainer.evaluate()  # logged through _Record like the periodic ones
+    tokens_before = 0
+    if resume is not None:
+        tokens_before = json.loads((resume / "trainer_state.json").read_text())["num_input_tokens_seen"]
+    t_train = time.time()
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    train_s = time.time() - t_train
+    final_eval = trainer.evaluate()  # lands in log_history like the periodic ones
 
     with atomic_dir(layout.adapter) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-    shutil.rmtree(layout.checkpoints, ignore_errors=True)
-    layout.checkpoints.mkdir(parents=True, exist_ok=True)
+    # The adapter is in place (and DVC caches it): the checkpoints have served their purpose.
+    # A crash before this line resumes from the last checkpoint and only redoes the tail.
+    shutil.rmtree(ckpt_root, ignore_errors=True)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
 
+    history = trainer.state.log_history  # restored from the checkpoint on resume: the whole run
     seconds = time.time() - t0
-    # Rows seen x mean length: padding excluded, so this is real tokens, not padded slots.
-    tokens_seen = int(trainer.state.global_step * cfg.train.batch_size * cfg.train.grad_accum * mean_len)
+    tokens_seen = int(trainer.state.num_input_tokens_seen)
+    session_tokens = tokens_seen - tokens_before
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     report = {
         "device": device,
         "base_4bit_nf4": nf4,
+        "optim": args.optim.value if hasattr(args.optim, "value") else str(args.optim),
+        "lr_scheduler": cfg.train.lr_scheduler,
         "trainable_params": trainable,
         "trainable_params_by_module": per_module,
         "lora_targets": targets,
         "steps": trainer.state.global_step,
-        "train_loss": round(result.training_loss, 4),
+        "resumed_from_step": int(resume.name.split("-")[1]) if resume is not None else None,
+        "train_loss": _mean_train_loss(history),
+        "final_train_loss": next((round(h["loss"], 4) for h in reversed(history) if "loss" in h), None),
         "eval_loss": round(final_eval["eval_loss"], 4),
-        "tokens_seen": tokens_seen,
-        "train_runtime_s": round(result.metrics["train_runtime"], 1),
-        "tokens_per_s": round(tokens_seen / result.metrics["train_runtime"], 1),
+        "tokens_seen": tokens_seen,  # non-pad tokens over the whole run, resumed part included
+        "train_runtime_s": round(train_s, 1),  # this process only
+        "tokens_per_s": round(session_tokens / train_s, 1) if train_s > 0 else None,
         "peak_memory_bytes": peak,
+        "peak_memory_kind": "cuda_max_allocated" if device == "cuda" else "process_max_rss",
         "wall_s": round(seconds, 1),
     }
     write_json(layout.train_report, report)
     write_text(layout.train_curve, _curve_csv(history))
     log.info("train: %s", json.dumps(report))
     return TrainOutputs(layout.adapter, layout.train_report, layout.train_curve)
+
+
+def _hms(seconds: float) -> str:
+    if seconds != seconds:  # nan: no step done yet in this process
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def _mean_train_loss(history: list[dict[str, Any]]) -> float | None:
+    """Mean loss per step over the whole run, from the logged windows (each weighted by its steps).
+
+    Trainer's own `training_loss` averages only what this process saw over all steps, which
+    is wrong after a resume.
+    """
+    total, last = 0.0, 0
+    for h in history:
+        if "loss" in h:
+            total += h["loss"] * (h["step"] - last)
+            last = h["step"]
+    return round(total / last, 4) if last else None
 
 
 def _curve_csv(history: list[dict[str, Any]]) -> str:
