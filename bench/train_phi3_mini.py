@@ -130,8 +130,8 @@ def _cfg(work: Path, variant: str, steps: int, tiny: bool) -> config.Params:
     # One log line and no periodic eval inside the timed steps (eval runs every 5 x logging_steps);
     # one checkpoint half way, timed apart from the steps.
     t.update(max_steps=steps, logging_steps=steps, save_steps=max(steps // 2, 1), warmup_steps=2)
-    if variant == "phiops-padded":
-        t["padding_free"] = False
+    # Explicit both ways (the preset's `auto` picks padding-free only with flash-attention).
+    t["padding_free"] = variant != "phiops-padded"
     if tiny:
         t.update(device="cpu")
     return config.parse(data)

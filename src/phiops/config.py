@@ -130,7 +130,10 @@ class TrainCfg(_Section):
     lr_scheduler: Literal["constant_with_warmup", "cosine", "linear", "constant"] = "constant_with_warmup"
     # Rows of a batch are concatenated into one sequence (position ids restart per row, attention
     # stays within a row) instead of padded to the longest: no compute on pad tokens, same loss.
-    padding_free: bool = True
+    # `auto`: only with a varlen attention kernel (flash-attention). Through SDPA the packed row
+    # gets a block-diagonal mask over its whole length: measured 1.3x slower than padded on an
+    # H100 (bench/README.md), and no faster on CPU.
+    padding_free: Literal["auto"] | bool = "auto"
 
 
 class MergeCfg(_Section):

@@ -117,3 +117,16 @@ def test_optimizer_and_qlora_are_overridable():
     assert cfg.train.qlora.quant_type == "fp4" and cfg.train.lr_scheduler == "cosine"
     with pytest.raises(config.ConfigError, match="train.qlora.quant_type"):
         config.parse({"train": {"qlora": {"quant_type": "int3"}}})
+
+
+def test_padding_free_auto_needs_a_varlen_attention_kernel():
+    from types import SimpleNamespace
+
+    from phiops.stages.train import resolve_padding_free
+
+    assert config.parse({}).train.padding_free == "auto"
+    assert resolve_padding_free("auto", SimpleNamespace(_attn_implementation="flash_attention_2")) is True
+    # SDPA would mask the whole packed row block-diagonally: slower than padding (bench/README.md).
+    assert resolve_padding_free("auto", SimpleNamespace(_attn_implementation="sdpa")) is False
+    assert resolve_padding_free(True, SimpleNamespace(_attn_implementation="sdpa")) is True
+    assert resolve_padding_free(False, SimpleNamespace(_attn_implementation="flash_attention_2")) is False

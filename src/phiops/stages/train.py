@@ -2,9 +2,9 @@
 
 On CUDA the base is loaded in 4-bit NF4 with double quantization and bf16 compute (QLoRA);
 on CPU it stays fp32 (bf16 measured 4-5x slower on this CPU). The loss is on assistant tokens
-only (labels come from the format stage). TRL's SFTTrainer does the loop on padding-free
-batches; checkpoints are made crash-safe by :mod:`phiops.checkpoints` and a rerun resumes from
-the last complete one. We own the data, the targets, the checkpoints and the reports.
+only (labels come from the format stage). TRL's SFTTrainer does the loop (padding-free
+batches where a flash-attention kernel makes them pay, `train.padding_free`); checkpoints are
+made crash-safe by :mod:`phiops.checkpoints` and a rerun resumes from the last complete one. We own the data, the targets, the checkpoints and the reports.
 """
 
 from __future__ import annotations
@@ -35,6 +35,13 @@ class TrainOutputs:
     adapter: Path
     report: Path
     curve: Path
+
+
+def resolve_padding_free(setting: bool | str, model_config: Any) -> bool:
+    """`train.padding_free`: as set, or (`auto`) on only with a varlen (flash) attention kernel."""
+    if isinstance(setting, bool):
+        return setting
+    return str(getattr(model_config, "_attn_implementation", "")).startswith("flash_attention")
 
 
 def _load_base(cfg: Params, base_path: str, device: str) -> Any:
@@ -113,6 +120,7 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
     tok = models.load_tokenizer(base_path)
     templates.apply(tok, cfg.model.chat_template)  # saved with the adapter: serving renders the same
     model, nf4 = _load_base(cfg, base_path, device)
+    padding_free = resolve_padding_free(cfg.train.padding_free, model.config)
 
     targets = lora.resolve_targets(model.config.model_type, cfg.train.lora.targets)
     peft_cfg = LoraConfig(
@@ -189,8 +197,8 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
         disable_tqdm=True,  # _Progress logs step, loss, tokens/s and ETA instead (DVC runs capture logs)
         # Real tokens, kept across a resume: the attention-mask sum when padded; padding-free
         # batches hold no pad at all (and counting `!= pad_id` would drop every <|im_end|>, the pad).
-        include_num_input_tokens_seen="all" if cfg.train.padding_free else "non_padding",
-        padding_free=cfg.train.padding_free,
+        include_num_input_tokens_seen="all" if padding_free else "non_padding",
+        padding_free=padding_free,
         packing=False,  # one row per sequence: packing rows into fixed blocks would change what a step sees
         max_length=None,  # the format stage truncated already (and counted it)
         # Rows come tokenized with the format stage's labels (-100 outside assistant turns, the
@@ -231,6 +239,7 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
         "base_4bit_nf4": nf4,
         "optim": args.optim.value if hasattr(args.optim, "value") else str(args.optim),
         "lr_scheduler": cfg.train.lr_scheduler,
+        "padding_free": padding_free,
         "trainable_params": trainable,
         "trainable_params_by_module": per_module,
         "lora_targets": targets,
