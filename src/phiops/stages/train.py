@@ -4,7 +4,8 @@ On CUDA the base is loaded in 4-bit NF4 with double quantization and bf16 comput
 on CPU it stays fp32 (bf16 measured 4-5x slower on this CPU). The loss is on assistant tokens
 only (labels come from the format stage). TRL's SFTTrainer does the loop (padding-free
 batches where a flash-attention kernel makes them pay, `train.padding_free`); checkpoints are
-made crash-safe by :mod:`phiops.checkpoints` and a rerun resumes from the last complete one. We own the data, the targets, the checkpoints and the reports.
+made crash-safe by :mod:`phiops.checkpoints` and a rerun resumes from the last complete one.
+We own the data, the targets, the checkpoints and the reports.
 """
 
 from __future__ import annotations
