@@ -21,9 +21,7 @@ smoke test of the script itself.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import platform
 import shutil
 import sys
 import time
@@ -34,32 +32,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from _common import TOKENIZER_FILES, machine, versions  # noqa: E402  (bench/, the script's own folder)
+
 from phiops import config  # noqa: E402
 from phiops.io import write_json, write_jsonl  # noqa: E402
 from phiops.stages import quantize as Q  # noqa: E402
 
 LIMIT_S = 300  # the bound: each method within 5 minutes on one H100
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "llmcompressor", "compressed-tensors", "peft", "accelerate", "datasets"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def _machine() -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine()}
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, gpu_memory_bytes=p.total_memory, cuda=torch.version.cuda)
-    return info
+    return versions(("torch", "transformers", "llmcompressor", "compressed-tensors", "peft", "accelerate", "datasets"))
 
 
 def build_model(arch: dict[str, Any], out: Path, tokenizer: Path, seed: int) -> float:
@@ -186,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "quantize W4A16 (GPTQ, AWQ) of a Phi-3-mini-shaped model with random bf16 weights",
         "command": "python bench/quantize_phi3_mini.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": _machine(),
+        "machine": machine(),
         "versions": _versions(),
         "shape": {k: arch[k] for k in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
                                         "num_attention_heads", "num_key_value_heads", "vocab_size")},

@@ -32,10 +32,8 @@ checkpointing recompute is not counted), N the parameters of the linear layers a
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -47,33 +45,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from _common import TOKENIZER_FILES, machine, versions  # noqa: E402  (bench/, the script's own folder)
+
 from phiops import config  # noqa: E402
 from phiops.io import write_json, write_jsonl  # noqa: E402
 from phiops.paths import Layout  # noqa: E402
 
 PEAK_BF16_FLOPS = 989e12  # H100 SXM dense bf16 (H200: same compute)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 VARIANTS = ("seed", "phiops", "phiops-padded")
 
 
 def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "datasets"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def _machine() -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine()}
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, gpu_memory_bytes=p.total_memory, cuda=torch.version.cuda)
-    return info
+    return versions(("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes", "datasets"))
 
 
 def _arch(tiny: bool) -> dict[str, Any]:
@@ -240,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "QLoRA training throughput, Phi-3-mini shape, random weights: seed recipe vs phiops train stage",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": _machine(), "versions": _versions(), "variants": {},
+        "machine": machine(), "versions": _versions(), "variants": {},
     }
     result["data_and_model"] = build(a.workdir, a.tokenizer, a.tiny, a.rows, seed=0)
     write_json(a.out, result)

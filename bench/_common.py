@@ -1,0 +1,32 @@
+"""What every GPU benchmark records beside its numbers: the machine and the package versions."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from typing import Any
+
+# Tokenizer files copied next to a random-weight checkpoint (any tokenizer will do: ids are random).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def versions(packages: tuple[str, ...]) -> dict[str, str | None]:
+    """Python's and each package's version (None where it is not installed)."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in packages:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """The CPU, and the first GPU's name, memory and CUDA version where there is one."""
+    import torch
+
+    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine()}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, gpu_memory_bytes=p.total_memory, cuda=torch.version.cuda)
+    return info
