@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from _common import TOKENIZER_FILES, machine, versions  # noqa: E402  (bench/, the script's own folder)
 
-from phiops import config  # noqa: E402
+from phiops import config, models  # noqa: E402
 from phiops.io import write_json, write_jsonl  # noqa: E402
 from phiops.stages import quantize as Q  # noqa: E402
 
@@ -48,23 +48,14 @@ def _versions() -> dict[str, str | None]:
 def build_model(arch: dict[str, Any], out: Path, tokenizer: Path, seed: int) -> float:
     """Random-weight bf16 checkpoint of `arch` at `out`, built on the GPU when there is one."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import GenerationConfig
 
     t0 = time.perf_counter()
-    arch = dict(arch)
-    cfg = AutoConfig.for_model(arch.pop("model_type"), **arch)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(seed)
-    with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.generation_config.eos_token_id = [arch["eos_token_id"]]
-    model.save_pretrained(out, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        if (tokenizer / name).exists():
-            shutil.copy2(tokenizer / name, out / name)
-    del model
-    if dev == "cuda":
-        torch.cuda.empty_cache()
+    models.tiny_random(arch, out, tokenizer, seed=seed, dtype="bfloat16",
+                       device="cuda" if torch.cuda.is_available() else "cpu")
+    gen = GenerationConfig.from_pretrained(out)
+    gen.eos_token_id = [arch["eos_token_id"]]
+    gen.save_pretrained(out)
     return round(time.perf_counter() - t0, 1)
 
 

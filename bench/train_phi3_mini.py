@@ -45,9 +45,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from _common import TOKENIZER_FILES, machine, versions  # noqa: E402  (bench/, the script's own folder)
+from _common import machine, versions  # noqa: E402  (bench/, the script's own folder)
 
-from phiops import config  # noqa: E402
+from phiops import config, models  # noqa: E402
 from phiops.io import write_json, write_jsonl  # noqa: E402
 from phiops.paths import Layout  # noqa: E402
 
@@ -74,18 +74,13 @@ def build(work: Path, tokenizer: Path, tiny: bool, rows: int, seed: int) -> dict
 
     t0 = time.perf_counter()
     arch = _arch(tiny)
-    cfg = AutoConfig.for_model(arch.pop("model_type"), **arch)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(seed)
-    with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    models.tiny_random(arch, work / "base", tokenizer, seed=seed, dtype="bfloat16",
+                       device="cuda" if torch.cuda.is_available() else "cpu")
+    cfg = AutoConfig.for_model(arch["model_type"], **{k: v for k, v in arch.items() if k != "model_type"})
+    with torch.device("meta"):  # parameter counts for MFU, without a second copy of the weights
+        model = AutoModelForCausalLM.from_config(cfg)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     total = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(work / "base", safe_serialization=True)
-    del model
-    for name in TOKENIZER_FILES:
-        if (tokenizer / name).exists():
-            shutil.copy(tokenizer / name, work / "base" / name)
 
     rng = random.Random(seed)
     max_len = 1024 if not tiny else 128

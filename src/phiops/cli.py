@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from phiops import config
+from phiops.data import DataError
 from phiops.paths import Layout
 
 STAGES = ("validate", "format", "train", "merge", "quantize", "evaluate")
@@ -213,10 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except ValueError as exc:
+    except DataError as exc:
         # Bad data is the user's to fix, not a crash: the message names every row and rule.
-        if type(exc).__name__ not in ("DataValidationError", "FormatError"):
-            raise
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DATA
 

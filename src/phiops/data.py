@@ -40,6 +40,10 @@ ROLES = ("system", "user", "assistant")
 ROLE_ORDER_RE = r"^(?:system,)?(?:user,assistant,)*user,assistant$"
 
 
+class DataError(ValueError):
+    """The data cannot be trained on as it is; the message names the rows (file:line) and rules."""
+
+
 def detect(objs: Iterable[dict[str, Any]]) -> Format | None:
     """The format most of `objs` have the fields of; None when none matches or it is a tie.
 
@@ -66,23 +70,23 @@ def chat_problem(messages: Any) -> str | None:
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
-            return f"{where}: must be an object with role and content, got {_short(m)}"
+            return f"{where}: must be an object with role and content, got {short(m)}"
         if "role" not in m:
             return f"{where}.role: missing"
         if m["role"] not in ROLES:
-            return f"{where}.role: {_short(m['role'])} is not one of {', '.join(ROLES)}"
+            return f"{where}.role: {short(m['role'])} is not one of {', '.join(ROLES)}"
         if "content" not in m:
             return f"{where}.content: missing"
         if not isinstance(m["content"], str):
-            return f"{where}.content: must be a string, got {type(m['content']).__name__} {_short(m['content'])}"
+            return f"{where}.content: must be a string, got {type(m['content']).__name__} {short(m['content'])}"
         if not m["content"].strip():
-            return f"{where}.content: must be a non-empty string, got {_short(m['content'])}"
+            return f"{where}.content: must be a non-empty string, got {short(m['content'])}"
     if not messages:
         return "messages: empty list"
     return None
 
 
-def _short(value: Any, limit: int = 40) -> str:
+def short(value: Any, limit: int = 40) -> str:
     text = json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

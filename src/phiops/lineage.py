@@ -64,7 +64,7 @@ def data_hash(layout: Layout, cfg: Params) -> str | None:
     """
     raw = Path(cfg.data.raw)
     for dep in _lock(layout).get("validate", {}).get("deps", []):
-        if raw == Path(dep["path"]) or raw.is_relative_to(dep["path"]):
+        if raw.is_relative_to(dep["path"]):  # the file itself, or a directory holding it
             return dep.get("md5")
     return None
 

@@ -183,10 +183,12 @@ def load_tokenizer(path: str | Path) -> Any:
     return tok
 
 
-def tiny_random(architecture: dict[str, Any], out: Path, tokenizer_from: str | Path, seed: int = 0) -> Path:
+def tiny_random(architecture: dict[str, Any], out: Path, tokenizer_from: str | Path, seed: int = 0,
+                dtype: str = "float32", device: str = "cpu") -> Path:
     """Build a random-weight checkpoint of `architecture` (a config.json dict) at `out`.
 
-    Used by tests (tiny shapes, seconds) and benchmarks (real Phi shapes, no hub needed).
+    Used by tests (tiny shapes, seconds) and benchmarks (real Phi shapes, no hub needed: there
+    ``dtype="bfloat16", device="cuda"`` builds 3.8B parameters in seconds).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -195,11 +197,15 @@ def tiny_random(architecture: dict[str, Any], out: Path, tokenizer_from: str | P
     model_type = arch.pop("model_type")
     config = AutoConfig.for_model(model_type, **arch)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     tok = load_tokenizer(tokenizer_from)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 

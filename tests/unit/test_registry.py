@@ -1,7 +1,6 @@
 """Registry on a throwaway git repo: versions, production, rollback, idempotence, integrity."""
 
 import subprocess
-from pathlib import Path
 
 import pytest
 

@@ -43,7 +43,7 @@ HIST_BIN = 16  # tokens per histogram bin
 _OPEN, _CLOSE = "\ue000", "\ue001"  # private-use characters frame placeholders in a skeleton
 
 
-class FormatError(ValueError):
+class FormatError(D.DataError):
     """The template cannot be trained with a prompt mask, or a row does not round-trip."""
 
 

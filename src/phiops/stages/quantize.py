@@ -32,7 +32,6 @@ from phiops.models import check_safetensors, default_dtype, load_causal_lm, load
 from phiops.paths import Layout
 
 if TYPE_CHECKING:  # heavy imports stay out of module import (CLI start-up, unit tests)
-    import torch
     from datasets import Dataset
 
 log = logging.getLogger(__name__)

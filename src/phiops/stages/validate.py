@@ -73,7 +73,7 @@ TokenCounter = Callable[[Sequence[str]], Sequence[int]]
 """Counts tokens of a batch of texts; injectable so unit tests need no model."""
 
 
-class DataValidationError(ValueError):
+class DataValidationError(D.DataError):
     """The data failed validation under the configured policy.
 
     Attributes:
@@ -718,9 +718,9 @@ class _Validation:
             return f"{col}: {state}; must be {want}"
         if kind == "type":
             want = "a list" if col == "messages" else "a string"
-            return f"{col}: must be {want}, got {type(obj.get(col)).__name__} {D._short(obj.get(col))}"
+            return f"{col}: must be {want}, got {type(obj.get(col)).__name__} {D.short(obj.get(col))}"
         if kind == "blank":
-            return f"{col}: must be a non-empty string, got {D._short(obj.get(col))}"
+            return f"{col}: must be a non-empty string, got {D.short(obj.get(col))}"
         if kind == "structure":
             return D.chat_problem(obj["messages"]) or "messages: malformed"
         if kind == "role_order":
@@ -849,7 +849,6 @@ def run(
         try:
             for si, src in enumerate(sources):
                 try:
-                    src.facts.file_error = None
                     state.run_source(si, vcfg.chunk_rows)
                 except OSError as exc:
                     src.facts.file_error = f"cannot read: {exc.strerror}"
