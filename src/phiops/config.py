@@ -103,6 +103,11 @@ class QloraCfg(_Section):
     double_quant: bool = True  # quantize the quantization constants too: ~0.4 bit/param saved
     # `auto`: bf16 on CUDA (H100/A100 native, fp32 range); fp32 on CPU (bf16 measured 4-5x slower there).
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # peft's prepare_model_for_kbit_training casts norms, embeddings and lm_head to fp32. Off:
+    # they stay in the compute dtype (bf16 autocast computes norms in fp32 anyway, and TRL's
+    # fused LM head takes its log-softmax in fp32); the fp32 lm_head matmul alone costs more
+    # than every adapter (bench/README.md, ablation `upcast`).
+    upcast_non_quantized: bool = False
 
 
 class TrainCfg(_Section):
@@ -134,6 +139,14 @@ class TrainCfg(_Section):
     # gets a block-diagonal mask over its whole length: measured 1.3x slower than padded on an
     # H100 (bench/README.md), and no faster on CPU.
     padding_free: Literal["auto"] | bool = "auto"
+    # `auto`: PyTorch's own varlen flash kernel (phiops.attention) on CUDA, so padding-free
+    # batches attend within each row without a mask; SDPA on CPU.
+    attention: Literal["auto", "sdpa", "eager", "phiops_varlen", "flash_attention_2"] = "auto"
+    # Liger's Triton kernels (RMSNorm, SwiGLU, RoPE), CUDA only (`pip install phiops[gpu]`):
+    # fused norms and activations, less activation memory to recompute. `auto`: on CUDA where
+    # liger-kernel is installed (measured 1.3x on a Phi-3-mini shape at 32-row micro-batches,
+    # bench/README.md, ablation `liger`); true: required (an error without CUDA or the package).
+    liger: Literal["auto"] | bool = "auto"
 
 
 class MergeCfg(_Section):

@@ -84,6 +84,16 @@ def verify(peft_model: Any, targets: str | list[str]) -> dict[str, int]:
     if missing:
         raise LoraTargetError("LoRA targets not adapted:\n  " + "\n  ".join(missing))
 
+    return trainable_by_module(peft_model)
+
+
+def trainable_by_module(peft_model: Any) -> dict[str, int]:
+    """Trainable (adapter) parameters per adapted module type, e.g. {"o_proj": 3_145_728}.
+
+    Raises:
+        LoraTargetError: a base parameter is trainable (it would be trained, then silently
+            dropped by save_pretrained).
+    """
     counts: Counter[str] = Counter()
     unfrozen = []
     for name, p in peft_model.named_parameters():
@@ -93,6 +103,6 @@ def verify(peft_model: Any, targets: str | list[str]) -> dict[str, int]:
                 counts[m.group(1)] += p.numel()
             else:
                 unfrozen.append(name)
-    if unfrozen:  # a trainable base weight would be trained, then silently dropped by save_pretrained
+    if unfrozen:
         raise LoraTargetError(f"base parameters left trainable: {unfrozen[:8]}{'…' if len(unfrozen) > 8 else ''}")
     return dict(sorted(counts.items()))

@@ -130,3 +130,17 @@ def test_padding_free_auto_needs_a_varlen_attention_kernel():
     assert resolve_padding_free("auto", SimpleNamespace(_attn_implementation="sdpa")) is False
     assert resolve_padding_free(True, SimpleNamespace(_attn_implementation="sdpa")) is True
     assert resolve_padding_free(False, SimpleNamespace(_attn_implementation="flash_attention_2")) is False
+    assert resolve_padding_free("auto", SimpleNamespace(_attn_implementation="phiops_varlen")) is True
+
+
+def test_attention_and_liger_auto_resolve_to_plain_torch_on_cpu():
+    from phiops.stages.train import resolve_attention, resolve_liger
+
+    t = config.parse({}).train
+    assert (t.attention, t.liger, t.qlora.upcast_non_quantized) == ("auto", "auto", False)
+    assert resolve_attention("auto", "cpu") == "sdpa"  # the varlen kernel is CUDA-only
+    assert resolve_attention("eager", "cuda") == "eager"
+    assert resolve_liger("auto", "cpu") is False
+    assert resolve_liger(False, "cuda") is False
+    with pytest.raises(ValueError, match="train.liger: true needs CUDA"):
+        resolve_liger(True, "cpu")  # asked for explicitly: refused loudly, never ignored

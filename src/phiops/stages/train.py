@@ -15,6 +15,7 @@ import hashlib
 import io as _io
 import json
 import logging
+import os
 import resource
 import shutil
 import time
@@ -22,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from phiops import attention, lora, models, templates
 from phiops import checkpoints as ckpts
-from phiops import lora, models, templates
 from phiops.config import Params
 from phiops.io import atomic_dir, read_jsonl, sha256_file, write_json, write_text
 from phiops.paths import Layout
@@ -39,19 +40,75 @@ class TrainOutputs:
 
 
 def resolve_padding_free(setting: bool | str, model_config: Any) -> bool:
-    """`train.padding_free`: as set, or (`auto`) on only with a varlen (flash) attention kernel."""
+    """`train.padding_free`: as set, or (`auto`) on only with a varlen attention kernel."""
     if isinstance(setting, bool):
         return setting
-    return str(getattr(model_config, "_attn_implementation", "")).startswith("flash_attention")
+    impl = str(getattr(model_config, "_attn_implementation", ""))
+    return impl.startswith("flash_attention") or impl == attention.NAME
 
 
-def _load_base(cfg: Params, base_path: str, device: str) -> Any:
+def resolve_attention(setting: str, device: str) -> str:
+    """`train.attention`: as set, or (`auto`) PyTorch's varlen flash kernel on CUDA, else SDPA."""
+    if setting != "auto":
+        return setting
+    return attention.NAME if device == "cuda" and attention.available() else "sdpa"
+
+
+def resolve_liger(setting: bool | str, device: str) -> bool:
+    """`train.liger`: `auto` is on with CUDA and liger-kernel; `true` demands both, loudly."""
+    try:
+        import liger_kernel  # noqa: F401
+
+        installed = True
+    except ImportError:
+        installed = False
+    if setting == "auto":
+        return device == "cuda" and installed
+    if setting and device != "cuda":
+        raise ValueError("train.liger: true needs CUDA (Liger's kernels are Triton GPU kernels); set it to auto or false")
+    if setting and not installed:
+        raise ValueError("train.liger: true needs liger-kernel: pip install 'phiops[gpu]'")
+    return bool(setting)
+
+
+def _apply_liger(model: Any) -> list[str]:
+    """Liger's fused RMSNorm, SwiGLU and RoPE Triton kernels, patched into this model instance.
+
+    Its fused linear cross-entropy is left out: TRL's SFTTrainer computes the loss through its
+    own fused LM head (no full logits either). RoPE is skipped for partial rotary embeddings
+    (Phi-4-mini rotates 75 % of each head), which Liger's kernel does not implement. Liger also
+    rebinds names in the transformers modeling module (for models built later); those are put
+    back, so only this instance changes and the rest of the process keeps plain transformers.
+    """
+    import importlib
+
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    kernels = {"rms_norm": True, "swiglu": True,
+               "rope": float(getattr(model.config, "partial_rotary_factor", 1.0) or 1.0) == 1.0}
+    module = importlib.import_module(type(model).__module__)
+    saved = dict(vars(module))
+    try:
+        _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False, **kernels)
+    finally:
+        for name in set(vars(module)) - set(saved):
+            delattr(module, name)
+        for name, value in saved.items():
+            if getattr(module, name, None) is not value:
+                setattr(module, name, value)
+    return [k for k, on in kernels.items() if on]
+
+
+def _load_base(cfg: Params, base_path: str, device: str, attn: str = "sdpa") -> Any:
     import torch
 
     use_nf4 = cfg.train.quantize_base == "nf4" or (cfg.train.quantize_base == "auto" and device == "cuda")
+    if attn == attention.NAME:
+        attention.register()
     if not use_nf4:
-        return models.load_causal_lm(base_path, device=device), False
-    from peft import prepare_model_for_kbit_training
+        model = models.load_causal_lm(base_path, device=device)
+        model.set_attn_implementation(attn)
+        return model, False
     from transformers import BitsAndBytesConfig
 
     q = cfg.train.qlora
@@ -66,9 +123,19 @@ def _load_base(cfg: Params, base_path: str, device: str) -> Any:
         bnb_4bit_compute_dtype=compute,
     )
     model = models.load_causal_lm(
-        base_path, device=device, dtype=compute, quantization_config=bnb, device_map={"": device}
+        base_path, device=device, dtype=compute, quantization_config=bnb,
+        device_map={"": torch.cuda.current_device() if device == "cuda" else device},
     )
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    model.set_attn_implementation(attn)
+    if q.upcast_non_quantized:
+        from peft import prepare_model_for_kbit_training
+
+        # peft's recipe: norms, embeddings and lm_head to fp32 (and input grads for checkpointing).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    elif cfg.train.gradient_checkpointing:
+        # The base is frozen: checkpointed blocks need an input that requires grad to backprop
+        # into the adapters. Norms and lm_head stay in the compute dtype (see qlora config).
+        model.enable_input_require_grads()
     return model, True
 
 
@@ -79,7 +146,7 @@ def fingerprint(cfg: Params, layout: Layout) -> str:
     logged, not what is learnt.
     """
     train = cfg.train.model_dump(mode="json", exclude={"save_steps", "logging_steps"})
-    payload = {"train": train, "base": cfg.model.base, "template": cfg.model.chat_template,
+    payload = {"train": train, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "base": cfg.model.base, "template": cfg.model.chat_template,
                "train_split": sha256_file(layout.train_split)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -117,11 +184,17 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
     t0 = time.time()
     set_seed(cfg.train.seed)
     device = models.pick_device(cfg.train.device)
+    # Under `accelerate launch` / torchrun (DDP) each process trains on its own GPU.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     base_path = models.resolve(cfg.model.base)
     tok = models.load_tokenizer(base_path)
     templates.apply(tok, cfg.model.chat_template)  # saved with the adapter: serving renders the same
-    model, nf4 = _load_base(cfg, base_path, device)
+    attn = resolve_attention(cfg.train.attention, device)
+    model, nf4 = _load_base(cfg, base_path, device, attn)
     padding_free = resolve_padding_free(cfg.train.padding_free, model.config)
+    liger = _apply_liger(model) if resolve_liger(cfg.train.liger, device) else []
 
     targets = lora.resolve_targets(model.config.model_type, cfg.train.lora.targets)
     peft_cfg = LoraConfig(
@@ -144,14 +217,15 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
     ckpt_root = layout.checkpoints
     ckpt_root.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg, layout)
-    resume = ckpts.resumable(ckpt_root, fp)
-    if resume is not None:
-        log.info("resuming from %s", resume)
 
     class _Commit(TrainerCallback):
         """Trainer has written every file of checkpoint-N into staging: mark it and move it in."""
 
         def on_save(self, args, state, control, **kw):
+            if world > 1:  # every rank has written its own RNG state into the staging dir
+                torch.distributed.barrier()
+            if not state.is_world_process_zero:
+                return
             written = ckpts.staging(ckpt_root) / f"checkpoint-{state.global_step}"
             final = ckpts.commit(written, ckpt_root, state.global_step, fp)
             log.info("checkpoint %s complete", final.name)
@@ -193,6 +267,10 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
         bf16=device == "cuda" and cfg.train.qlora.compute_dtype in ("auto", "bfloat16"),
         fp16=device == "cuda" and cfg.train.qlora.compute_dtype == "float16",
         gradient_checkpointing=cfg.train.gradient_checkpointing,
+        # Non-reentrant: recomputation that works with frozen inputs and keyword arguments
+        # (the varlen kernel's cu_seq_lens), the one PyTorch recommends.
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        tf32=device == "cuda" or None,  # any fp32 matmul left (upcast lm_head) on tensor cores
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
         disable_tqdm=True,  # _Progress logs step, loss, tokens/s and ETA instead (DVC runs capture logs)
@@ -205,7 +283,13 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
         # Rows come tokenized with the format stage's labels (-100 outside assistant turns, the
         # end-of-turn token inside): TRL's own chat templating and masking must not redo that.
         dataset_kwargs={"skip_prepare_dataset": True},
+        ddp_find_unused_parameters=False if world > 1 else None,  # every adapter gets a gradient
     )
+    # Rank 0 first: it drops stale checkpoints; the others then find the same one to resume.
+    with args.main_process_first(desc="find a resumable checkpoint"):
+        resume = ckpts.resumable(ckpt_root, fp)
+    if resume is not None:
+        log.info("resuming from %s", resume)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -221,6 +305,8 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     train_s = time.time() - t_train
     final_eval = trainer.evaluate()  # lands in log_history like the periodic ones
+    if not trainer.is_world_process_zero():
+        return TrainOutputs(layout.adapter, layout.train_report, layout.train_curve)
 
     with atomic_dir(layout.adapter) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -241,6 +327,12 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
         "optim": args.optim.value if hasattr(args.optim, "value") else str(args.optim),
         "lr_scheduler": cfg.train.lr_scheduler,
         "padding_free": padding_free,
+        "attention": model.config._attn_implementation,
+        "liger_kernels": liger,
+        "gradient_checkpointing": cfg.train.gradient_checkpointing,
+        "micro_batch_rows": cfg.train.batch_size,
+        "grad_accum": cfg.train.grad_accum,
+        "world_size": world,
         "trainable_params": trainable,
         "trainable_params_by_module": per_module,
         "lora_targets": targets,
