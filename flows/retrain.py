@@ -243,12 +243,23 @@ def retrain(root: str = ".", params: str = "params.yaml", ask: str | None = None
         return {"status": "rejected", "reasons": decision.reasons, "checks": decision.checks, "stages_run": ran,
                 "production": prod["version"] if prod else None}
     known = reg.find(lineage.variant_dir(layout, decision.variant))
-    if not ran and known is not None and (known.get("approval") or {}).get("approved") is False:
-        a = known["approval"]
-        msg = (f"nothing changed: every DVC stage was up to date and this candidate is {known['version']}, "
-               f"rejected by {a.get('approver')} ({a.get('reason')})")
+    this_run = str(get_run_context().flow_run.id)
+    if not ran and known is not None and known.get("flow_run_id") != this_run:
+        # This candidate was decided, or waits for a decision, in another run: asking again
+        # would put the same version before a person twice.
+        a = known.get("approval") or {}
+        if a.get("approved") is False:
+            msg = (f"nothing changed: every DVC stage was up to date and this candidate is {known['version']}, "
+                   f"rejected by {a.get('approver')} ({a.get('reason')})")
+        elif a.get("approved") is None:
+            msg = (f"nothing changed: every DVC stage was up to date and this candidate, {known['version']}, "
+                   f"already waits for approval in flow run {known.get('flow_run_id')}")
+        else:  # approved once, then rolled back: re-proposing it every week would be noise
+            msg = (f"nothing changed: every DVC stage was up to date and this candidate, {known['version']}, was "
+                   f"approved before and is no longer in production; `phiops promote {known['version']}` restores it")
         logger.info(msg)
-        return {"status": "unchanged", "production": prod["version"] if prod else None, "stages_run": [], "message": msg}
+        return {"status": "unchanged", "production": prod["version"] if prod else None, "stages_run": [],
+                "candidate": known["version"], "message": msg}
 
     record = stage_candidate(root, cfg, decision)
     approval = approve(cfg, report_md, decision, record["version"])

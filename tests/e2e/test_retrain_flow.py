@@ -9,7 +9,6 @@ thread, as a person would from the UI.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import threading
 import time
@@ -19,36 +18,6 @@ import pytest
 import yaml
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _make_project(tmp: Path, base: Path) -> Path:
-    proj = tmp / "proj"
-    proj.mkdir()
-    for rel in ("dvc.yaml", "src", "services", "flows"):
-        src = ROOT / rel
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, proj / rel)
-    (proj / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc" / "config", proj / ".dvc" / "config")
-    rows = (ROOT / "data/raw/tickets.jsonl").read_text().splitlines()[:160]
-    (proj / "data/raw").mkdir(parents=True)
-    (proj / "data/raw/tickets.jsonl").write_text("\n".join(rows) + "\n")
-    params = yaml.safe_load((ROOT / "configs/smollm2-135m.yaml").read_text())
-    params["model"]["base"] = str(base)
-    params["approval"] = {"mode": "manual", "timeout_hours": 1}
-    params["validate"]["min_tokens"] = 2
-    params["train"].update(max_steps=2, batch_size=4, logging_steps=1)
-    params["quantize"].update(group_size=128, calibration_samples=8, calibration_max_length=64)
-    params["evaluate"].update(max_samples=4, max_new_tokens=4, batch_size=4)
-    # A random model cannot learn the task in 2 steps: open the gate so promotion is exercised.
-    params["gate"] = {"min_task_metric": 0.0, "min_gain_over_base": -1.0, "max_loss_vs_production": 1.0,
-                      "max_quantized_ppl_increase": 100.0, "max_quantized_metric_decrease": 1.0}
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = lambda *a: subprocess.run(["git", *a], cwd=proj, check=True, capture_output=True)  # noqa: E731
-    git("init", "-q")
-    git("add", "-A")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
-    return proj
 
 
 def _approve_when_paused(stop: threading.Event, approvals: list) -> None:
@@ -92,10 +61,10 @@ def _run(proj: Path) -> dict:
     return result
 
 
-def test_whole_chain_then_noop_then_partial_rerun(tiny_models, tmp_path, monkeypatch):
+def test_whole_chain_then_noop_then_partial_rerun(tiny_models, make_project, tmp_path, monkeypatch):
     import sys
 
-    proj = _make_project(tmp_path, tiny_models["llama"])
+    proj = make_project(tmp_path, tiny_models["llama"])
     monkeypatch.chdir(proj)
     monkeypatch.syspath_prepend(str(proj))
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
@@ -138,7 +107,7 @@ def test_whole_chain_then_noop_then_partial_rerun(tiny_models, tmp_path, monkeyp
     assert gate["production"] == "v1.0.0" and set(gate["vs_production"]) == {"merged", "gptq", "awq"}
 
 
-def test_bad_data_fails_the_run_once_with_the_report_attached(tiny_models, tmp_path, monkeypatch):
+def test_bad_data_fails_the_run_once_with_the_report_attached(tiny_models, make_project, tmp_path, monkeypatch):
     import sys
 
     from prefect import get_client
@@ -147,7 +116,7 @@ def test_bad_data_fails_the_run_once_with_the_report_attached(tiny_models, tmp_p
 
     from flows.retrain import retrain
 
-    proj = _make_project(tmp_path, tiny_models["llama"])
+    proj = make_project(tmp_path, tiny_models["llama"])
     raw = proj / "data/raw/tickets.jsonl"
     raw.write_text(raw.read_text() + '{"instruction": "x", "input": "", "output": 42}\n')
     monkeypatch.chdir(proj)
