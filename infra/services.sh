@@ -13,6 +13,9 @@
 # authentication, PREFECT_SERVER_API_AUTH_STRING="user:password" (the worker and this script's
 # clients then send it as PREFECT_API_AUTH_STRING; so must `phiops approve`).
 set -euo pipefail
+# Job control: each background service gets its own process group (pgid = its pid), so `stop`
+# ends it with everything it started, and nothing of it holds this script's stdout.
+set -m
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${PHIOPS_SERVICES_DIR:-$ROOT/.services}"
@@ -69,7 +72,7 @@ start() {
   if running server; then
     echo "server already running ($(cat "$STATE/server.pid"))"
   else
-    setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" >"$STATE/server.log" 2>&1 < /dev/null &
+    "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" >"$STATE/server.log" 2>&1 </dev/null &
     echo $! >"$STATE/server.pid"
   fi
   wait_api
@@ -82,9 +85,10 @@ start() {
   if running worker; then
     echo "worker already running ($(cat "$STATE/worker.pid"))"
   else
-    (cd "$ROOT" && setsid "$BIN/prefect" worker start --pool "$POOL" --type process --name "phiops-worker-$(hostname)" \
-      >"$STATE/worker.log" 2>&1 < /dev/null &
-     echo $! >"$STATE/worker.pid")
+    cd "$ROOT"
+    "$BIN/prefect" worker start --pool "$POOL" --type process --name "phiops-worker-$(hostname)" \
+      >"$STATE/worker.log" 2>&1 </dev/null &
+    echo $! >"$STATE/worker.pid"
   fi
   echo "worker: pid $(cat "$STATE/worker.pid"), log $STATE/worker.log"
 }
