@@ -67,6 +67,21 @@ PY
   return 1
 }
 
+wait_worker() {  # until the worker has announced itself to the pool (it then polls it)
+  for _ in $(seq 1 240); do
+    if "$PY" - <<'PY' 2>/dev/null; then return 0; fi
+import os, sys
+from prefect import get_client
+with get_client(sync_client=True) as c:
+    sys.exit(0 if c.read_workers_for_work_pool(os.environ["PHIOPS_WORK_POOL"]) else 1)
+PY
+    running worker || { echo "worker exited; see $STATE/worker.log" >&2; tail -20 "$STATE/worker.log" >&2; return 1; }
+    sleep 0.5
+  done
+  echo "worker did not reach pool $POOL after 120 s; see $STATE/worker.log" >&2
+  return 1
+}
+
 start() {
   mkdir -p "$STATE" "$PREFECT_HOME"
   if running server; then
@@ -90,7 +105,8 @@ start() {
       >"$STATE/worker.log" 2>&1 </dev/null &
     echo $! >"$STATE/worker.pid"
   fi
-  echo "worker: pid $(cat "$STATE/worker.pid"), log $STATE/worker.log"
+  wait_worker
+  echo "worker: pid $(cat "$STATE/worker.pid") polling $POOL, log $STATE/worker.log"
 }
 
 status() {

@@ -17,7 +17,7 @@ def _make_project(tmp: Path, base: Path, *, rows: int = 160) -> Path:
     into `tmp/proj`, with params cut down for a tiny random model and an open gate; git init."""
     proj = tmp / "proj"
     proj.mkdir()
-    for rel in ("dvc.yaml", "src", "services", "flows", "infra", "prefect.yaml"):
+    for rel in ("dvc.yaml", ".gto", "src", "services", "flows", "infra", "prefect.yaml"):
         src = ROOT / rel
         (shutil.copytree if src.is_dir() else shutil.copy)(src, proj / rel)
     (proj / ".dvc").mkdir()
