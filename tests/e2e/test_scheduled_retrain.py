@@ -69,6 +69,8 @@ def services(tmp_path_factory, tiny_models, make_project):
         "PHIOPS_SERVICES_DIR": str(tmp / "services"), "PHIOPS_PREFECT_PORT": str(port), "PHIOPS_WORK_POOL": POOL,
         "PHIOPS_PYTHON": sys.executable, "PREFECT_SERVER_API_AUTH_STRING": AUTH,
         "BENTOML_HOME": str(tmp / "bentoml"), "PREFECT_WORKER_QUERY_SECONDS": "2",
+        # The flow runs log DVC's "Running stage" lines at INFO: the tests read them back from the server.
+        "PREFECT_LOGGING_LEVEL": "INFO",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(proj / "src")) if p),
     })
@@ -234,9 +236,17 @@ def test_run_suspends_for_approval_and_cli_approval_promotes(services):
     stages = _stages_run(run_id)
     assert sorted(stages) == sorted(set(stages)) and "train" in stages and "evaluate" in stages, stages
 
-    reg = Registry(Layout(services.proj), "phiops-model")
+    proj = services.proj
+    for rel in ("data/validated/rows.jsonl", "data/processed/train.jsonl", "models/adapter/adapter_model.safetensors",
+                "models/merged/model.safetensors", "models/gptq/config.json", "models/awq/config.json",
+                "reports/eval.json", "reports/eval.md", "reports/gate.json", "dvc.lock"):
+        assert (proj / rel).exists(), rel
+    tags = subprocess.run(["git", "tag"], cwd=proj, capture_output=True, text=True).stdout.split()
+    assert "phiops-model@v1.0.0" in tags and any(t.startswith("phiops-model#production") for t in tags)
+    reg = Registry(Layout(proj), "phiops-model")
     prod = reg.production()
-    assert prod["version"] == "v1.0.0" and prod["flow_run_id"] == run_id
+    assert prod["version"] == "v1.0.0" and prod["flow_run_id"] == run_id and prod["variant"] == result["variant"]
+    assert prod["data_hash"] and prod["files"] and prod["git_rev"] and prod["params"]["train"]["max_steps"] == 2
     assert prod["approval"]["approver"] == "ana@example" and prod["approval"]["reason"] == "e2e: eval report reviewed"
     assert reg.promotions()[-1]["approver"] == "ana@example"
     assert (Path(services.env["BENTOML_HOME"]) / "bentos/phiops-llm/v1.0.0/bento.yaml").exists()
@@ -281,10 +291,18 @@ def test_concurrent_triggers_one_computes_sigterm_crashes_next_resumes(services)
     _wait_gone(first)  # dvc and the stage it ran went with it (their own process group)
 
     run = _wait(other, _suspended, "the approval of the resumed run")
-    done_before = set(_stages_run(first)[:-1])  # the last one was interrupted
+    started = _stages_run(first)
+    assert started[0] == "train", started  # a train param changed: nothing before train reran
+    done_before = set(started[:-1])  # the last one was interrupted
     redone = _stages_run(other)
     assert "train" in done_before and not (done_before & set(redone)), (done_before, redone)
-    assert "evaluate" in redone
+    assert "evaluate" in redone and not {"validate", "format"} & set(redone)
+    # The working tree holds the new candidate: production v1 was restored from DVC at its GTO tag,
+    # checked against its sha256, scored on this test split and compared row by row.
+    prod_eval = json.loads((services.proj / "reports/eval_production.json").read_text())
+    assert prod_eval["version"] == "v1.0.0" and prod_eval["source"] == "DVC cache at phiops-model@v1.0.0"
+    gate = json.loads((services.proj / "reports/gate.json").read_text())
+    assert gate["production"] == "v1.0.0" and set(gate["vs_production"]) == {"merged", "gptq", "awq"}
     assert "AwaitingConcurrencySlot" in _state_names(other)
 
     no = services.phiops("reject", other, "--reason", "e2e: reject path", "--approver", "bo@example")
