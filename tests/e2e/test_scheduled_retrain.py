@@ -262,10 +262,10 @@ def test_unchanged_data_twice_at_once_runs_one_at_a_time_and_changes_nothing(ser
         assert res["status"] == "unchanged" and res["message"].startswith("nothing changed"), res
         assert _stages_run(str(run.id)) == []
         print(f"unchanged run {run.name}: {run.total_run_time.total_seconds():.1f} s in Running")
-    # The deployment's concurrency limit made one wait for the other's slot.
+    # The deployment's concurrency limit: one ran after the other, never both at once. (Whether the
+    # second was seen in AwaitingConcurrencySlot depends on when the worker polled: not asserted.)
     first, second = sorted(runs, key=lambda r: r.start_time)
-    assert "AwaitingConcurrencySlot" in _state_names(str(second.id))
-    assert second.start_time >= first.end_time
+    assert second.start_time >= first.end_time, (first.end_time, second.start_time)
 
 
 def test_concurrent_triggers_one_computes_sigterm_crashes_next_resumes(services):
@@ -303,7 +303,7 @@ def test_concurrent_triggers_one_computes_sigterm_crashes_next_resumes(services)
     assert prod_eval["version"] == "v1.0.0" and prod_eval["source"] == "DVC cache at phiops-model@v1.0.0"
     gate = json.loads((services.proj / "reports/gate.json").read_text())
     assert gate["production"] == "v1.0.0" and set(gate["vs_production"]) == {"merged", "gptq", "awq"}
-    assert "AwaitingConcurrencySlot" in _state_names(other)
+    assert run.start_time >= crashed.end_time  # it started only once the crashed run let go of the slot
 
     no = services.phiops("reject", other, "--reason", "e2e: reject path", "--approver", "bo@example")
     assert no.returncode == 0, no.stderr
