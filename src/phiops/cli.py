@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from phiops import config
+from phiops.approval import ApprovalError
+from phiops.bento import BentoError
 from phiops.data import DataError
+from phiops.registry import RegistryError
 from phiops.paths import Layout
 
 STAGES = ("validate", "format", "train", "merge", "quantize", "evaluate")
 EXIT_CONFIG = 2  # bad params: nothing ran
 EXIT_DATA = 3  # validate or format refused the data; the message names every row and rule
+EXIT_REFUSED = 4  # the registry, Prefect or BentoML refused (tampered files, unknown version, auth)
 
 
 def _load(args: argparse.Namespace) -> config.Params:
@@ -106,20 +109,77 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     reg = registry.Registry(Layout(Path(args.root)), cfg.registry.artifact)
+    prod = reg.production()
     if args.action == "show":
-        print(registry.render_table([r for r in [reg.production()] if r]))
+        rec = reg.record(args.version) if args.version else prod
+        if rec is None:
+            print(f"{cfg.registry.artifact}: nothing in production yet (`phiops registry history` lists versions)")
+            return 1
+        print(json.dumps(rec, indent=2) if args.json else registry.render_record(rec))
+        return 0
+    history = reg.history()
+    if args.json:
+        print(json.dumps({"versions": history, "promotions": reg.promotions()}, indent=2))
+        return 0
+    print(f"{cfg.registry.artifact}: versions (* = production)")
+    print(registry.render_table(history, production=prod["version"] if prod else None))
+    print("\nproduction assignments (promotions and rollbacks)")
+    print(registry.render_promotions(reg.promotions()))
+    return 0
+
+
+def _promote(args: argparse.Namespace, version: str) -> int:
+    from phiops import approval, deploy
+
+    cfg = _load(args)
+    out = deploy.promote(Layout(Path(args.root)), cfg, version, approver=args.approver or approval.default_approver(),
+                         reason=args.reason, bento_build=not args.no_bento)
+    if out["changed"]:
+        print(f"production: {out['previous'] or 'none'} -> {version}")
     else:
-        print(registry.render_table(reg.history()))
+        print(f"production: already {version} (nothing recorded)")
+    if "bento" in out:
+        print(f"bento {out['bento']} (model {out['model']}, files from {out['source']})")
+        print(f"containerize (needs a Docker engine): {out['containerize']}")
     return 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    return _promote(args, args.version)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
     from phiops import registry
 
     cfg = _load(args)
     reg = registry.Registry(Layout(Path(args.root)), cfg.registry.artifact)
-    rec = reg.set_production(args.version, approver=args.approver or os.environ.get("USER", "unknown"), reason=args.reason)
-    print(f"production -> {rec['version']}")
+    if args.to:
+        return _promote(args, args.to)
+    prev = reg.previous_production()
+    if prev is None:
+        print("error: no earlier production version to roll back to (`phiops registry history`)", file=sys.stderr)
+        return 1
+    return _promote(args, prev["version"])
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    from phiops import approval
+
+    runs = approval.pending()
+    if not runs:
+        print("no flow run is waiting for an approval")
+        return 0
+    for r in runs:
+        print(f"{r['id']}  {r['name']}  {r['state']} since {r['since']}  (times out {r['timeout'] or 'never'})")
+    return 0
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    from phiops import approval
+
+    out = approval.decide(args.run_id, approve=args.command == "approve", reason=args.reason,
+                          approver=args.approver or approval.default_approver())
+    print(f"flow run {out['id']} ({out['name']}): {out['decision']}; it resumes now")
     return 0
 
 
@@ -183,14 +243,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("registry", help="registered versions and their lineage")
     rsub = s.add_subparsers(dest="action", required=True)
-    for name, text in (("show", "the production version"), ("history", "every version")):
-        rsub.add_parser(name, help=text).set_defaults(fn=cmd_registry)
+    r = rsub.add_parser("show", help="one version's lineage as a table (default: production)")
+    r.add_argument("version", nargs="?", default=None)
+    r.add_argument("--json", action="store_true", help="the full record (resolved params, eval, gate) as JSON")
+    r.set_defaults(fn=cmd_registry)
+    r = rsub.add_parser("history", help="every version, then every promotion and rollback")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_registry)
 
-    s = sub.add_parser("promote", help="put a registered version in production (also: rollback)")
+    def deciding(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--reason", required=True, help="why (recorded in the registry)")
+        parser.add_argument("--approver", default=None, help="who decides (default: $PHIOPS_APPROVER or user@host)")
+
+    def promoting(parser: argparse.ArgumentParser) -> None:
+        deciding(parser)
+        parser.add_argument("--no-bento", action="store_true", help="only check the files and assign; build no bento")
+
+    s = sub.add_parser("promote", help="put a registered version in production and build its bento")
     s.add_argument("version")
-    s.add_argument("--reason", required=True)
-    s.add_argument("--approver", default=None)
+    promoting(s)
     s.set_defaults(fn=cmd_promote)
+
+    s = sub.add_parser("rollback", help="put the previous production version back (or --to VERSION)")
+    s.add_argument("--to", default=None, metavar="VERSION")
+    promoting(s)
+    s.set_defaults(fn=cmd_rollback)
+
+    s = sub.add_parser("approvals", help="flow runs waiting for a person's decision (needs PREFECT_API_URL)")
+    s.set_defaults(fn=cmd_approvals)
+    for name, text in (("approve", "approve the candidate of a waiting flow run"),
+                       ("reject", "reject the candidate of a waiting flow run")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("run_id", help="the flow run id (`phiops approvals`)")
+        deciding(s)
+        s.set_defaults(fn=cmd_decide)
 
     s = sub.add_parser("ask", help="serve the production bento, ask one question, print the answer")
     s.add_argument("prompt")
@@ -214,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except (RegistryError, ApprovalError, BentoError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except DataError as exc:
         # Bad data is the user's to fix, not a crash: the message names every row and rule.
         print(f"error: {exc}", file=sys.stderr)

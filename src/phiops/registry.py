@@ -3,15 +3,21 @@
 A version is a git commit holding `dvc.lock` (which pins the model files by content hash in
 DVC's cache) and `registry/<artifact>/<version>.json` (the lineage: data hash, params, eval
 metrics, gate decision, sha256 of every model file, flow run, approver). GTO tags the commit
-(`<artifact>@v3.0.0`) and assigns stages (`<artifact>#production#N`); rollback is one more
-assignment. Promotion is never cached and is idempotent.
+(`<artifact>@v3.0.0`) and assigns stages: `staging` when a candidate passes the gate (it then
+waits for a person), `production` when it is approved (`<artifact>#production#N`). The
+person's decision is written into the record (one more commit); every production assignment
+carries its approver and reason in the GTO tag message, so a rollback (one more assignment of
+an older version) is recorded like any promotion. Registration and promotion are idempotent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +26,7 @@ from phiops.io import dir_manifest, write_json
 from phiops.paths import Layout
 
 PRODUCTION = "production"
+STAGING = "staging"  # passed the gate; waits for a person's decision
 # Used only when git has no identity configured (fresh CI machines): commits need an author.
 _FALLBACK_IDENTITY = {"GIT_AUTHOR_NAME": "phiops", "GIT_AUTHOR_EMAIL": "phiops@localhost"}
 
@@ -96,20 +103,36 @@ class Registry:
         verify_files(self.record(version)["files"], model_dir, f"{self.artifact} {version}")
 
     # -- writing -----------------------------------------------------------------------------
-    def register(self, model_dir: Path, lineage: dict[str, Any]) -> dict[str, Any]:
-        """Register `model_dir` as a new version: lineage record, commit, GTO tag.
+    def find(self, model_dir: Path) -> dict[str, Any] | None:
+        """The registered version holding exactly these files at this path, or None."""
+        rel = str(model_dir.resolve().relative_to(self.root))
+        files = dir_manifest(model_dir)
+        for rec in self.history():
+            if rec.get("model_path") == rel and rec.get("files") == files:
+                return rec
+        return None
+
+    def register(self, model_dir: Path, lineage: dict[str, Any], stage: str | None = STAGING) -> dict[str, Any]:
+        """Register `model_dir` as a new version: lineage record, commit, GTO tag, stage.
+
+        Idempotent: files already registered (same path, same sha256) return that version's
+        record, so a flow resumed after a suspend does not register its candidate twice.
 
         Args:
             model_dir: the chosen variant's checkpoint (a DVC output).
             lineage: what produced it (params, metrics, gate, data hash, flow run, approval).
+            stage: the GTO stage to assign (`staging`: waits for a person), or None.
 
         Returns:
-            The record written.
+            The record written (or found).
         """
         import gto.api
 
         if not (self.root / ".git").exists():
             raise RegistryError(f"{self.root} is not a git repository: the registry lives in git tags")
+        found = self.find(model_dir)
+        if found is not None:
+            return found
         number = max((r["number"] for r in self.history()), default=0) + 1
         version = f"v{number}.0.0"
         record = {
@@ -135,6 +158,35 @@ class Registry:
             str(self.root), self.artifact, "HEAD", version=version,
             message=f"registered by phiops ({lineage.get('variant')})", author=name, author_email=email,
         )
+        if stage:
+            gto.api.assign(str(self.root), self.artifact, stage, version=version, force=True,
+                           message=json.dumps({"approver": "policy:gate", "reason": "passed the gate"}),
+                           author=name, author_email=email)
+        return record
+
+    def record_decision(self, version: str, approval: dict[str, Any]) -> dict[str, Any]:
+        """Write a person's (or the policy's) decision on `version` into its record and commit it.
+
+        Idempotent: the same decision again changes nothing.
+
+        Args:
+            version: a registered version.
+            approval: ``{"approved", "approver", "reason", ...}``.
+
+        Returns:
+            The updated record.
+        """
+        record = self.record(version)
+        if record.get("approval") == approval:
+            return record
+        record["approval"] = approval
+        path = self.dir / f"{version}.json"
+        write_json(path, record)
+        rel = str(path.relative_to(self.root))
+        verb = "approve" if approval.get("approved") else "reject"
+        _git(self.root, "add", "--", rel)
+        _git(self.root, "commit", "--quiet", "-m",
+             f"phiops: {verb} {self.artifact} {version} ({approval.get('approver')}: {approval.get('reason')})", "--", rel)
         return record
 
     def set_production(self, version: str, approver: str, reason: str) -> dict[str, Any]:
@@ -161,6 +213,32 @@ class Registry:
             author_email=email,
         )
         return record
+
+    def promotions(self) -> list[dict[str, Any]]:
+        """Every production assignment, oldest first: version, when, approver, reason, GTO tag."""
+        out = []
+        for e in self.events():
+            if e.get("event") != "assignment" or e.get("stage") != PRODUCTION:
+                continue
+            try:
+                msg = json.loads(e.get("message") or "{}")
+            except ValueError:  # assigned by hand with `gto assign -m "..."`
+                msg = {"reason": e.get("message")}
+            out.append({"n": int(str(e["ref"]).rsplit("#", 1)[-1]), "version": e["version"],
+                        "at": str(e.get("timestamp", "")), "approver": msg.get("approver") or e.get("author"),
+                        "reason": msg.get("reason", ""), "tag": e["ref"]})
+        return sorted(out, key=lambda p: p["n"])
+
+    def previous_production(self) -> dict[str, Any] | None:
+        """The version that was in production before the current one (what a rollback restores)."""
+        log = self.promotions()
+        if not log:
+            return None
+        current = log[-1]["version"]
+        for p in reversed(log):
+            if p["version"] != current:
+                return self.record(p["version"])
+        return None
 
     def events(self) -> list[dict[str, Any]]:
         """GTO's journal: registrations and stage assignments with author and message."""
@@ -221,27 +299,117 @@ def fetch_files(root: Path, record: dict[str, Any], dest: Path) -> Path:
     return dest
 
 
+@contextlib.contextmanager
+def verified_files(root: Path, record: dict[str, Any]) -> Iterator[tuple[Path, str]]:
+    """A directory holding exactly a registered version's files, checked against its sha256.
+
+    The working tree's ``model_path`` when it matches the record byte for byte; otherwise the
+    files restored from DVC at the version's GTO tag into a temporary directory (removed when
+    the block ends). Whatever loads a registered model goes through here.
+
+    Yields:
+        ``(directory, where it came from)``.
+
+    Raises:
+        RegistryError: the files cannot be restored, or their sha256 differ from the record
+            (naming each changed, missing or unexpected file).
+    """
+    path = root / record["model_path"]
+    if path.is_dir() and dir_manifest(path) == record["files"]:
+        yield path, f"working tree {record['model_path']}"
+        return
+    with tempfile.TemporaryDirectory(prefix="phiops-restore-") as tmp:
+        yield fetch_files(root, record, Path(tmp) / "model"), f"DVC cache at {version_rev(record)}"
+
+
 def _has_commits(root: Path) -> bool:
     return subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=root, capture_output=True).returncode == 0
 
 
-def render_table(records: list[dict[str, Any]]) -> str:
-    """Versions as a plain-text table: version, variant, task metric, data hash, approver."""
+def _grid(cols: tuple[str, ...], rows: list[list[str]]) -> str:
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    fmt = "  ".join(f"{{:{w}}}" for w in widths)
+    lines = [fmt.format(*cols), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _metric(r: dict[str, Any], key: str) -> str:
+    v = r.get("metrics", {}).get(key)
+    return f"{v:.4g}" if isinstance(v, (int, float)) else ""
+
+
+def _decision(r: dict[str, Any]) -> str:
+    a = r.get("approval") or {}
+    if "approved" not in a:
+        return "pending"
+    return "approved" if a["approved"] else "rejected"
+
+
+def render_table(records: list[dict[str, Any]], production: str | None = None) -> str:
+    """Versions as a plain-text table, one row each; `*` marks the one in production."""
     if not records:
         return "(no versions)"
-    cols = ("version", "variant", "task_metric", "data_hash", "git_rev", "approver", "registered_at")
+    cols = ("", "version", "variant", "task_metric", "perplexity", "data_hash", "git_rev", "decision",
+            "approver", "reason", "flow_run", "registered_at")
     rows = [
         [
+            "*" if r["version"] == production else "",
             r["version"],
-            r.get("variant", ""),
-            str(r.get("metrics", {}).get("task_metric", "")),
-            str(r.get("data_hash", ""))[:12],
-            str(r.get("parent_commit") or "")[:10],
-            str(r.get("approval", {}).get("approver", "")),
+            str(r.get("variant", "")),
+            _metric(r, "task_metric"),
+            _metric(r, "perplexity"),
+            str(r.get("data_hash") or "")[:12],
+            str(r.get("git_rev") or r.get("parent_commit") or "")[:10],
+            _decision(r),
+            str((r.get("approval") or {}).get("approver", "")),
+            str((r.get("approval") or {}).get("reason", ""))[:40],
+            str(r.get("flow_run_id") or "")[:8],
             r.get("registered_at", ""),
         ]
         for r in records
     ]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    fmt = "  ".join(f"{{:{w}}}" for w in widths)
-    return "\n".join([fmt.format(*cols), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)])
+    return _grid(cols, rows)
+
+
+def render_promotions(promotions: list[dict[str, Any]]) -> str:
+    """The production assignments (promotions and rollbacks), oldest first."""
+    if not promotions:
+        return "(never promoted)"
+    rows = [[str(p["n"]), p["version"], p["at"], str(p["approver"]), str(p["reason"]), p["tag"]] for p in promotions]
+    return _grid(("#", "version", "at", "approver", "reason", "gto tag"), rows)
+
+
+def render_record(r: dict[str, Any]) -> str:
+    """One version's lineage as a two-column table (field, value), then its files' sha256."""
+    import hashlib
+
+    a = r.get("approval") or {}
+    gate_ = r.get("gate") or {}
+    params = r.get("params")
+    fields = [
+        ("artifact", r.get("artifact")),
+        ("version", r["version"]),
+        ("variant", r.get("variant")),
+        ("model path", r.get("model_path")),
+        ("git tag", version_rev(r)),
+        ("git rev (code)", r.get("git_rev")),
+        ("data hash (dvc.lock)", r.get("data_hash")),
+        ("model hash (dvc.lock)", r.get("dvc_out_md5")),
+        ("params (sha256 of resolved)", hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+         if params is not None else None),
+        ("task metric", _metric(r, "task_metric")),
+        ("perplexity", _metric(r, "perplexity")),
+        ("size bytes", r.get("metrics", {}).get("size_bytes")),
+        ("gate", ("pass -> " + str(gate_.get("variant"))) if gate_.get("passed") else ("reject" if gate_ else None)),
+        ("gate vs production", gate_.get("production")),
+        ("decision", _decision(r)),
+        ("approver", a.get("approver")),
+        ("reason", a.get("reason")),
+        ("policy", a.get("policy")),
+        ("flow run id", r.get("flow_run_id")),
+        ("registered at", r.get("registered_at")),
+        ("bento", r.get("bento")),
+    ]
+    rows = [[k, str(v)] for k, v in fields if v not in (None, "")]
+    rows += [[f"sha256 {name}", digest] for name, digest in sorted(r.get("files", {}).items())]
+    return _grid(("field", "value"), rows)

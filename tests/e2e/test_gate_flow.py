@@ -89,3 +89,39 @@ def test_worse_candidate_is_rejected_and_production_unchanged(project, monkeypat
     assert reg.production()["version"] == "v1.0.0"
     assert reg.history() == history_before
     assert _git(proj, "tag") == tags_before and _git(proj, "rev-parse", "HEAD") == head_before
+
+
+def test_no_decision_within_the_timeout_is_a_rejection(project, monkeypatch):
+    """A local run pauses for a person; past approval.timeout_hours the candidate is rejected by policy."""
+    import flows.retrain as flow
+    from prefect import get_client
+
+    proj, reg = project
+    layout = Layout(proj)
+    (proj / "models/merged/model.safetensors").write_bytes(b"candidate weights")  # not production's files
+    row = lambda m, ppl, size: {"task_metric": m, "perplexity": ppl, "size_bytes": size, "n_samples": 100}  # noqa: E731
+    # merged beats production (100 vs 95 rows right); the quantized variants fail the perplexity rule.
+    write_json(layout.eval_report, {"metric": "json_fields", "test_rows": 100, "variants": {
+        "base": row(0.1, 1.5, 1000), "merged": row(1.0, 1.5, 1000), "gptq": row(1.0, 9.0, 300), "awq": row(1.0, 9.0, 280)}})
+    write_jsonl(layout.eval_samples, [
+        {"variant": v, "id": i, "score": float(v != "base" or k < 10)}
+        for v in ("base", "merged", "gptq", "awq") for k, i in enumerate(IDS)])
+    (proj / "params.yaml").write_text(yaml.safe_dump({"approval": {"mode": "manual", "timeout_hours": 0.0003}}))  # ~1 s
+
+    monkeypatch.setattr(flow, "stage_order", lambda root: ["evaluate"])
+    monkeypatch.setattr(flow, "dvc_stage", lambda root, stage: True)
+    monkeypatch.setattr(flow.evaluate, "production", lambda cfg, layout, record: {
+        "version": record["version"], "variant": "merged", "source": "stub", "files_verified": True,
+        "metrics": {"task_metric": 0.95, "perplexity": 1.4, "size_bytes": 1000},
+        "scores": {i: float(k < 95) for k, i in enumerate(IDS)}})
+    with get_client(sync_client=True) as client:
+        client.hello()
+    result = flow.retrain(root=str(proj))
+
+    assert result["status"] == "refused" and result["version"] == "v2.0.0", result
+    decision = reg.record("v2.0.0")["approval"]
+    assert decision["approved"] is False and decision["approver"] == "policy:timeout" and decision["policy"] is True
+    assert "approval.timeout_hours" in decision["reason"]
+    assert reg.production()["version"] == "v1.0.0"  # staged, never promoted
+    staged = [e["version"] for e in reg.events() if e.get("event") == "assignment" and e.get("stage") == "staging"]
+    assert "v2.0.0" in staged

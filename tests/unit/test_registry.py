@@ -1,11 +1,12 @@
 """Registry on a throwaway git repo: versions, production, rollback, idempotence, integrity."""
 
+import re
 import subprocess
 
 import pytest
 
 from phiops.paths import Layout
-from phiops.registry import Registry, RegistryError
+from phiops.registry import Registry, RegistryError, render_promotions, render_record, render_table
 
 
 @pytest.fixture
@@ -54,3 +55,60 @@ def test_unknown_version_names_the_known_ones(reg):
     r.register(model, {"variant": "merged"})
     with pytest.raises(RegistryError, match="v1.0.0"):
         r.set_production("v9.0.0", approver="x", reason="y")
+
+
+def test_register_is_idempotent_and_stages_the_candidate(reg):
+    r, model = reg
+    v1 = r.register(model, {"variant": "merged"})
+    again = r.register(model, {"variant": "merged", "flow_run_id": "other"})  # a resumed run
+    assert again["version"] == v1["version"] and len(r.history()) == 1
+    staged = [e for e in r.events() if e.get("event") == "assignment" and e.get("stage") == "staging"]
+    assert [e["version"] for e in staged] == ["v1.0.0"]
+    assert r.production() is None  # staging is not production
+
+
+def test_decision_is_written_into_the_record_once(reg):
+    r, model = reg
+    r.register(model, {"variant": "merged", "approval": {"status": "pending"}})
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=r.root, capture_output=True, text=True).stdout
+    decision = {"approved": True, "approver": "ana@host", "reason": "beats v0 on billing"}
+    assert r.record_decision("v1.0.0", decision)["approval"] == decision
+    head2 = subprocess.run(["git", "rev-parse", "HEAD"], cwd=r.root, capture_output=True, text=True).stdout
+    assert head2 != head  # committed
+    r.record_decision("v1.0.0", decision)
+    assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=r.root, capture_output=True, text=True).stdout == head2
+    assert r.record("v1.0.0")["approval"]["approver"] == "ana@host"
+
+
+def test_promotions_log_and_previous_production(reg):
+    r, model = reg
+    r.register(model, {"variant": "merged"})
+    (model / "model.safetensors").write_bytes(b"weights-v2")
+    r.register(model, {"variant": "merged"})
+    assert r.previous_production() is None
+    r.set_production("v1.0.0", approver="ana", reason="first")
+    r.set_production("v2.0.0", approver="ana", reason="better")
+    assert r.previous_production()["version"] == "v1.0.0"
+    r.set_production("v1.0.0", approver="bo", reason="rollback: v2 misroutes billing")
+    log = r.promotions()
+    assert [(p["version"], p["approver"], p["reason"]) for p in log] == [
+        ("v1.0.0", "ana", "first"), ("v2.0.0", "ana", "better"), ("v1.0.0", "bo", "rollback: v2 misroutes billing")]
+    table = render_promotions(log)
+    assert "rollback: v2 misroutes billing" in table and table.count("\n") == 4  # header, rule, 3 rows
+
+
+def test_tables_show_lineage(reg):
+    r, model = reg
+    rec = r.register(model, {"variant": "merged", "data_hash": "abcdef0123456789", "git_rev": "0123456789abcdef",
+                             "metrics": {"task_metric": 0.9}, "flow_run_id": "1234abcd-0000",
+                             "params": {"train": {"lr": 0.001}}, "gate": {"passed": True, "variant": "merged"}})
+    r.record_decision("v1.0.0", {"approved": True, "approver": "ana", "reason": "ok"})
+    r.set_production("v1.0.0", approver="ana", reason="ok")
+    versions = render_table(r.history(), production="v1.0.0")
+    assert versions.splitlines()[2].split()[:4] == ["*", "v1.0.0", "merged", "0.9"]
+    assert "abcdef012345" in versions and "approved" in versions and "1234abcd" in versions
+    shown = render_record(r.record("v1.0.0"))
+    digest = rec["files"]["model.safetensors"]
+    assert re.search(rf"^sha256 model.safetensors +{digest}$", shown, re.M)
+    for field in ("data hash (dvc.lock)", "git rev (code)", "flow run id", "approver", "gate", "params"):
+        assert field in shown, field

@@ -20,7 +20,6 @@ import io
 import logging
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -349,15 +348,11 @@ def production(cfg: Params, layout: Layout, record: dict[str, Any]) -> dict[str,
         out["metrics"] = current[name]
         out["scores"] = load_scores(layout).get(name, {})
     else:
-        test = list(read_jsonl(layout.test_split))
-        embedder = _embedder(cfg)
-        with tempfile.TemporaryDirectory(prefix="phiops-production-") as tmp:
-            if same:
-                src, out["source"] = path, f"working tree {record['model_path']}"
-            else:
-                src = registry.fetch_files(layout.root, record, Path(tmp) / "model")
-                out["source"] = f"DVC cache at {registry.version_rev(record)}"
-            res = score_variant("production", src, cfg, test, embedder)
+        # Files first: a tampered or missing production model is refused before anything
+        # else is read or loaded.
+        with registry.verified_files(layout.root, record) as (src, out["source"]):
+            test = list(read_jsonl(layout.test_split))
+            res = score_variant("production", src, cfg, test, _embedder(cfg))
         out["metrics"] = res.row
         out["scores"] = dict(zip(res.ids, res.scores))
     log.info("evaluate production %s (%s): %s", version, out["source"], out["metrics"])
