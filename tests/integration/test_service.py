@@ -39,10 +39,12 @@ TINY_ARCH = {
     "intermediate_size": 128,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "max_position_embeddings": 2048,
+    # Long enough that a request of SLOW_TOKENS outlives the served timeout (RoPE has no weights).
+    "max_position_embeddings": 8192,
 }
 CAP = 8  # max_new_tokens of the in-process service: small keeps generation fast
 SECRET = "SECRET-7f3a-do-not-echo"
+LINEAGE = {"artifact": "tiny-llama", "version": "v3.0.0", "data_hash": "md5:0123abcd", "git_rev": "c0ffee12"}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_tag(home: Path, tiny_dir: Path) -> str:
-    return bento.save_model(tiny_dir, "tiny-llama", "t1", {"stage": "test", "metrics": {"exact_match": 0.5}})
+    return bento.save_model(tiny_dir, "tiny-llama", "t1",
+                            {"stage": "test", "metrics": {"exact_match": 0.5}, "registry": LINEAGE})
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,8 +198,13 @@ def _assert_completion(data: dict[str, Any], model: str) -> str:
 
 
 def test_defaults_match_project_config(service_module: Any) -> None:
-    assert service_module.DEFAULT_MAX_NEW_TOKENS == ServeCfg().max_new_tokens
-    assert service_module.DEFAULT_MAX_PROMPT_TOKENS == ServeCfg().max_prompt_tokens
+    cfg = ServeCfg()
+    assert service_module.DEFAULT_MAX_NEW_TOKENS == cfg.max_new_tokens
+    assert service_module.DEFAULT_MAX_PROMPT_TOKENS == cfg.max_prompt_tokens
+    assert service_module.DEFAULT_MAX_CONCURRENCY == cfg.max_concurrency
+    assert service_module.DEFAULT_REQUEST_TIMEOUT_S == cfg.request_timeout_s
+    assert service_module.DEFAULT_MAX_BATCH_SIZE == cfg.max_batch_size
+    assert service_module.DEFAULT_MAX_BATCH_WAIT_MS == cfg.max_batch_wait_ms
 
 
 def test_ready_and_models(client: Any, model_tag: str) -> None:
@@ -205,17 +213,59 @@ def test_ready_and_models(client: Any, model_tag: str) -> None:
     assert data["object"] == "list"
     assert [m["id"] for m in data["data"]] == ["tiny"]
     assert data["data"][0]["root"] == model_tag
+    # The production version's lineage, from the stored model's metadata.
+    assert data["data"][0]["lineage"] == {
+        "artifact": "tiny-llama", "registry_version": "v3.0.0", "data_hash": "md5:0123abcd",
+        "git_rev": "c0ffee12", "git_tag": None,
+    }
 
 
 def test_chat_completion_schema_and_cap(client: Any) -> None:
-    res = _chat(client, max_tokens=1000)
+    res = _chat(client, max_tokens=CAP)
     assert res.status_code == 200, res.text
     _assert_completion(res.json(), "tiny")
-    usage = res.json()["usage"]
-    assert usage["completion_tokens"] <= CAP  # clamped to the service cap, not an error
+    assert res.json()["usage"]["completion_tokens"] <= CAP
     # Greedy decoding is deterministic; the full model tag is accepted as the model id too.
-    again = _chat(client, max_tokens=1000, model=client.get("/v1/models").json()["data"][0]["root"])
+    again = _chat(client, max_tokens=CAP, model=client.get("/v1/models").json()["data"][0]["root"])
     assert again.json()["choices"][0]["message"] == res.json()["choices"][0]["message"]
+    # Above the cap: refused, naming the field (newer clients send max_completion_tokens).
+    for field in ("max_tokens", "max_completion_tokens"):
+        over = _chat(client, **{field: CAP + 1})
+        assert over.status_code == 400
+        assert over.json()["error"]["param"] == field and str(CAP) in over.json()["error"]["message"]
+
+
+def _complete(client: Any, **overrides: Any) -> Any:
+    body = {"model": "tiny", "prompt": "The router", "temperature": 0, "max_tokens": CAP}
+    body.update(overrides)
+    return client.post("/v1/completions", json=body)
+
+
+def test_text_completions_plain_and_streaming(client: Any) -> None:
+    res = _complete(client)
+    assert res.status_code == 200, res.text
+    data = res.json()
+    assert data["id"].startswith("cmpl-") and data["object"] == "text_completion"
+    (choice,) = data["choices"]
+    assert choice["finish_reason"] in ("stop", "length") and isinstance(choice["text"], str)
+    assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + data["usage"]["completion_tokens"]
+    assert _complete(client, prompt=["The router"]).json()["choices"][0]["text"] == choice["text"]
+
+    with client.stream("POST", "/v1/completions", json={
+        "model": "tiny", "prompt": "The router", "temperature": 0, "max_tokens": CAP, "stream": True,
+    }) as stream:
+        assert stream.status_code == 200
+        events = [line[len("data: "):] for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
+
+    for bad in ({"prompt": ["a", "b"]}, {"prompt": ""}, {"echo": True}, {"max_tokens": CAP + 1},
+                {"prompt": "word " * 3000}):
+        res = _complete(client, **bad)
+        assert res.status_code == 400, (bad, res.text)
 
 
 def test_seeded_sampling_is_reproducible(client: Any) -> None:
@@ -315,8 +365,57 @@ def test_compressed_tensors_w4a16_checkpoint_serves(home: Path, tmp_path: Path) 
                 model="tiny-llama-w4a16", messages=[{"role": "user", "content": "Hello"}], temperature=0
             )
             _assert_completion(asyncio.run(instance.chat_completions(body=request)), "tiny-llama-w4a16")
+            # Readiness follows the engine: once its thread is gone, /readyz stops answering 200.
+            assert instance.__is_ready__()
+            instance.engine.close()
+            assert not instance.__is_ready__()
         finally:
             sys.modules.pop("phiops_service_w4a16", None)
+
+
+def test_damaged_stored_model_is_refused_at_load(home: Path, tiny_dir: Path) -> None:
+    """One flipped byte in a stored checkpoint file: the service refuses to load, naming the file."""
+    import bentoml
+
+    tag = bento.save_model(tiny_dir, "tiny-llama-damaged", "t1", {})
+    stored = bentoml.models.get(tag, _model_store=bento._model_store())
+    weights = Path(stored.path_of("checkpoint/model.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    env = {"PHIOPS_MODEL_TAG": tag, "PHIOPS_SERVED_MODEL": "", "PHIOPS_MAX_NEW_TOKENS": "4"}
+    with _service_env(env):
+        module = _import_service("phiops_service_damaged")
+        try:
+            with pytest.raises(RuntimeError, match=r"sha256 manifest") as err:
+                module.PhiOpsLLM.inner()
+            assert "model.safetensors: sha256" in str(err.value)
+            # An extra file is refused too: the manifest is the whole checkpoint.
+            weights.write_bytes(bytes(data[: len(data) // 2]) + bytes([data[len(data) // 2] ^ 0x01])
+                                + bytes(data[len(data) // 2 + 1:]))
+            (weights.parent / "extra.safetensors").write_bytes(b"{}")
+            with pytest.raises(RuntimeError, match=r"extra.safetensors: not in the manifest"):
+                module.PhiOpsLLM.inner()
+        finally:
+            sys.modules.pop("phiops_service_damaged", None)
+
+
+def test_openai_client_in_process(client: Any) -> None:
+    """The official client, unmodified but for its transport (this process's ASGI app)."""
+    openai = pytest.importorskip("openai")
+    oa = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+    assert [m.id for m in oa.models.list().data] == ["tiny"]
+    out = oa.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                     max_tokens=CAP, temperature=0, seed=3)
+    assert out.choices[0].message.role == "assistant" and 1 <= out.usage.completion_tokens <= CAP
+    pieces = oa.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                        max_tokens=CAP, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == out.choices[0].message.content
+    text = oa.completions.create(model="tiny", prompt="Once", max_tokens=CAP, temperature=0)
+    streamed = oa.completions.create(model="tiny", prompt="Once", max_tokens=CAP, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
+    with pytest.raises(openai.BadRequestError):
+        oa.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=CAP + 1)
 
 
 # --------------------------------------------------------------------------------------------
