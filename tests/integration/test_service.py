@@ -458,40 +458,186 @@ def test_build_bakes_model_and_pins(home: Path, model_tag: str, bento_tag: str) 
         bento.build("no-such-model:v9", "t9", service_dir=SERVICE_DIR, lock_packages=False)
 
 
-def test_built_bento_serves_openai_chat(home: Path, bento_tag: str) -> None:
+# The served bento is retuned through the environment (which wins over its baked arguments):
+# a small concurrency limit and timeout, and a cap high enough for a request to outlive it.
+SERVED_CONCURRENCY = 4
+SERVED_TIMEOUT_S = 4
+SLOW_TOKENS = 6000  # ~1.5 ms a token for this model on a 2-core CPU: ~10 s, past the timeout
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (0 when there are none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+@pytest.fixture(scope="module")
+def served(home: Path, bento_tag: str) -> Iterator[tuple[str, str]]:
+    """`bentoml serve <bento>` from the store; yields its URL and /metrics as read at readiness."""
     import httpx
 
-    t0 = time.perf_counter()
-    with bento.serving(bento_tag, timeout=300) as base:
-        print(f"\nbentoml serve {bento_tag}: ready after {time.perf_counter() - t0:.1f}s")
-        t1 = time.perf_counter()
-        res = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
-            "model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 500,
-        })
-        print(f"one chat completion: {time.perf_counter() - t1:.2f}s")
+    env = {"PHIOPS_MAX_CONCURRENCY": str(SERVED_CONCURRENCY), "PHIOPS_REQUEST_TIMEOUT_S": str(SERVED_TIMEOUT_S),
+           "PHIOPS_MAX_NEW_TOKENS": str(SLOW_TOKENS)}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        t0 = time.perf_counter()
+        with bento.serving(bento_tag, timeout=300) as base:
+            print(f"\nbentoml serve {bento_tag}: ready after {time.perf_counter() - t0:.1f}s")
+            yield base, httpx.get(f"{base}/metrics", timeout=30).text
+
+
+def test_ready_only_after_warmup_generation(served: tuple[str, str]) -> None:
+    # Read before any request was sent: readiness came after a generation through the engine.
+    _, at_ready = served
+    assert _metric(at_ready, "phiops_forward_passes_total", phase="prefill") >= 1
+    assert _metric(at_ready, "phiops_forward_passes_total", phase="decode") >= 1
+    assert _metric(at_ready, "phiops_generated_tokens_total") >= 2
+
+
+def test_limits_refused_before_any_compute(served: tuple[str, str]) -> None:
+    import httpx
+
+    base, _ = served
+    before = httpx.get(f"{base}/metrics", timeout=30).text
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    refused = [
+        ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": "word " * 3000}]}),
+        ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": "x" * 2_000_000}]}),
+        ("/v1/chat/completions", {**chat, "max_tokens": SLOW_TOKENS + 1}),
+        ("/v1/completions", {"model": "tiny", "prompt": "word " * 3000}),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": SLOW_TOKENS + 1}),
+    ]
+    for path, body in refused:
+        res = httpx.post(f"{base}{path}", json=body, timeout=60)
+        assert res.status_code == 400, (path, res.text[:200])
+        assert res.json()["error"]["param"] in ("messages", "prompt", "max_tokens")
+    after = httpx.get(f"{base}/metrics", timeout=30).text
+    for name in ("phiops_forward_passes_total", "phiops_prompt_tokens_total", "phiops_generated_tokens_total"):
+        assert _metric(after, name) == _metric(before, name), name  # not one forward pass
+    assert _metric(after, "phiops_requests_rejected_total") == _metric(before, "phiops_requests_rejected_total") + 5
+    # The counter does count: one accepted request moves it.
+    ok = httpx.post(f"{base}/v1/chat/completions", json={**chat, "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200
+    assert _metric(httpx.get(f"{base}/metrics", timeout=30).text, "phiops_forward_passes_total") > \
+        _metric(after, "phiops_forward_passes_total")
+
+
+def test_concurrent_requests_share_forward_passes(served: tuple[str, str]) -> None:
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, _ = served
+    bodies = [{"model": "tiny", "messages": [{"role": "user", "content": f"Ticket {i}: " + "help " * i}],
+               "temperature": 0, "max_tokens": 48} for i in range(SERVED_CONCURRENCY)]
+
+    def post(body: dict[str, Any]) -> str:
+        res = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
         assert res.status_code == 200, res.text
-        _assert_completion(res.json(), "tiny")
-        assert res.json()["usage"]["completion_tokens"] <= 16  # the cap baked in at build
+        return str(res.json()["choices"][0]["message"]["content"])
 
-        bad = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
-            "model": "tiny", "messages": [{"role": "robot", "content": SECRET}],
-        })
-        assert bad.status_code == 400 and SECRET not in bad.text
+    solo = [post(b) for b in bodies]
+    before = httpx.get(f"{base}/metrics", timeout=30).text
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(post, bodies))
+    after = httpx.get(f"{base}/metrics", timeout=30).text
+    assert together == solo  # batching (padding, shared steps) does not change greedy answers
+    steps = _metric(after, "phiops_batch_rows_count", phase="decode") - _metric(before, "phiops_batch_rows_count", phase="decode")
+    single = (_metric(after, "phiops_batch_rows_bucket", phase="decode", le="1.0")
+              - _metric(before, "phiops_batch_rows_bucket", phase="decode", le="1.0"))
+    rows = _metric(after, "phiops_batch_rows_sum", phase="decode") - _metric(before, "phiops_batch_rows_sum", phase="decode")
+    print(f"\n{len(bodies)} concurrent requests: {steps:.0f} decode steps, {rows / steps:.2f} rows a step")
+    assert single < steps  # some decode steps ran several requests at once
+    assert steps < sum(len(s) for s in solo)  # fewer steps than tokens: shared passes
 
-        openai = pytest.importorskip("openai")
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-        assert [m.id for m in client.models.list().data] == ["tiny"]
-        out = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0, seed=1
-        )
-        assert out.choices[0].message.role == "assistant" and out.usage.completion_tokens <= 4
-        pieces = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0, stream=True
-        )
-        streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
-        assert streamed == out.choices[0].message.content
-        with pytest.raises(openai.BadRequestError):
-            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], top_p=5)
+
+def test_overload_is_429_health_answers_and_timeout_is_504(served: tuple[str, str]) -> None:
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, _ = served
+    slow = {"model": "tiny", "messages": [{"role": "user", "content": "Count."}], "max_tokens": SLOW_TOKENS}
+    with ThreadPoolExecutor(SERVED_CONCURRENCY) as pool:
+        futures = [pool.submit(httpx.post, f"{base}/v1/chat/completions", json=slow, timeout=120)
+                   for _ in range(SERVED_CONCURRENCY)]
+        with httpx.Client(base_url=base, timeout=30) as c:
+            deadline = time.monotonic() + SERVED_TIMEOUT_S
+            while _metric(c.get("/metrics").text, "phiops_requests_running") < SERVED_CONCURRENCY:
+                assert time.monotonic() < deadline, "the slow requests never all started"
+                time.sleep(0.05)
+            over = c.post("/v1/chat/completions", json={**slow, "max_tokens": 1})
+            health = [c.get(p).status_code for p in ("/livez", "/readyz", "/metrics")]
+            still_running = [not f.done() for f in futures]
+        results = [f.result() for f in futures]
+    assert over.status_code == 429
+    assert all(still_running)  # refused while the slots were held, not after they freed
+    assert health == [200, 200, 200]
+    # Each slow request ran past the timeout: 504 in OpenAI's error shape, generation cancelled.
+    for res in results:
+        assert res.status_code == 504, res.text[:200]
+        assert res.json()["error"]["code"] == "timeout"
+    with httpx.Client(base_url=base, timeout=30) as c:
+        passes = _metric(c.get("/metrics").text, "phiops_forward_passes_total")
+        time.sleep(1.0)
+        text = c.get("/metrics").text
+        assert _metric(text, "phiops_forward_passes_total") == passes  # the engine is idle again
+        assert _metric(text, "phiops_requests_running") == 0
+        assert c.post("/v1/chat/completions", json={**slow, "max_tokens": 2}).status_code == 200
+
+
+def test_metrics_expose_duration_and_tokens(served: tuple[str, str]) -> None:
+    import httpx
+
+    base, _ = served
+    assert httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 3},
+                      timeout=60).status_code == 200
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    assert _metric(text, "phiops_request_duration_seconds_count", route="/completions", status="200") >= 1
+    assert _metric(text, "phiops_request_duration_seconds_count", route="/chat/completions", status="504") >= 1
+    assert _metric(text, "phiops_generated_tokens_total") > 0
+    assert _metric(text, "phiops_prompt_tokens_total") > 0
+    assert "bentoml_service_request_duration_seconds" in text  # BentoML's own per-endpoint series
+
+
+def test_built_bento_serves_openai_clients(served: tuple[str, str]) -> None:
+    import httpx
+
+    base, _ = served
+    t1 = time.perf_counter()
+    res = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16,
+    })
+    print(f"\none chat completion: {time.perf_counter() - t1:.2f}s")
+    assert res.status_code == 200, res.text
+    _assert_completion(res.json(), "tiny")
+    assert res.json()["usage"]["completion_tokens"] <= 16
+
+    bad = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": [{"role": "robot", "content": SECRET}],
+    })
+    assert bad.status_code == 400 and SECRET not in bad.text
+    assert "messages.0.role" in bad.json()["error"]["message"]  # field-level detail
+
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    (model,) = client.models.list().data
+    assert model.id == "tiny" and model.model_extra["lineage"]["registry_version"] == "v3.0.0"
+    out = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0, seed=1
+    )
+    assert out.choices[0].message.role == "assistant" and out.usage.completion_tokens <= 4
+    pieces = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0, stream=True
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+    assert streamed == out.choices[0].message.content
+    text = client.completions.create(model="tiny", prompt="Hi", max_tokens=4, temperature=0)
+    chunks = client.completions.create(model="tiny", prompt="Hi", max_tokens=4, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == text.choices[0].text
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], top_p=5)
 
 
 def test_ask_returns_answer_and_stops_server(home: Path, bento_tag: str) -> None:
