@@ -448,6 +448,12 @@ def test_build_bakes_model_and_pins(home: Path, model_tag: str, bento_tag: str) 
     assert Path(built.path_of("env/docker/Dockerfile")).is_file()
     assert bento.containerize_command(bento_tag) == ["bentoml", "containerize", bento_tag]
 
+    # Every serve limit can be baked in: ServeCfg's fields are build()'s keywords.
+    tag2 = bento.build(model_tag, "t2", service_dir=SERVICE_DIR, served_model_name="tiny", lock_packages=False,
+                       **ServeCfg().model_dump())
+    baked = bentoml.bentos.get(tag2, _bento_store=bento._bento_store()).info.args
+    assert baked == {"model_tag": model_tag, "served_model_name": "tiny", **ServeCfg().model_dump()}
+
     # Same inputs: the existing bento; other inputs under the same version: refused.
     t0 = time.perf_counter()
     assert bento.build(model_tag, "t1", service_dir=SERVICE_DIR, served_model_name="tiny",
