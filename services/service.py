@@ -1,43 +1,64 @@
-"""phiops LLM service: an OpenAI-compatible chat endpoint over one causal LM from the model store.
+"""phiops LLM service: OpenAI-compatible completions over one causal LM from the model store.
 
 Routes (a FastAPI app mounted at ``/v1``; BentoML adds ``/livez``, ``/readyz``, ``/metrics``):
 
-- ``POST /v1/chat/completions``: OpenAI chat completions, ``stream`` false (JSON) or true
-  (server-sent events ending ``data: [DONE]``).
-- ``GET /v1/models``: the one served model.
-- ``GET /readyz``: 200 only after the model is loaded and one warm-up generation has run.
+- ``POST /v1/chat/completions`` (the model's own chat template) and ``POST /v1/completions``
+  (raw prompt): ``stream`` false (JSON) or true (server-sent events ending ``data: [DONE]``).
+- ``GET /v1/models``: the one served model with its lineage (registry version, data hash, git
+  revision) from the stored model's metadata.
+- ``GET /readyz``: 200 only after the checkpoint matched its sha256 manifest, the model loaded
+  and one warm-up generation ran through the batching engine.
+- ``GET /metrics``: BentoML's request metrics plus ``phiops_*`` (request duration, prompt and
+  generated tokens, forward passes and their batch sizes, running requests).
+
+Concurrent requests share forward passes: ``phiops_engine.Engine`` batches them continuously
+(a request joins the running batch at the next step and leaves when it finishes).
 
 Which model, and the limits (bento arguments are baked into the bento at build time by
 ``phiops.bento.build``; ``PHIOPS_*`` environment variables let operators retune a built
 bento without rebuilding it):
 
-==================  ==================================  =========================  =========
-setting             bento argument (``--arg``)           environment override       default
-==================  ==================================  =========================  =========
-model tag           ``model_tag``                        ``PHIOPS_MODEL_TAG`` [1]_  required
-served model name   ``served_model_name``                ``PHIOPS_SERVED_MODEL``    tag name
-max new tokens      ``max_new_tokens``                   ``PHIOPS_MAX_NEW_TOKENS``  128
-max prompt tokens   ``max_prompt_tokens``                ``PHIOPS_MAX_PROMPT_TOKENS`` 1024
-==================  ==================================  =========================  =========
+==================  ======================  ===============================  =========
+setting             bento argument          environment override             default
+==================  ======================  ===============================  =========
+model tag           ``model_tag``           ``PHIOPS_MODEL_TAG`` [1]_        required
+served model name   ``served_model_name``   ``PHIOPS_SERVED_MODEL``          tag name
+max new tokens      ``max_new_tokens``      ``PHIOPS_MAX_NEW_TOKENS``        128
+max prompt tokens   ``max_prompt_tokens``   ``PHIOPS_MAX_PROMPT_TOKENS``     1024
+max concurrency     ``max_concurrency``     ``PHIOPS_MAX_CONCURRENCY``       64
+request timeout s   ``request_timeout_s``   ``PHIOPS_REQUEST_TIMEOUT_S``     120
+max batch size      ``max_batch_size``      ``PHIOPS_MAX_BATCH_SIZE``        32
+max batch wait ms   ``max_batch_wait_ms``   ``PHIOPS_MAX_BATCH_WAIT_MS``     10
+weights dtype       ``dtype``               ``PHIOPS_DTYPE``                 auto [2]_
+==================  ======================  ===============================  =========
 
 .. [1] The model tag is the one exception to "environment wins": a bento carries exactly the
    model named by its ``model_tag`` argument, so the variable is only a fallback for serving
    from source (``bentoml serve service:PhiOpsLLM`` in this directory).
+.. [2] ``auto``: bfloat16 on CUDA, and on CPUs with AMX tiles (their bf16 matrix units):
+   there the batched forward passes that serving runs measured 1.5x (decode, 32 rows) to 3.3x
+   (prefill) faster than float32 for SmolLM2-135M; float32 on other CPUs (bf16 emulated
+   there is slower). ``float32`` / ``bfloat16`` force one.
+
+Limits are checked before any model compute: a prompt over ``max_prompt_tokens`` or a
+``max_tokens`` over ``max_new_tokens`` is a 400; a request beyond ``max_concurrency`` in flight
+is a 429 (BentoML's concurrency middleware, which leaves the health routes and ``/metrics``
+alone); one not answered within ``request_timeout_s`` is a 504 and its generation is cancelled.
 
 This module imports only BentoML, FastAPI and pydantic at import time: ``bentoml build``
 imports it to find the service, and torch/transformers load only when the service starts.
 Nothing here imports ``phiops``, so a bento needs only the packages listed in bentofile.yaml.
 """
-
 import asyncio
 import json
 import logging
 import os
 import re
-import threading
+import hashlib
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import bentoml
@@ -49,10 +70,24 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("bentoml.phiops")
 
+# oneDNN (bf16 matmuls on CPU) JIT-compiles and caches a kernel per matrix shape, and every
+# prefill brings a new one (rows x prompt length): with its default of 1024 entries the engine's
+# RSS grew ~4 MB a prefill (12 waves of 32 requests: 802 -> 846 MB; capped at 8: flat, 793-819).
+# 256 still holds every decode shape (1-32 rows x the model's few weight shapes), so steady
+# decoding never recompiles, and bounds the growth. Read by oneDNN at its first kernel, i.e.
+# after this import; the environment still wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
+
 # Defaults kept equal to phiops.config.ServeCfg (a test checks); this module must not import
 # phiops because a bento ships only this directory.
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_MAX_PROMPT_TOKENS = 1024
+DEFAULT_MAX_CONCURRENCY = 64  # twice the batch: a full batch running and a full one waiting
+DEFAULT_REQUEST_TIMEOUT_S = 120
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_BATCH_WAIT_MS = 10  # what a request into an idle engine may wait for company
+DEFAULT_DTYPE = "auto"
+DTYPES = ("auto", "float32", "bfloat16")
 WARMUP_TOKENS = 2
 # Where phiops.bento.save_model puts the checkpoint inside a stored model (CHECKPOINT_SUBDIR).
 CHECKPOINT_SUBDIR = "checkpoint"
@@ -75,6 +110,11 @@ class ServiceArgs(BaseModel):
     served_model_name: str | None = None
     max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)
     max_prompt_tokens: int = Field(DEFAULT_MAX_PROMPT_TOKENS, ge=1)
+    max_concurrency: int = Field(DEFAULT_MAX_CONCURRENCY, ge=1)
+    request_timeout_s: int = Field(DEFAULT_REQUEST_TIMEOUT_S, ge=1)
+    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1)
+    max_batch_wait_ms: int = Field(DEFAULT_MAX_BATCH_WAIT_MS, ge=0)
+    dtype: Literal["auto", "float32", "bfloat16"] = DEFAULT_DTYPE
 
 
 class Settings(BaseModel):
@@ -84,9 +124,14 @@ class Settings(BaseModel):
     served_model_name: str
     max_new_tokens: int = Field(ge=1)
     max_prompt_tokens: int = Field(ge=1)
+    max_concurrency: int = Field(ge=1)
+    request_timeout_s: int = Field(ge=1)
+    max_batch_size: int = Field(ge=1)
+    max_batch_wait_ms: int = Field(ge=0)
+    dtype: Literal["auto", "float32", "bfloat16"]
 
 
-def _env_int(name: str, fallback: int) -> int:
+def _env_int(name: str, fallback: int, minimum: int = 1) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return fallback
@@ -94,8 +139,8 @@ def _env_int(name: str, fallback: int) -> int:
         value = int(raw)
     except ValueError:
         raise RuntimeError(f"{name}={raw!r} is not an integer") from None
-    if value < 1:
-        raise RuntimeError(f"{name}={value} must be >= 1")
+    if value < minimum:
+        raise RuntimeError(f"{name}={value} must be >= {minimum}")
     return value
 
 
@@ -119,7 +164,30 @@ def load_settings() -> Settings:
         served_model_name=served,
         max_new_tokens=_env_int("PHIOPS_MAX_NEW_TOKENS", args.max_new_tokens),
         max_prompt_tokens=_env_int("PHIOPS_MAX_PROMPT_TOKENS", args.max_prompt_tokens),
+        max_concurrency=_env_int("PHIOPS_MAX_CONCURRENCY", args.max_concurrency),
+        request_timeout_s=_env_int("PHIOPS_REQUEST_TIMEOUT_S", args.request_timeout_s),
+        max_batch_size=_env_int("PHIOPS_MAX_BATCH_SIZE", args.max_batch_size),
+        max_batch_wait_ms=_env_int("PHIOPS_MAX_BATCH_WAIT_MS", args.max_batch_wait_ms, minimum=0),
+        dtype=_env_dtype(args.dtype),
     )
+
+
+def _env_dtype(fallback: str) -> str:
+    raw = os.environ.get("PHIOPS_DTYPE") or fallback
+    if raw not in DTYPES:
+        raise RuntimeError(f"PHIOPS_DTYPE={raw!r} is not one of {DTYPES}")
+    return raw
+
+
+def pick_dtype(setting: str, device: str) -> str:
+    """The weights' dtype for `setting` on `device` (see the module doc, note 2)."""
+    if setting != "auto":
+        return setting
+    if device == "cuda":
+        return "bfloat16"
+    import torch
+
+    return "bfloat16" if torch.cpu._is_amx_tile_supported() else "float32"
 
 
 SETTINGS = load_settings()
@@ -154,13 +222,12 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Strict):
+class _GenerationParams(_Strict):
+    """The sampling and output fields both endpoints share."""
+
     model: str = Field(min_length=1, max_length=256)
-    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
     # Optional fields also accept an explicit null (some clients send one) meaning "default".
     max_tokens: int | None = Field(None, ge=1)
-    # Newer OpenAI clients send this name instead of max_tokens; it wins when both are given.
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: 1.0, as OpenAI
     top_p: float | None = Field(None, gt=0.0, le=1.0)  # None: 1.0
     stop: str | list[str] | None = None
@@ -187,6 +254,9 @@ class ChatCompletionRequest(_Strict):
     def stops(self) -> list[str]:
         return list(self.stop or [])  # type: ignore[arg-type]  # normalised by _stop
 
+    def asked_tokens(self) -> tuple[int | None, str]:
+        return self.max_tokens, "max_tokens"
+
     @property
     def temp(self) -> float:
         return 1.0 if self.temperature is None else self.temperature
@@ -194,6 +264,32 @@ class ChatCompletionRequest(_Strict):
     @property
     def nucleus(self) -> float:
         return 1.0 if self.top_p is None else self.top_p
+
+
+class ChatCompletionRequest(_GenerationParams):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
+    # Newer OpenAI clients send this name instead of max_tokens; it wins when both are given.
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def asked_tokens(self) -> tuple[int | None, str]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+
+class CompletionRequest(_GenerationParams):
+    # A list is accepted as OpenAI's client may send one, but it must hold exactly one prompt.
+    prompt: str | list[str] = Field(min_length=1)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("exactly one prompt per request is served")
+        return v
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
 class APIError(Exception):
@@ -263,7 +359,7 @@ async def _on_http_error(_: Request, exc: StarletteHTTPException) -> JSONRespons
 
 
 # --------------------------------------------------------------------------------------------
-# Generation helpers (torch/transformers are imported lazily: see module doc)
+# Generation helpers
 # --------------------------------------------------------------------------------------------
 
 
@@ -281,53 +377,131 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def _truncate_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
+# --------------------------------------------------------------------------------------------
+# Checkpoint integrity, lineage, metrics (torch/transformers are imported lazily: see module doc)
+# --------------------------------------------------------------------------------------------
 
 
-class _Run:
-    """Per-request generation state shared with the stopping criterion (runs in the generate thread)."""
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
-    def __init__(self, tokenizer: Any, prompt_len: int, stops: list[str], eos_ids: list[int]):
-        self.tokenizer, self.prompt_len, self.stops, self.eos_ids = tokenizer, prompt_len, stops, eos_ids
-        self.cancel = threading.Event()
-        self.generated = 0
-        self.hit_stop = False
-        self.hit_eos = False
 
-    def finish_reason(self, text: str, max_new_tokens: int) -> tuple[str, str]:
-        """The text cut at the first stop sequence, and OpenAI's finish_reason for it."""
-        text, cut = _truncate_at_stop(text, self.stops)
-        if cut or self.hit_stop or self.hit_eos:
-            return text, "stop"
-        return text, "length" if self.generated >= max_new_tokens else "stop"
+def verify_checkpoint(path: str, manifest: dict[str, str] | None, tag: str) -> None:
+    """Check every checkpoint file against the sha256 manifest saved with the model.
 
-    def criterion(self) -> Any:
-        from transformers import StoppingCriteria
+    Raises:
+        RuntimeError: no manifest, or a file is missing, unrecorded or differs (names the files).
+    """
+    if not manifest:
+        raise RuntimeError(f"{tag}: the stored model has no sha256 manifest (metadata phiops.files); "
+                           "save it with phiops.bento.save_model")
+    found = {os.path.relpath(os.path.join(d, n), path) for d, _, names in os.walk(path) for n in names}
+    problems = [f"{rel}: missing" for rel in sorted(set(manifest) - found)]
+    problems += [f"{rel}: not in the manifest" for rel in sorted(found - set(manifest))]
+    for rel in sorted(set(manifest) & found):
+        actual = _sha256(os.path.join(path, rel))
+        if actual != manifest[rel]:
+            problems.append(f"{rel}: sha256 {actual[:16]}... but the manifest says {manifest[rel][:16]}...")
+    if problems:
+        raise RuntimeError(
+            f"{tag}: checkpoint files differ from the sha256 manifest saved with the model; refusing to "
+            "serve a damaged or altered model (save it again from the registry):\n  - " + "\n  - ".join(problems)
+        )
 
-        run = self
 
-        class _Criterion(StoppingCriteria):
-            # transformers' own stop_strings builds a vocab-wide table on every call (seconds
-            # per request on CPU); decoding the short tail is far cheaper for <= 4 stops.
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                import torch
+def lineage(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Registry version, data hash and git revision from the stored model's metadata.
 
-                run.generated = int(input_ids.shape[1]) - run.prompt_len
-                run.hit_eos = run.generated > 0 and int(input_ids[0, -1]) in run.eos_ids
-                done = run.cancel.is_set()
-                if not done and run.stops and run.generated > 0:
-                    tail = run.tokenizer.decode(input_ids[0, run.prompt_len:], skip_special_tokens=True)
-                    run.hit_stop = any(s in tail for s in run.stops)
-                    done = run.hit_stop
-                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+    ``phiops`` records them under ``"registry"`` (a dict, or the version string of older
+    models); top-level keys of the same names are read too. Missing facts are None.
+    """
+    reg = metadata.get("registry")
+    reg = reg if isinstance(reg, dict) else ({"version": reg} if isinstance(reg, str) else {})
 
-        return _Criterion()
+    def pick(*keys: str) -> Any:
+        for key in keys:
+            for source in (reg, metadata):
+                if source.get(key) is not None:
+                    return source[key]
+        return None
+
+    return {
+        "artifact": pick("artifact"),
+        "registry_version": pick("version", "registry_version"),
+        "data_hash": pick("data_hash"),
+        "git_rev": pick("git_rev", "git_revision"),
+        "git_tag": pick("git_tag"),
+    }
+
+
+class _Metrics:
+    """The phiops Prometheus series; created once per process (BentoML's /metrics collects them)."""
+
+    def __init__(self) -> None:
+        # Imported here, not at module import: BentoML sets PROMETHEUS_MULTIPROC_DIR in the worker
+        # after importing this module, and prometheus_client reads it at import.
+        import prometheus_client as prom
+
+        def get(kind: Callable[..., Any], name: str, doc: str, **kw: Any) -> Any:
+            existing = prom.REGISTRY._names_to_collectors.get(name)  # re-imported service (tests)
+            return existing if existing is not None else kind(name, doc, **kw)
+
+        self.duration = get(prom.Histogram, "phiops_request_duration_seconds",
+                            "Time from request to last byte of the response, by route and status.",
+                            labelnames=["route", "status"],
+                            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300))
+        self.generated = get(prom.Counter, "phiops_generated_tokens",
+                             "Tokens generated (sampled), all requests, warm-up included.")
+        self.prompt = get(prom.Counter, "phiops_prompt_tokens", "Prompt tokens prefilled.")
+        self.forward = get(prom.Counter, "phiops_forward_passes", "Model forward passes, by phase.",
+                           labelnames=["phase"])
+        self.batch = get(prom.Histogram, "phiops_batch_rows", "Rows (requests) per forward pass, by phase.",
+                         labelnames=["phase"], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.running = get(prom.Gauge, "phiops_requests_running",
+                           "Requests in a route handler (a stream counts until its first token is in).", multiprocess_mode="livesum")
+        self.rejected = get(prom.Counter, "phiops_requests_rejected",
+                            "Requests refused before any model compute, by reason.", labelnames=["reason"])
+
+
+class _DurationMiddleware:
+    """Observes each /v1 request's duration until its last body byte (streams included)."""
+
+    metrics: "_Metrics | None" = None  # set by the service once its series exist
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self.metrics is None:
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+
+        async def _send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        route = scope.get("path", "").rsplit("/v1", 1)[-1] or "/"
+        route = route if route in ("/chat/completions", "/completions", "/models") else "other"
+        try:
+            await self.app(scope, receive, _send)
+        finally:
+            self.metrics.duration.labels(route, str(status[0])).observe(time.perf_counter() - t0)
+
+
+app.add_middleware(_DurationMiddleware)
 
 
 def _now() -> int:
     return int(time.time())
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,9 +511,14 @@ def _now() -> int:
 
 @bentoml.service(
     name="PhiOpsLLM",
-    description="OpenAI-compatible chat completions over one phiops causal LM.",
-    workers=1,  # one model copy per replica; requests are serialised on it (see _lock)
-    traffic={"timeout": 600},  # CPU generation of a few hundred tokens can exceed the 60 s default
+    description="OpenAI-compatible completions over one phiops causal LM, continuously batched.",
+    workers=1,  # one model copy per replica; its engine batches every request of the replica
+    traffic={
+        "max_concurrency": SETTINGS.max_concurrency,
+        # The route answers 504 itself at request_timeout_s (OpenAI-shaped, generation cancelled);
+        # BentoML's timeout is the backstop for anything that hangs before reaching it.
+        "timeout": SETTINGS.request_timeout_s + 30,
+    },
     labels={"project": "phiops"},
 )
 @bentoml.asgi_app(app, path="/v1")
@@ -352,18 +531,30 @@ class PhiOpsLLM:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        # Found beside this file, in the source tree and in a built bento (bentofile `include`).
+        here = os.path.dirname(os.path.abspath(__file__))
+        if here not in sys.path:
+            sys.path.insert(0, here)
+        from phiops_engine import Engine
+
         self._ready = False
         self.settings = SETTINGS
+        self.metrics = _Metrics()
         stored = self.model_ref
         self.model_tag = str(stored.tag)
         self.model_created = int(stored.info.creation_time.timestamp())
+        meta = dict(stored.info.metadata or {})
+        self.lineage = lineage(meta)
         path = stored.path_of(CHECKPOINT_SUBDIR)
         if not os.path.isdir(path) or not any(n.endswith(".safetensors") for n in os.listdir(path)):
             raise RuntimeError(f"{self.model_tag}: no safetensors checkpoint at {path}")
+        t0 = time.perf_counter()
+        verify_checkpoint(path, (meta.get("phiops") or {}).get("files"), self.model_tag)
+        log.info("%s: checkpoint matches its sha256 manifest (%.1fs)", self.model_tag, time.perf_counter() - t0)
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        # bf16 on GPUs; fp32 on CPU, where bf16 measured 4-5x slower (phiops.models.default_dtype).
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.dtype = pick_dtype(self.settings.dtype, self.device)
+        dtype = getattr(torch, self.dtype)
         t0 = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         if not getattr(self.tokenizer, "chat_template", None):
@@ -374,31 +565,73 @@ class PhiOpsLLM:
             path, use_safetensors=True, trust_remote_code=False, dtype=dtype
         ).to(self.device).eval()
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
-        # One generation at a time per replica: on CPU parallel generate calls only contend for
-        # the same cores, and a per-request seed must not be disturbed by another request.
-        self._lock = threading.Lock()
-        log.info("loaded %s on %s in %.1fs", self.model_tag, self.device, time.perf_counter() - t0)
+        log.info("loaded %s on %s (%s) in %.1fs", self.model_tag, self.device, self.dtype, time.perf_counter() - t0)
+
+        def on_step(phase: str, rows: int, new_tokens: int) -> None:
+            self.metrics.forward.labels(phase).inc()
+            self.metrics.batch.labels(phase).observe(rows)
+            self.metrics.generated.inc(new_tokens)
+
+        self.engine = Engine(self.model, self.tokenizer, self.eos_ids, self.device,
+                             max_batch_size=self.settings.max_batch_size,
+                             max_wait_ms=self.settings.max_batch_wait_ms, on_step=on_step)
+        _DurationMiddleware.metrics = self.metrics
 
         t0 = time.perf_counter()
-        self._generate(self._encode([ChatMessage(role="user", content="Hello")]),
-                       max_new_tokens=WARMUP_TOKENS, temperature=0.0, top_p=1.0, seed=None, stops=[])
+        prompt = self._encode_chat([ChatMessage(role="user", content="Hello")])
+        self._warmup(prompt)
         log.info("warm-up generation done in %.2fs; ready", time.perf_counter() - t0)
         self._ready = True
 
+    def _warmup(self, prompt: list[int]) -> None:
+        import threading
+
+        from phiops_engine import Request
+
+        done, errors = threading.Event(), []
+
+        def emit(ev: Any) -> None:
+            if ev.error:
+                errors.append(ev.error)
+            if ev.finish_reason or ev.error:
+                done.set()
+
+        self.engine.submit(Request(prompt=prompt, max_new_tokens=WARMUP_TOKENS, emit=emit))
+        if not done.wait(600) or errors:
+            raise RuntimeError(f"{self.model_tag}: warm-up generation failed: {errors or 'timed out'}")
+        self.metrics.prompt.inc(len(prompt))
+
     def __is_ready__(self) -> bool:
-        return self._ready
+        return self._ready and self.engine.alive()
 
-    # ---- helpers ----------------------------------------------------------------------------
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        self.engine.close()
 
-    def _encode(self, messages: list[ChatMessage]) -> list[int]:
+    # ---- checks (all before any model compute) -------------------------------------------------
+
+    def _refuse(self, reason: str, exc: APIError) -> APIError:
+        self.metrics.rejected.labels(reason).inc()
+        return exc
+
+    def _precheck_chars(self, n_chars: int, param: str) -> None:
+        if n_chars > self.settings.max_prompt_tokens * MAX_CHARS_PER_TOKEN:
+            raise self._refuse("prompt_too_long", APIError(
+                400, f"the prompt is far longer than {self.settings.max_prompt_tokens} tokens",
+                param=param, code="context_length_exceeded"))
+
+    def _check_prompt_len(self, ids: list[int], param: str) -> list[int]:
+        if len(ids) > self.settings.max_prompt_tokens:
+            raise self._refuse("prompt_too_long", APIError(
+                400, f"the prompt is {len(ids)} tokens; this service accepts at most {self.settings.max_prompt_tokens}",
+                param=param, code="context_length_exceeded"))
+        return list(ids)
+
+    def _encode_chat(self, messages: list[ChatMessage]) -> list[int]:
         import jinja2
 
         convo = [{"role": m.role, "content": m.text()} for m in messages]
-        if sum(len(m["content"]) for m in convo) > self.settings.max_prompt_tokens * MAX_CHARS_PER_TOKEN:
-            raise APIError(400, f"the prompt is far longer than {self.settings.max_prompt_tokens} tokens",
-                           param="messages", code="context_length_exceeded")
+        self._precheck_chars(sum(len(m["content"]) for m in convo), "messages")
         try:
             text = self.tokenizer.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
         except jinja2.TemplateError as exc:
@@ -406,64 +639,125 @@ class PhiOpsLLM:
             # their messages are written by the template author, not copied from the request.
             raise APIError(400, f"messages rejected by the model's chat template: {exc}", param="messages") from None
         # The template already wrote any BOS/special tokens it wants.
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > self.settings.max_prompt_tokens:
-            raise APIError(
-                400,
-                f"the prompt is {len(ids)} tokens; this service accepts at most "
-                f"{self.settings.max_prompt_tokens}",
-                param="messages", code="context_length_exceeded",
-            )
-        return list(ids)
+        return self._check_prompt_len(self.tokenizer(text, add_special_tokens=False)["input_ids"], "messages")
 
-    def _gen_kwargs(self, prompt: list[int], run: _Run, *, max_new_tokens: int, temperature: float,
-                    top_p: float) -> dict[str, Any]:
-        import torch
-        from transformers import StoppingCriteriaList
+    def _encode_text(self, prompt: str) -> list[int]:
+        self._precheck_chars(len(prompt), "prompt")
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise APIError(400, "the prompt is empty after tokenizing", param="prompt")
+        return self._check_prompt_len(ids, "prompt")
 
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        kwargs: dict[str, Any] = {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "max_new_tokens": max_new_tokens,
-            "eos_token_id": self.eos_ids,
-            "pad_token_id": self.pad_id,
-            "stopping_criteria": StoppingCriteriaList([run.criterion()]),
-        }
-        if temperature == 0.0:
-            kwargs["do_sample"] = False
-        else:
-            # OpenAI semantics: only temperature and nucleus sampling; top_k=0 switches off any
-            # top_k (or repetition penalty) default the checkpoint's generation_config carries.
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, repetition_penalty=1.0)
-        return kwargs
-
-    def _generate(self, prompt: list[int], *, max_new_tokens: int, temperature: float, top_p: float,
-                  seed: int | None, stops: list[str]) -> tuple[str, int, str]:
-        """Blocking generation; returns (text, completion_tokens, finish_reason)."""
-        import torch
-
-        run = _Run(self.tokenizer, len(prompt), stops, self.eos_ids)
-        kwargs = self._gen_kwargs(prompt, run, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-        with self._lock, torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)
-            out = self.model.generate(**kwargs)
-        new = out[0, len(prompt):]
-        run.generated = int(new.shape[0])
-        run.hit_eos = run.generated > 0 and int(new[-1]) in self.eos_ids
-        text, finish = run.finish_reason(self.tokenizer.decode(new, skip_special_tokens=True), max_new_tokens)
-        return text, run.generated, finish
-
-    def _cap(self, req: ChatCompletionRequest) -> int:
-        asked = req.max_completion_tokens or req.max_tokens
-        # A request may ask for less than the cap, never more: the cap bounds per-request latency.
-        return min(asked, self.settings.max_new_tokens) if asked else self.settings.max_new_tokens
+    def _cap(self, req: _GenerationParams) -> int:
+        asked, name = req.asked_tokens()
+        if asked is None:
+            return self.settings.max_new_tokens
+        if asked > self.settings.max_new_tokens:
+            # Refused, not clamped: a client asking for more than it can get should know.
+            raise self._refuse("max_tokens_over_cap", APIError(
+                400, f"{name} is {asked}; this service generates at most {self.settings.max_new_tokens} "
+                "tokens per request", param=name, code="invalid_value"))
+        return asked
 
     def _check_model(self, name: str) -> None:
         if name not in (self.settings.served_model_name, self.model_tag):
-            raise APIError(404, "the requested model is not served here; see GET /v1/models",
-                           param="model", code="model_not_found")
+            raise self._refuse("unknown_model", APIError(
+                404, "the requested model is not served here; see GET /v1/models",
+                param="model", code="model_not_found"))
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    def _submit(self, prompt: list[int], body: _GenerationParams, max_new: int) -> tuple[Any, asyncio.Queue]:
+        from phiops_engine import Request
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        req = Request(prompt=prompt, max_new_tokens=max_new, temperature=body.temp, top_p=body.nucleus,
+                      seed=body.seed, stops=body.stops(),
+                      emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        self.engine.submit(req)
+        self.metrics.prompt.inc(len(prompt))
+        return req, events
+
+    def _timeout(self) -> APIError:
+        return APIError(504, f"no answer within this service's {self.settings.request_timeout_s} s request "
+                        "timeout; generation was cancelled", code="timeout", kind="timeout_error")
+
+    async def _complete(self, prompt: list[int], body: _GenerationParams, max_new: int) -> tuple[str, int, str]:
+        req, events = self._submit(prompt, body, max_new)
+        parts: list[str] = []
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                while True:
+                    ev = await events.get()
+                    if ev.error:
+                        raise APIError(500, ev.error, kind="server_error")
+                    parts.append(ev.text)
+                    if ev.finish_reason:
+                        return "".join(parts), ev.completion_tokens, ev.finish_reason
+        except TimeoutError:
+            raise self._timeout() from None
+        finally:
+            req.cancel()  # no-op once finished; frees the batch row on timeout or disconnect
+
+    async def _stream(self, prompt: list[int], body: _GenerationParams, max_new: int,
+                      make_chunk: Callable[[str | None, str | None, bool], dict[str, Any] | None],
+                      usage_chunk: Callable[[dict[str, int]], dict[str, Any]] | None) -> Any:
+        """Start generating; return the SSE response once the first event is in (a 504 until then)."""
+        req, events = self._submit(prompt, body, max_new)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                first = await events.get()
+        except TimeoutError:
+            req.cancel()
+            raise self._timeout() from None
+        except BaseException:
+            req.cancel()
+            raise
+
+        async def body_iter() -> AsyncIterator[str]:
+            ev, n_out = first, 0
+            try:
+                opening = make_chunk(None, None, True)
+                if opening is not None:
+                    yield _sse(opening)
+                while True:
+                    if ev.error:
+                        log.error("generation failed: %s", ev.error)
+                        yield _sse({"error": {"message": ev.error, "type": "server_error", "param": None,
+                                              "code": None}})
+                        break
+                    if ev.text:
+                        yield _sse(make_chunk(ev.text, None, False))
+                    if ev.finish_reason:
+                        n_out = ev.completion_tokens
+                        yield _sse(make_chunk(None, ev.finish_reason, False))
+                        if usage_chunk is not None:
+                            yield _sse(usage_chunk({"prompt_tokens": len(prompt), "completion_tokens": n_out,
+                                                    "total_tokens": len(prompt) + n_out}))
+                        break
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            ev = await events.get()
+                    except TimeoutError:
+                        yield _sse({"error": {"message": self._timeout().message, "type": "timeout_error",
+                                              "param": None, "code": "timeout"}})
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                req.cancel()  # client gone or stream done: the row leaves the batch
+
+        return StreamingResponse(body_iter(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _guarded(self, work: Any) -> Any:
+        self.metrics.running.inc()
+        try:
+            return await work
+        finally:
+            self.metrics.running.dec()
 
     # ---- routes -----------------------------------------------------------------------------
 
@@ -478,117 +772,72 @@ class PhiOpsLLM:
                 "owned_by": "phiops",
                 "root": self.model_tag,
                 "max_model_len": self.settings.max_prompt_tokens + self.settings.max_new_tokens,
+                "lineage": self.lineage,
             }],
         }
 
     @app.post("/chat/completions", response_model=None)
     async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+        return await self._guarded(self._chat(body))
+
+    async def _chat(self, body: ChatCompletionRequest) -> Any:
         self._check_model(body.model)
-        # Off the event loop: templating and tokenizing a long prompt takes a while.
-        prompt = await asyncio.to_thread(self._encode, body.messages)
         max_new = self._cap(body)
+        # Off the event loop: templating and tokenizing a long prompt takes a while.
+        prompt = await asyncio.to_thread(self._encode_chat, body.messages)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": _now(), "model": self.settings.served_model_name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                self._stream(prompt, body, max_new, meta, include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        text, n_out, finish = await asyncio.to_thread(
-            self._generate, prompt, max_new_tokens=max_new, temperature=body.temp,
-            top_p=body.nucleus, seed=body.seed, stops=body.stops(),
-        )
+
+            def chunk(text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                data = {**meta, "object": "chat.completion.chunk",
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                if include_usage:
+                    data["usage"] = None
+                return data
+
+            def usage(u: dict[str, int]) -> dict[str, Any]:
+                return {**meta, "object": "chat.completion.chunk", "choices": [], "usage": u}
+
+            return await self._stream(prompt, body, max_new, chunk, usage if include_usage else None)
+        text, n_out, finish = await self._complete(prompt, body, max_new)
         return {
-            "id": meta["id"],
+            **meta,
             "object": "chat.completion",
-            "created": meta["created"],
-            "model": meta["model"],
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish,
-            }],
-            "usage": {"prompt_tokens": len(prompt), "completion_tokens": n_out,
-                      "total_tokens": len(prompt) + n_out},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": n_out, "total_tokens": len(prompt) + n_out},
         }
 
-    async def _stream(self, prompt: list[int], body: ChatCompletionRequest, max_new: int,
-                      meta: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
-        import torch
-        from transformers import TextIteratorStreamer
+    @app.post("/completions", response_model=None)
+    async def completions(self, body: CompletionRequest) -> Any:
+        return await self._guarded(self._text_completion(body))
 
-        stops = body.stops()
-        run = _Run(self.tokenizer, len(prompt), stops, self.eos_ids)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = self._gen_kwargs(prompt, run, max_new_tokens=max_new, temperature=body.temp, top_p=body.nucleus)
-        kwargs["streamer"] = streamer
-        error: list[BaseException] = []
+    async def _text_completion(self, body: CompletionRequest) -> Any:
+        self._check_model(body.model)
+        max_new = self._cap(body)
+        prompt = await asyncio.to_thread(self._encode_text, body.text())
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": _now(), "model": self.settings.served_model_name}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def work() -> None:
-            try:
-                with self._lock, torch.inference_mode():
-                    if run.cancel.is_set():
-                        return
-                    if body.seed is not None:
-                        torch.manual_seed(body.seed)
-                    self.model.generate(**kwargs)
-            except BaseException as exc:  # reported to the client as the stream's last event
-                error.append(exc)
-            finally:
-                streamer.end()  # unblocks the reader even when generate raised
+            def chunk(text: str | None, finish: str | None, first: bool) -> dict[str, Any] | None:
+                if first:  # completions streams have no role chunk
+                    return None
+                data = {**meta, "object": "text_completion",
+                        "choices": [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+                if include_usage:
+                    data["usage"] = None
+                return data
 
-        def chunk(delta: dict[str, Any], finish: str | None) -> str:
-            data = {"id": meta["id"], "object": "chat.completion.chunk", "created": meta["created"],
-                    "model": meta["model"], "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            if include_usage:
-                data["usage"] = None
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+            def usage(u: dict[str, int]) -> dict[str, Any]:
+                return {**meta, "object": "text_completion", "choices": [], "usage": u}
 
-        thread = threading.Thread(target=work, name="phiops-generate", daemon=True)
-        thread.start()
-        # Hold back enough characters that a stop sequence split across pieces is never sent.
-        holdback = max((len(s) for s in stops), default=1) - 1
-        text, sent, finish = "", 0, None
-        try:
-            yield chunk({"role": "assistant", "content": ""}, None)
-            pieces = iter(streamer)
-            while True:
-                piece = await asyncio.to_thread(next, pieces, None)
-                if piece is None:
-                    break
-                text += piece
-                cut, hit = _truncate_at_stop(text, stops)
-                if hit:
-                    run.cancel.set()
-                    finish = "stop"
-                    if len(cut) > sent:
-                        yield chunk({"content": cut[sent:]}, None)
-                    sent = len(cut)
-                    break
-                safe = len(text) - holdback
-                if safe > sent:
-                    yield chunk({"content": text[sent:safe]}, None)
-                    sent = safe
-            await asyncio.to_thread(thread.join)
-            if error:
-                log.error("generation failed: %r", error[0])
-                err = {"error": {"message": "generation failed", "type": "server_error", "param": None, "code": None}}
-                yield f"data: {json.dumps(err)}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-            if finish is None:
-                rest, finish = run.finish_reason(text, max_new)
-                if len(rest) > sent:
-                    yield chunk({"content": rest[sent:]}, None)
-            yield chunk({}, finish)
-            if include_usage:
-                usage = {"prompt_tokens": len(prompt), "completion_tokens": run.generated,
-                         "total_tokens": len(prompt) + run.generated}
-                final = {"id": meta["id"], "object": "chat.completion.chunk", "created": meta["created"],
-                         "model": meta["model"], "choices": [], "usage": usage}
-                yield f"data: {json.dumps(final)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            # Client gone or stream done: stop generating so the lock frees for the next request.
-            run.cancel.set()
+            return await self._stream(prompt, body, max_new, chunk, usage if include_usage else None)
+        text, n_out, finish = await self._complete(prompt, body, max_new)
+        return {
+            **meta,
+            "object": "text_completion",
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "usage": {"prompt_tokens": len(prompt), "completion_tokens": n_out, "total_tokens": len(prompt) + n_out},
+        }

@@ -226,6 +226,11 @@ def build(
     served_model_name: str | None = None,
     max_new_tokens: int | None = None,
     max_prompt_tokens: int | None = None,
+    max_concurrency: int | None = None,
+    request_timeout_s: int | None = None,
+    max_batch_size: int | None = None,
+    max_batch_wait_ms: int | None = None,
+    dtype: str | None = None,
     lock_packages: bool = True,
     timeout: float = 1800,
 ) -> str:
@@ -249,6 +254,9 @@ def build(
         served_model_name: the ``model`` id clients send; default the model tag's name.
         max_new_tokens: cap on generated tokens per request; default the service's (128).
         max_prompt_tokens: cap on prompt tokens per request; default the service's (1024).
+        max_concurrency, request_timeout_s, max_batch_size, max_batch_wait_ms, dtype: the
+            service's other limits (``phiops.config.ServeCfg``; ``**cfg.serve.model_dump()`` passes
+            them all); None keeps the service's default.
         lock_packages: lock the Python requirements with uv; False keeps the pins as written
             (faster; for tests and offline builds).
         timeout: seconds before the build subprocess is killed.
@@ -277,6 +285,12 @@ def build(
         args["max_new_tokens"] = int(max_new_tokens)
     if max_prompt_tokens is not None:
         args["max_prompt_tokens"] = int(max_prompt_tokens)
+    for key, value in (("max_concurrency", max_concurrency), ("request_timeout_s", request_timeout_s),
+                       ("max_batch_size", max_batch_size), ("max_batch_wait_ms", max_batch_wait_ms)):
+        if value is not None:
+            args[key] = int(value)
+    if dtype is not None:
+        args["dtype"] = str(dtype)
 
     bento_tag = f"{_bento_name(bentofile)}:{version}"
     try:

@@ -39,10 +39,12 @@ TINY_ARCH = {
     "intermediate_size": 128,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "max_position_embeddings": 2048,
+    # Long enough that a request of SLOW_TOKENS outlives the served timeout (RoPE has no weights).
+    "max_position_embeddings": 8192,
 }
 CAP = 8  # max_new_tokens of the in-process service: small keeps generation fast
 SECRET = "SECRET-7f3a-do-not-echo"
+LINEAGE = {"artifact": "tiny-llama", "version": "v3.0.0", "data_hash": "md5:0123abcd", "git_rev": "c0ffee12"}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_tag(home: Path, tiny_dir: Path) -> str:
-    return bento.save_model(tiny_dir, "tiny-llama", "t1", {"stage": "test", "metrics": {"exact_match": 0.5}})
+    return bento.save_model(tiny_dir, "tiny-llama", "t1",
+                            {"stage": "test", "metrics": {"exact_match": 0.5}, "registry": LINEAGE})
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,8 +198,14 @@ def _assert_completion(data: dict[str, Any], model: str) -> str:
 
 
 def test_defaults_match_project_config(service_module: Any) -> None:
-    assert service_module.DEFAULT_MAX_NEW_TOKENS == ServeCfg().max_new_tokens
-    assert service_module.DEFAULT_MAX_PROMPT_TOKENS == ServeCfg().max_prompt_tokens
+    cfg = ServeCfg()
+    assert service_module.DEFAULT_MAX_NEW_TOKENS == cfg.max_new_tokens
+    assert service_module.DEFAULT_MAX_PROMPT_TOKENS == cfg.max_prompt_tokens
+    assert service_module.DEFAULT_MAX_CONCURRENCY == cfg.max_concurrency
+    assert service_module.DEFAULT_REQUEST_TIMEOUT_S == cfg.request_timeout_s
+    assert service_module.DEFAULT_MAX_BATCH_SIZE == cfg.max_batch_size
+    assert service_module.DEFAULT_MAX_BATCH_WAIT_MS == cfg.max_batch_wait_ms
+    assert service_module.DEFAULT_DTYPE == cfg.dtype
 
 
 def test_ready_and_models(client: Any, model_tag: str) -> None:
@@ -205,17 +214,59 @@ def test_ready_and_models(client: Any, model_tag: str) -> None:
     assert data["object"] == "list"
     assert [m["id"] for m in data["data"]] == ["tiny"]
     assert data["data"][0]["root"] == model_tag
+    # The production version's lineage, from the stored model's metadata.
+    assert data["data"][0]["lineage"] == {
+        "artifact": "tiny-llama", "registry_version": "v3.0.0", "data_hash": "md5:0123abcd",
+        "git_rev": "c0ffee12", "git_tag": None,
+    }
 
 
 def test_chat_completion_schema_and_cap(client: Any) -> None:
-    res = _chat(client, max_tokens=1000)
+    res = _chat(client, max_tokens=CAP)
     assert res.status_code == 200, res.text
     _assert_completion(res.json(), "tiny")
-    usage = res.json()["usage"]
-    assert usage["completion_tokens"] <= CAP  # clamped to the service cap, not an error
+    assert res.json()["usage"]["completion_tokens"] <= CAP
     # Greedy decoding is deterministic; the full model tag is accepted as the model id too.
-    again = _chat(client, max_tokens=1000, model=client.get("/v1/models").json()["data"][0]["root"])
+    again = _chat(client, max_tokens=CAP, model=client.get("/v1/models").json()["data"][0]["root"])
     assert again.json()["choices"][0]["message"] == res.json()["choices"][0]["message"]
+    # Above the cap: refused, naming the field (newer clients send max_completion_tokens).
+    for field in ("max_tokens", "max_completion_tokens"):
+        over = _chat(client, **{field: CAP + 1})
+        assert over.status_code == 400
+        assert over.json()["error"]["param"] == field and str(CAP) in over.json()["error"]["message"]
+
+
+def _complete(client: Any, **overrides: Any) -> Any:
+    body = {"model": "tiny", "prompt": "The router", "temperature": 0, "max_tokens": CAP}
+    body.update(overrides)
+    return client.post("/v1/completions", json=body)
+
+
+def test_text_completions_plain_and_streaming(client: Any) -> None:
+    res = _complete(client)
+    assert res.status_code == 200, res.text
+    data = res.json()
+    assert data["id"].startswith("cmpl-") and data["object"] == "text_completion"
+    (choice,) = data["choices"]
+    assert choice["finish_reason"] in ("stop", "length") and isinstance(choice["text"], str)
+    assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + data["usage"]["completion_tokens"]
+    assert _complete(client, prompt=["The router"]).json()["choices"][0]["text"] == choice["text"]
+
+    with client.stream("POST", "/v1/completions", json={
+        "model": "tiny", "prompt": "The router", "temperature": 0, "max_tokens": CAP, "stream": True,
+    }) as stream:
+        assert stream.status_code == 200
+        events = [line[len("data: "):] for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
+
+    for bad in ({"prompt": ["a", "b"]}, {"prompt": ""}, {"echo": True}, {"max_tokens": CAP + 1},
+                {"prompt": "word " * 3000}):
+        res = _complete(client, **bad)
+        assert res.status_code == 400, (bad, res.text)
 
 
 def test_seeded_sampling_is_reproducible(client: Any) -> None:
@@ -315,8 +366,57 @@ def test_compressed_tensors_w4a16_checkpoint_serves(home: Path, tmp_path: Path) 
                 model="tiny-llama-w4a16", messages=[{"role": "user", "content": "Hello"}], temperature=0
             )
             _assert_completion(asyncio.run(instance.chat_completions(body=request)), "tiny-llama-w4a16")
+            # Readiness follows the engine: once its thread is gone, /readyz stops answering 200.
+            assert instance.__is_ready__()
+            instance.engine.close()
+            assert not instance.__is_ready__()
         finally:
             sys.modules.pop("phiops_service_w4a16", None)
+
+
+def test_damaged_stored_model_is_refused_at_load(home: Path, tiny_dir: Path) -> None:
+    """One flipped byte in a stored checkpoint file: the service refuses to load, naming the file."""
+    import bentoml
+
+    tag = bento.save_model(tiny_dir, "tiny-llama-damaged", "t1", {})
+    stored = bentoml.models.get(tag, _model_store=bento._model_store())
+    weights = Path(stored.path_of("checkpoint/model.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    env = {"PHIOPS_MODEL_TAG": tag, "PHIOPS_SERVED_MODEL": "", "PHIOPS_MAX_NEW_TOKENS": "4"}
+    with _service_env(env):
+        module = _import_service("phiops_service_damaged")
+        try:
+            with pytest.raises(RuntimeError, match=r"sha256 manifest") as err:
+                module.PhiOpsLLM.inner()
+            assert "model.safetensors: sha256" in str(err.value)
+            # An extra file is refused too: the manifest is the whole checkpoint.
+            weights.write_bytes(bytes(data[: len(data) // 2]) + bytes([data[len(data) // 2] ^ 0x01])
+                                + bytes(data[len(data) // 2 + 1:]))
+            (weights.parent / "extra.safetensors").write_bytes(b"{}")
+            with pytest.raises(RuntimeError, match=r"extra.safetensors: not in the manifest"):
+                module.PhiOpsLLM.inner()
+        finally:
+            sys.modules.pop("phiops_service_damaged", None)
+
+
+def test_openai_client_in_process(client: Any) -> None:
+    """The official client, unmodified but for its transport (this process's ASGI app)."""
+    openai = pytest.importorskip("openai")
+    oa = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+    assert [m.id for m in oa.models.list().data] == ["tiny"]
+    out = oa.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                     max_tokens=CAP, temperature=0, seed=3)
+    assert out.choices[0].message.role == "assistant" and 1 <= out.usage.completion_tokens <= CAP
+    pieces = oa.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                        max_tokens=CAP, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == out.choices[0].message.content
+    text = oa.completions.create(model="tiny", prompt="Once", max_tokens=CAP, temperature=0)
+    streamed = oa.completions.create(model="tiny", prompt="Once", max_tokens=CAP, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
+    with pytest.raises(openai.BadRequestError):
+        oa.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=CAP + 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,6 +448,12 @@ def test_build_bakes_model_and_pins(home: Path, model_tag: str, bento_tag: str) 
     assert Path(built.path_of("env/docker/Dockerfile")).is_file()
     assert bento.containerize_command(bento_tag) == ["bentoml", "containerize", bento_tag]
 
+    # Every serve limit can be baked in: ServeCfg's fields are build()'s keywords.
+    tag2 = bento.build(model_tag, "t2", service_dir=SERVICE_DIR, served_model_name="tiny", lock_packages=False,
+                       **ServeCfg().model_dump())
+    baked = bentoml.bentos.get(tag2, _bento_store=bento._bento_store()).info.args
+    assert baked == {"model_tag": model_tag, "served_model_name": "tiny", **ServeCfg().model_dump()}
+
     # Same inputs: the existing bento; other inputs under the same version: refused.
     t0 = time.perf_counter()
     assert bento.build(model_tag, "t1", service_dir=SERVICE_DIR, served_model_name="tiny",
@@ -359,40 +465,190 @@ def test_build_bakes_model_and_pins(home: Path, model_tag: str, bento_tag: str) 
         bento.build("no-such-model:v9", "t9", service_dir=SERVICE_DIR, lock_packages=False)
 
 
-def test_built_bento_serves_openai_chat(home: Path, bento_tag: str) -> None:
+# The served bento is retuned through the environment (which wins over its baked arguments):
+# a small concurrency limit and timeout, and a cap high enough for a request to outlive it.
+SERVED_CONCURRENCY = 4
+SERVED_TIMEOUT_S = 4
+SLOW_TOKENS = 6000  # ~1.5 ms a token for this model on a 2-core CPU: ~10 s, past the timeout
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (0 when there are none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+@pytest.fixture(scope="module")
+def served(home: Path, bento_tag: str) -> Iterator[tuple[str, str]]:
+    """`bentoml serve <bento>` from the store; yields its URL and /metrics as read at readiness."""
     import httpx
 
-    t0 = time.perf_counter()
-    with bento.serving(bento_tag, timeout=300) as base:
-        print(f"\nbentoml serve {bento_tag}: ready after {time.perf_counter() - t0:.1f}s")
-        t1 = time.perf_counter()
-        res = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
-            "model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 500,
-        })
-        print(f"one chat completion: {time.perf_counter() - t1:.2f}s")
+    env = {"PHIOPS_MAX_CONCURRENCY": str(SERVED_CONCURRENCY), "PHIOPS_REQUEST_TIMEOUT_S": str(SERVED_TIMEOUT_S),
+           "PHIOPS_MAX_NEW_TOKENS": str(SLOW_TOKENS),
+           # float32: the batched-equals-solo check compares greedy tokens exactly, and bf16 (the
+           # default on AMX CPUs, which the in-process service covers) rounds a batch of 4 rows
+           # differently from one row.
+           "PHIOPS_DTYPE": "float32"}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        t0 = time.perf_counter()
+        with bento.serving(bento_tag, timeout=300) as base:
+            print(f"\nbentoml serve {bento_tag}: ready after {time.perf_counter() - t0:.1f}s")
+            yield base, httpx.get(f"{base}/metrics", timeout=30).text
+
+
+def test_ready_only_after_warmup_generation(served: tuple[str, str]) -> None:
+    # Read before any request was sent: readiness came after a generation through the engine.
+    _, at_ready = served
+    assert _metric(at_ready, "phiops_forward_passes_total", phase="prefill") >= 1
+    assert _metric(at_ready, "phiops_forward_passes_total", phase="decode") >= 1
+    assert _metric(at_ready, "phiops_generated_tokens_total") >= 2
+
+
+def test_limits_refused_before_any_compute(served: tuple[str, str]) -> None:
+    import httpx
+
+    base, _ = served
+    before = httpx.get(f"{base}/metrics", timeout=30).text
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    refused = [
+        ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": "word " * 3000}]}),
+        ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": "x" * 2_000_000}]}),
+        ("/v1/chat/completions", {**chat, "max_tokens": SLOW_TOKENS + 1}),
+        ("/v1/completions", {"model": "tiny", "prompt": "word " * 3000}),
+        ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": SLOW_TOKENS + 1}),
+    ]
+    for path, body in refused:
+        res = httpx.post(f"{base}{path}", json=body, timeout=60)
+        assert res.status_code == 400, (path, res.text[:200])
+        assert res.json()["error"]["param"] in ("messages", "prompt", "max_tokens")
+    after = httpx.get(f"{base}/metrics", timeout=30).text
+    for name in ("phiops_forward_passes_total", "phiops_prompt_tokens_total", "phiops_generated_tokens_total"):
+        assert _metric(after, name) == _metric(before, name), name  # not one forward pass
+    assert _metric(after, "phiops_requests_rejected_total") == _metric(before, "phiops_requests_rejected_total") + 5
+    # The counter does count: one accepted request moves it.
+    ok = httpx.post(f"{base}/v1/chat/completions", json={**chat, "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200
+    assert _metric(httpx.get(f"{base}/metrics", timeout=30).text, "phiops_forward_passes_total") > \
+        _metric(after, "phiops_forward_passes_total")
+
+
+def test_concurrent_requests_share_forward_passes(served: tuple[str, str]) -> None:
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, _ = served
+    bodies = [{"model": "tiny", "messages": [{"role": "user", "content": f"Ticket {i}: " + "help " * i}],
+               "temperature": 0, "max_tokens": 48} for i in range(SERVED_CONCURRENCY)]
+
+    def post(body: dict[str, Any]) -> str:
+        res = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
         assert res.status_code == 200, res.text
-        _assert_completion(res.json(), "tiny")
-        assert res.json()["usage"]["completion_tokens"] <= 16  # the cap baked in at build
+        return str(res.json()["choices"][0]["message"]["content"])
 
-        bad = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
-            "model": "tiny", "messages": [{"role": "robot", "content": SECRET}],
-        })
-        assert bad.status_code == 400 and SECRET not in bad.text
+    solo = [post(b) for b in bodies]
+    before = httpx.get(f"{base}/metrics", timeout=30).text
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(post, bodies))
+    after = httpx.get(f"{base}/metrics", timeout=30).text
+    assert together == solo  # batching (padding, shared steps) does not change greedy answers
+    steps = _metric(after, "phiops_batch_rows_count", phase="decode") - _metric(before, "phiops_batch_rows_count", phase="decode")
+    single = (_metric(after, "phiops_batch_rows_bucket", phase="decode", le="1.0")
+              - _metric(before, "phiops_batch_rows_bucket", phase="decode", le="1.0"))
+    rows = _metric(after, "phiops_batch_rows_sum", phase="decode") - _metric(before, "phiops_batch_rows_sum", phase="decode")
+    print(f"\n{len(bodies)} concurrent requests: {steps:.0f} decode steps, {rows / steps:.2f} rows a step")
+    assert single < steps  # some decode steps ran several requests at once
+    assert steps < sum(len(s) for s in solo)  # fewer steps than tokens: shared passes
 
-        openai = pytest.importorskip("openai")
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-        assert [m.id for m in client.models.list().data] == ["tiny"]
-        out = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0, seed=1
-        )
-        assert out.choices[0].message.role == "assistant" and out.usage.completion_tokens <= 4
-        pieces = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0, stream=True
-        )
-        streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
-        assert streamed == out.choices[0].message.content
-        with pytest.raises(openai.BadRequestError):
-            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], top_p=5)
+
+def test_overload_is_429_health_answers_and_timeout_is_504(served: tuple[str, str]) -> None:
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, _ = served
+    slow = {"model": "tiny", "messages": [{"role": "user", "content": "Count."}], "max_tokens": SLOW_TOKENS}
+    with ThreadPoolExecutor(SERVED_CONCURRENCY) as pool:
+        futures = [pool.submit(httpx.post, f"{base}/v1/chat/completions", json=slow, timeout=120)
+                   for _ in range(SERVED_CONCURRENCY)]
+        with httpx.Client(base_url=base, timeout=30) as c:
+            deadline = time.monotonic() + SERVED_TIMEOUT_S
+            while _metric(c.get("/metrics").text, "phiops_requests_running") < SERVED_CONCURRENCY:
+                assert time.monotonic() < deadline, "the slow requests never all started"
+                time.sleep(0.05)
+            over = c.post("/v1/chat/completions", json={**slow, "max_tokens": 1})
+            health = [c.get(p).status_code for p in ("/livez", "/readyz", "/metrics")]
+            still_running = [not f.done() for f in futures]
+        results = [f.result() for f in futures]
+    assert over.status_code == 429
+    assert all(still_running)  # refused while the slots were held, not after they freed
+    assert health == [200, 200, 200]
+    # Each slow request ran past the timeout: 504 in OpenAI's error shape, generation cancelled.
+    for res in results:
+        assert res.status_code == 504, res.text[:200]
+        assert res.json()["error"]["code"] == "timeout"
+    with httpx.Client(base_url=base, timeout=30) as c:
+        passes = _metric(c.get("/metrics").text, "phiops_forward_passes_total")
+        time.sleep(1.0)
+        text = c.get("/metrics").text
+        assert _metric(text, "phiops_forward_passes_total") == passes  # the engine is idle again
+        assert _metric(text, "phiops_requests_running") == 0
+        assert c.post("/v1/chat/completions", json={**slow, "max_tokens": 2}).status_code == 200
+
+
+def test_metrics_expose_duration_and_tokens(served: tuple[str, str]) -> None:
+    import httpx
+
+    base, _ = served
+    assert httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 3},
+                      timeout=60).status_code == 200
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    assert _metric(text, "phiops_request_duration_seconds_count", route="/completions", status="200") >= 1
+    assert _metric(text, "phiops_request_duration_seconds_count", route="/chat/completions", status="504") >= 1
+    assert _metric(text, "phiops_generated_tokens_total") > 0
+    assert _metric(text, "phiops_prompt_tokens_total") > 0
+    assert "bentoml_service_request_duration_seconds" in text  # BentoML's own per-endpoint series
+
+
+def test_built_bento_serves_openai_clients(served: tuple[str, str]) -> None:
+    import httpx
+
+    base, _ = served
+    t1 = time.perf_counter()
+    res = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16,
+    })
+    print(f"\none chat completion: {time.perf_counter() - t1:.2f}s")
+    assert res.status_code == 200, res.text
+    _assert_completion(res.json(), "tiny")
+    assert res.json()["usage"]["completion_tokens"] <= 16
+
+    bad = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": [{"role": "robot", "content": SECRET}],
+    })
+    assert bad.status_code == 400 and SECRET not in bad.text
+    assert "messages.0.role" in bad.json()["error"]["message"]  # field-level detail
+
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    (model,) = client.models.list().data
+    assert model.id == "tiny" and model.model_extra["lineage"]["registry_version"] == "v3.0.0"
+    out = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0, seed=1
+    )
+    assert out.choices[0].message.role == "assistant" and out.usage.completion_tokens <= 4
+    pieces = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0, stream=True
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+    assert streamed == out.choices[0].message.content
+    text = client.completions.create(model="tiny", prompt="Hi", max_tokens=4, temperature=0)
+    chunks = client.completions.create(model="tiny", prompt="Hi", max_tokens=4, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in chunks) == text.choices[0].text
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], top_p=5)
 
 
 def test_ask_returns_answer_and_stops_server(home: Path, bento_tag: str) -> None:

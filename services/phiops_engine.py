@@ -1,0 +1,384 @@
+"""Continuous batching for one causal LM: concurrent requests share every forward pass.
+
+One background thread owns the model. Each iteration it
+
+1. admits waiting requests (up to ``max_batch_size`` rows in all): their prompts are prefilled
+   together, left-padded, into a fresh KV cache that is then merged into the running batch's
+   (both left-padded to the longer length, concatenated on the batch dimension);
+2. runs one decode step for every running row: input ``[B, 1]``, a 2-D padding mask and
+   per-row position ids over the shared ``DynamicCache``;
+3. samples each row with its own settings (greedy, or temperature/top-p from the row's own
+   ``torch.Generator``, so a seeded request draws the same numbers whoever shares its batch),
+   checks EOS / stop strings / length, and drops finished or cancelled rows from the cache.
+
+A request never waits for another to finish (iteration-level scheduling, as in Orca/vLLM),
+only for the next step. When the engine is idle the first arrival waits at most
+``max_wait_ms`` for company, so a burst prefills as one batch.
+
+Why not transformers' own continuous batching (``init_continuous_batching``): on this 2-core CPU
+it measured 108 output tokens/s for 32 requests of the embedded model against 190 tokens/s for
+a plain padded ``generate`` of the same batch (its paged attention costs more Python per step
+than it saves on a small model), and it has no per-request seed. Why not BentoML's adaptive
+batching: it batches whole calls (a batch finishes with its longest request, new arrivals wait
+for it) and needs a second service process for the mounted OpenAI routes to reach it; nor does
+it stream tokens.
+
+This module imports only torch and transformers (lazily, via the model passed in); it ships in
+the bento beside service.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("bentoml.phiops.engine")
+TRIM_EVERY_S = 5.0
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, where there is one (Linux with glibc); None elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+@dataclass
+class Event:
+    """What the engine reports for one request: new text, and at the end why it stopped."""
+
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" once finished; None while running
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    """One generation: prompt ids in, events out through ``emit`` (called on the engine thread)."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    emit: Callable[[Event], None]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stops: list[str] = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # engine-side state
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the decoded text already emitted
+    generator: Any = None
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """Stop generating for this request (client gone, timeout); its row leaves the batch."""
+        self.cancelled.set()
+
+
+@dataclass
+class Stats:
+    """Counters read by the service's Prometheus metrics and by tests (plain ints: one writer)."""
+
+    forward_passes: int = 0
+    prefill_passes: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    active: int = 0
+    waiting: int = 0
+
+
+class Engine:
+    """The batching loop around one model; thread-safe ``submit``.
+
+    Args:
+        model: a loaded causal LM (eval mode) on ``device``.
+        tokenizer: its tokenizer (decodes the streamed text).
+        eos_ids: every token id that ends a turn.
+        device: ``"cuda"`` or ``"cpu"``.
+        max_batch_size: most rows decoded together.
+        max_wait_ms: how long the first request into an idle engine waits for others to join
+            its prefill (the latency a request may pay for batching).
+        on_step: called after each forward pass with (phase, batch rows, new tokens), for metrics.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, eos_ids: list[int], device: str, *,
+                 max_batch_size: int = 32, max_wait_ms: float = 10.0,
+                 on_step: Callable[[str, int, int], None] | None = None) -> None:
+        import torch
+
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.eos = set(eos_ids)
+        self.pad_id = eos_ids[0]
+        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
+        self.on_step = on_step
+        self.stats = Stats()
+        self._queue: queue.Queue[Request] = queue.Queue()
+        self._stop = threading.Event()
+        self._torch = torch
+        # running batch: rows[i] is batch row i of cache / mask / positions / last token
+        self.rows: list[Request] = []
+        self.cache: Any = None
+        self.mask: Any = None  # [B, T] 1 = real token
+        self.positions: Any = None  # [B] position id of the next token
+        self.last: Any = None  # [B] last sampled token
+        self._trimmed, self._idle_trimmed = time.monotonic(), False
+        self._thread = threading.Thread(target=self._loop, name="phiops-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public -----------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        if self._stop.is_set() or not self._thread.is_alive():
+            raise RuntimeError("the generation engine is not running")
+        self._queue.put(request)
+        self.stats.waiting = self._queue.qsize()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._queue.put(None)  # type: ignore[arg-type]  # wakes the loop
+        self._thread.join(timeout=30)
+
+    # ---- loop -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch = self._torch
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                try:
+                    new = self._admit()
+                    self._idle_trimmed = False
+                    if self._stop.is_set():
+                        break
+                    if new:
+                        self._prefill(new)
+                    if self.rows:
+                        self._decode()
+                    self._maybe_trim()
+                except Exception as exc:  # an OOM or a kernel error: fail those rows, keep serving
+                    log.exception("generation step failed; failing %d running request(s)", len(self.rows))
+                    for r in self.rows:
+                        r.emit(Event(error=f"generation failed: {type(exc).__name__}"))
+                    self._reset()
+        for r in self.rows:
+            r.emit(Event(error="the engine stopped"))
+        self._reset()
+
+    def _maybe_trim(self) -> None:
+        # The KV cache is re-allocated at every step with a new shape; glibc keeps the freed
+        # blocks, and the server's RSS grew 11 % per 200 requests of the load bench (a stable
+        # ~0.85 GB with trimming). Returning them costs ~1 ms: when idle, or every TRIM_EVERY_S.
+        now = time.monotonic()
+        if _TRIM is None or (self.rows and now - self._trimmed < TRIM_EVERY_S) or (not self.rows and self._idle_trimmed):
+            return
+        _TRIM(0)
+        self._trimmed, self._idle_trimmed = now, not self.rows
+
+    def _admit(self) -> list[Request]:
+        room = self.max_batch_size - len(self.rows)
+        new: list[Request] = []
+        if room <= 0:
+            return new
+        if not self.rows:  # idle: block for the first request, then wait briefly for company
+            first = self._queue.get()
+            if first is None:
+                return new
+            new.append(first)
+            deadline = time.perf_counter() + self.max_wait
+            while len(new) < room:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                try:
+                    nxt = self._queue.get(timeout=left)
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    return new
+                new.append(nxt)
+        while len(new) < room:  # whatever else is already waiting joins at this step
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                break
+            new.append(nxt)
+        self.stats.waiting = self._queue.qsize()
+        return [r for r in new if not r.cancelled.is_set()]
+
+    def _prefill(self, new: list[Request]) -> None:
+        torch = self._torch
+        from transformers import DynamicCache
+
+        width = max(len(r.prompt) for r in new)
+        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for i, r in enumerate(new):
+            ids[i, width - len(r.prompt):] = torch.tensor(r.prompt, dtype=torch.long)
+            mask[i, width - len(r.prompt):] = 1
+            if r.temperature > 0:
+                r.generator = torch.Generator(device=self.device)
+                r.generator.manual_seed(r.seed if r.seed is not None else int.from_bytes(_urandom(8), "little") >> 1)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        self.stats.forward_passes += 1
+        self.stats.prefill_passes += 1
+        self.stats.prompt_tokens += int(mask.sum())
+        if self.on_step:
+            self.on_step("prefill", len(new), len(new))
+        last = self._sample(out.logits[:, -1, :], new)
+        keep = self._advance(new, last)  # a row may finish at its first token
+        if not keep:
+            return
+        cache, positions = out.past_key_values, mask.sum(-1)
+        if len(keep) < len(new):
+            idx = torch.tensor(keep, device=mask.device)
+            cache.batch_select_indices(idx)
+            mask, positions, last = mask[idx], positions[idx], last[idx]
+        self._merge([new[i] for i in keep], cache, mask, positions, last)
+        self.stats.active = len(self.rows)
+
+    def _decode(self) -> None:
+        torch = self._torch
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=-1)
+        out = self.model(input_ids=self.last[:, None], attention_mask=self.mask,
+                         position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.positions = self.positions + 1
+        self.stats.forward_passes += 1
+        if self.on_step:
+            self.on_step("decode", len(self.rows), len(self.rows))
+        self.last = self._sample(out.logits[:, -1, :], self.rows)
+        self._keep(self._advance(self.rows, self.last))
+        self.stats.active = len(self.rows)
+
+    # ---- batch bookkeeping --------------------------------------------------------------------
+
+    def _merge(self, new: list[Request], cache: Any, mask: Any, positions: Any, last: Any) -> None:
+        torch = self._torch
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.positions, self.last = list(new), cache, mask, positions, last
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+
+        def left_pad(t: Any, dim: int) -> Any:
+            missing = width - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for old_layer, new_layer in zip(self.cache.layers, cache.layers):
+            old_layer.keys = torch.cat([left_pad(old_layer.keys, 2), left_pad(new_layer.keys, 2)], dim=0)
+            old_layer.values = torch.cat([left_pad(old_layer.values, 2), left_pad(new_layer.values, 2)], dim=0)
+        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(mask, 1)], dim=0)
+        self.positions = torch.cat([self.positions, positions])
+        self.last = torch.cat([self.last, last])
+        self.rows.extend(new)
+
+    def _keep(self, keep: list[int]) -> None:
+        torch = self._torch
+        if not keep:
+            self._reset()
+            return
+        if len(keep) < len(self.rows):
+            idx = torch.tensor(keep, device=self.mask.device)
+            self.cache.batch_select_indices(idx)
+            self.mask, self.positions, self.last = self.mask[idx], self.positions[idx], self.last[idx]
+            self.rows = [self.rows[i] for i in keep]
+        # Drop left columns no remaining row uses (a long prompt that has left the batch).
+        lead = int((self.mask.cumsum(-1) == 0).sum(-1).min())
+        if lead > 0:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+            self.mask = self.mask[:, lead:]
+
+    def _reset(self) -> None:
+        self.rows, self.cache, self.mask, self.positions, self.last = [], None, None, None, None
+        self.stats.active = 0
+
+    # ---- sampling and stopping ----------------------------------------------------------------
+
+    def _sample(self, logits: Any, rows: list[Request]) -> Any:
+        torch = self._torch
+        logits = logits.float()
+        out = logits.argmax(-1)
+        for i, r in enumerate(rows):
+            if r.temperature <= 0:
+                continue
+            scores = logits[i] / r.temperature
+            if r.top_p < 1.0:
+                sorted_scores, order = scores.sort(descending=True)
+                probs = sorted_scores.softmax(-1)
+                # Keep the smallest prefix whose mass reaches top_p (always the first token).
+                drop = (probs.cumsum(-1) - probs) >= r.top_p
+                sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+                pick = torch.multinomial(sorted_scores.softmax(-1), 1, generator=r.generator)
+                out[i] = order[pick[0]]
+            else:
+                out[i] = torch.multinomial(scores.softmax(-1), 1, generator=r.generator)[0]
+        return out
+
+    def _advance(self, rows: list[Request], tokens: Any) -> list[int]:
+        """Record one sampled token per row, emit text; return the indices of rows still running."""
+        keep: list[int] = []
+        ids = tokens.tolist()
+        for i, (r, tok) in enumerate(zip(rows, ids)):
+            if r.cancelled.is_set():
+                continue
+            self.stats.generated_tokens += 1
+            finish = None
+            if tok in self.eos:
+                finish = "stop"
+            else:
+                r.tokens.append(tok)
+            text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+            if r.stops:
+                cut = min((j for j in (text.find(s) for s in r.stops) if j >= 0), default=-1)
+                if cut >= 0:
+                    text, finish = text[:cut], "stop"
+            if finish is None and len(r.tokens) >= r.max_new_tokens:
+                finish = "length"
+            if finish is None:
+                # Hold back what could still become a stop string, and a half-decoded character.
+                hold = max((len(s) for s in r.stops), default=1) - 1
+                safe = len(text) - hold
+                if text.endswith("\ufffd"):
+                    safe = min(safe, len(text) - 1)
+                if safe > r.sent:
+                    r.emit(Event(text=text[r.sent:safe], completion_tokens=len(r.tokens)))
+                    r.sent = safe
+                keep.append(i)
+                continue
+            n_out = len(r.tokens) + (1 if tok in self.eos else 0)
+            r.emit(Event(text=text[r.sent:], finish_reason=finish, completion_tokens=n_out))
+            self.stats.finished += 1
+        return keep
+
+
+def _urandom(n: int) -> bytes:
+    import os
+
+    return os.urandom(n)
