@@ -423,7 +423,7 @@ def chat(base_url: str, prompt: str, *, system: str | None = None, max_tokens: i
         base_url: the server, e.g. from :func:`serving`.
         prompt: the user message.
         system: an optional system message.
-        max_tokens: completion cap (the service clamps it to its own cap).
+        max_tokens: completion cap (over the service's own cap the request is refused with a 400).
         temperature: 0 (default) is greedy decoding, so answers are reproducible.
         timeout: seconds for the request.
 
@@ -462,7 +462,7 @@ def ask(bento_tag: str, prompt: str, *, port: int | None = None, timeout: float 
         port: the port to serve on; default a free one.
         timeout: seconds for startup to ready, and again for the request.
         system: an optional system message.
-        max_tokens: completion cap (the service clamps it to its own cap).
+        max_tokens: completion cap (over the service's own cap the request is refused with a 400).
 
     Returns:
         The assistant message content.

@@ -38,16 +38,17 @@ def build_bento(layout: Layout, cfg: Params, record: dict[str, Any], *, lock_pac
     with registry.verified_files(layout.root, record) as (src, source):
         model_tag = bento.save_model(
             src, cfg.registry.artifact, version,
-            {"registry": {"artifact": record["artifact"], "version": version, "git_tag": registry.version_rev(record)}},
+            # /v1/models shows these: which version, from which data and code.
+            {"registry": {"artifact": record["artifact"], "version": version, "git_tag": registry.version_rev(record),
+                          "data_hash": record.get("data_hash"), "git_rev": record.get("git_rev")}},
         )
     tag = bento.build(
         model_tag,
         version,
         service_dir=layout.root / "services",
         served_model_name=cfg.registry.artifact,
-        max_new_tokens=cfg.serve.max_new_tokens,
-        max_prompt_tokens=cfg.serve.max_prompt_tokens,
         lock_packages=lock_packages,
+        **cfg.serve.model_dump(),  # every serving limit baked into the bento
     )
     containerize = " ".join(bento.containerize_command(tag))
     log.info("bento %s (model from %s); where a Docker engine exists: %s", tag, source, containerize)

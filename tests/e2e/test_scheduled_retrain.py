@@ -250,6 +250,10 @@ def test_run_suspends_for_approval_and_cli_approval_promotes(services):
     assert prod["approval"]["approver"] == "ana@example" and prod["approval"]["reason"] == "e2e: eval report reviewed"
     assert reg.promotions()[-1]["approver"] == "ana@example"
     assert (Path(services.env["BENTOML_HOME"]) / "bentos/phiops-llm/v1.0.0/bento.yaml").exists()
+    # The bento's model carries the lineage /v1/models shows: version, data hash, code revision.
+    model_yaml = Path(services.env["BENTOML_HOME"]) / "models/phiops-model/v1.0.0/model.yaml"
+    lineage = yaml.safe_load(model_yaml.read_text())["metadata"]["registry"]
+    assert (lineage["version"], lineage["data_hash"], lineage["git_rev"]) == ("v1.0.0", prod["data_hash"], prod["git_rev"])
     shown = services.phiops("registry", "show").stdout
     assert "ana@example" in shown and run_id in shown and "sha256 config.json" in shown, shown
 
