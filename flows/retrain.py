@@ -32,6 +32,7 @@ from prefect.exceptions import FlowPauseTimeout  # noqa: E402
 from prefect.input import RunInput  # noqa: E402
 from pydantic import Field  # noqa: E402
 
+from phiops import approval as approval_cli  # noqa: E402
 from phiops import bento, config, deploy, gate, lineage, registry  # noqa: E402
 from phiops.paths import Layout  # noqa: E402
 from phiops.stages import evaluate  # noqa: E402
@@ -205,6 +206,15 @@ def conclude(root: str, cfg: config.Params, version: str, approval: dict[str, An
 
 
 @task(cache_policy=None)
+def reconcile_approvals(root: str, cfg: config.Params) -> list[dict[str, Any]]:
+    """Versions whose approval run ended undecided (timed out while suspended) become rejected."""
+    decided = approval_cli.reconcile(Layout(Path(root)), cfg.registry.artifact)
+    for d in decided:
+        get_run_logger().warning("%s rejected by %s: %s", d["version"], d["approver"], d["reason"])
+    return decided
+
+
+@task(cache_policy=None)
 def build_bento(root: str, cfg: config.Params, record: dict[str, Any]) -> dict[str, str]:
     out = deploy.build_bento(Layout(Path(root)), cfg, record)
     get_run_logger().info("bento %s built for %s; containerize with: %s", out["bento"], record["version"], out["containerize"])
@@ -220,6 +230,7 @@ def retrain(root: str = ".", params: str = "params.yaml", ask: str | None = None
     root = str(Path(root).resolve())
     cfg = config.load(Path(root) / params)
     layout = Layout(Path(root))
+    reconcile_approvals(root, cfg)
 
     ran = [s for s in stage_order(root) if dvc_stage(root, s)]
     report = lineage.read_json(layout.eval_report)

@@ -127,3 +127,60 @@ def decide(run_id: str, *, approve: bool, reason: str, approver: str) -> dict[st
             raise ApprovalError(f"flow run {run_id}: the approval timed out (approval.timeout_hours); the run failed")
         raise ApprovalError(f"flow run {run_id}: Prefect refused the decision: {res.details.reason}")
     return {"id": run_id, "name": run.name, "decision": "approved" if approve else "rejected"}
+
+
+def reconcile(layout: Any, artifact: str) -> list[dict[str, Any]]:
+    """Record a policy rejection for each version still pending whose approval run has ended.
+
+    A suspended run left past ``approval.timeout_hours`` is failed by the Prefect server's
+    pause-expiration service ("paused and never resumed"): no process of it is left to write
+    the decision, so the version would read "pending" for ever. Here the registry catches up:
+    such a version becomes rejected by ``policy:timeout`` (or ``policy:run-ended`` when its run
+    ended otherwise, e.g. cancelled). Runs the server does not know (a local run's temporary
+    server) are left alone. Called by ``phiops approvals`` and at the start of every retrain.
+
+    Returns:
+        One ``{"version", "flow_run", "approver", "reason"}`` per decision recorded.
+    """
+    import httpx
+    from datetime import datetime, timezone
+
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from phiops.registry import Registry
+
+    reg = Registry(layout, artifact)
+    waiting = [r for r in reg.history() if (r.get("approval") or {}).get("approved") is None and r.get("flow_run_id")]
+    if not waiting:
+        return []
+    from prefect.settings import PREFECT_API_URL
+
+    url = str(PREFECT_API_URL.value() or "Prefect's ephemeral server")
+    out = []
+    try:
+        with get_client(sync_client=True) as client:
+            for r in waiting:
+                try:
+                    run = client.read_flow_run(UUID(str(r["flow_run_id"])))
+                except (ObjectNotFound, ValueError):
+                    continue
+                state = run.state
+                if state is None or not state.is_final():
+                    continue
+                timed_out = "never resumed" in (state.message or "")
+                decision = {
+                    "approved": False,
+                    "approver": "policy:timeout" if timed_out else "policy:run-ended",
+                    "reason": (f"no decision within approval.timeout_hours: flow run {run.name} {state.message}"
+                               if timed_out else
+                               f"flow run {run.name} ended {state.name} before a decision ({state.message})"),
+                    "policy": True,
+                    "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
+                reg.record_decision(r["version"], decision)
+                out.append({"version": r["version"], "flow_run": str(run.id), "approver": decision["approver"],
+                            "reason": decision["reason"]})
+    except (httpx.HTTPError, OSError) as exc:
+        raise _explain_http(exc, url) from exc
+    return out

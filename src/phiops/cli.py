@@ -165,6 +165,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_approvals(args: argparse.Namespace) -> int:
     from phiops import approval
 
+    cfg = _load(args)
+    for d in approval.reconcile(Layout(Path(args.root)), cfg.registry.artifact):
+        print(f"{d['version']}: rejected by {d['approver']} ({d['reason']})")
     runs = approval.pending()
     if not runs:
         print("no flow run is waiting for an approval")

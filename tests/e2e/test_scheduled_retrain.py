@@ -321,3 +321,28 @@ def test_concurrent_triggers_one_computes_sigterm_crashes_next_resumes(services)
     status = subprocess.run([str(Path(sys.executable).with_name("dvc")), "status", "--json"], cwd=services.proj,
                             capture_output=True, text=True, check=True, env=services.env)
     assert json.loads(status.stdout) == {}, status.stdout  # outputs match dvc.lock: nothing half-written
+
+
+def test_unanswered_suspended_approval_times_out_as_a_policy_rejection(services):
+    # A new candidate (a train param changed) whose approval nobody answers within
+    # approval.timeout_hours (here ~11 s): the server fails the suspended run, and the registry
+    # records the rejection as the timeout policy's, never as a person's; production stays.
+    params = yaml.safe_load((services.proj / "params.yaml").read_text())
+    params["train"]["lr"] *= 0.75
+    params.setdefault("approval", {})["timeout_hours"] = 0.003
+    (services.proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_id = _trigger()
+    _wait(run_id, _suspended, "the approval")
+    reg = Registry(Layout(services.proj), "phiops-model")
+    staged = max(reg.history(), key=lambda r: r["number"])
+    assert staged["flow_run_id"] == run_id and staged["approval"].get("approved") is None
+    ended = _wait(run_id, _final, "the server's pause expiration")
+    assert ended.state.is_failed() and "never resumed" in (ended.state.message or ""), ended.state
+
+    listed = services.phiops("approvals")
+    assert listed.returncode == 0, listed.stderr
+    assert f"{staged['version']}: rejected by policy:timeout" in listed.stdout, listed.stdout
+    decision = reg.record(staged["version"])["approval"]
+    assert decision["approved"] is False and decision["approver"] == "policy:timeout" and decision["policy"] is True
+    assert reg.production()["version"] == "v1.0.0"
+    assert services.phiops("approvals").stdout.count("rejected by") == 0  # recorded once, not again
