@@ -30,3 +30,30 @@ def machine() -> dict[str, Any]:
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, gpu_memory_bytes=p.total_memory, cuda=torch.version.cuda)
     return info
+
+
+def drive_engine(engine: Any, request_cls: Any, prompts: list[list[int]], max_new_tokens: int) -> tuple[float, int]:
+    """Submit every prompt at once to a `phiops_engine.Engine`, wait for all to end, close it.
+
+    Returns:
+        (wall seconds from the first submit to the last end, completion tokens produced).
+    """
+    import threading
+    import time
+
+    done, produced, finished = threading.Event(), [0], [0]
+
+    def emit(ev: Any) -> None:
+        if ev.finish_reason or ev.error:
+            produced[0] += ev.completion_tokens
+            finished[0] += 1
+            if finished[0] == len(prompts):
+                done.set()
+
+    t0 = time.perf_counter()
+    for p in prompts:
+        engine.submit(request_cls(prompt=p, max_new_tokens=max_new_tokens, emit=emit))
+    done.wait()
+    wall = time.perf_counter() - t0
+    engine.close()
+    return wall, produced[0]

@@ -35,7 +35,6 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -45,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "services"))
 
-from _common import machine, versions  # noqa: E402  (bench/, the script's own folder)
+from _common import drive_engine, machine, versions  # noqa: E402  (bench/, the script's own folder)
 
 # Peak HBM bandwidth, TB/s, by GPU name (data sheets); --bandwidth-tbs overrides.
 BANDWIDTH_TBS = {"H100": 3.35, "H200": 4.8, "A100": 2.04}
@@ -179,22 +178,7 @@ def concurrent(model: Any, *, n: int, prompt_len: int, gen_tokens: int, device: 
 
     def run_engine() -> tuple[float, int]:
         eng = Engine(model, tok, [0], device, max_batch_size=n, max_wait_ms=20)
-        done, produced, finished = threading.Event(), [0], [0]
-
-        def emit(ev: Any) -> None:
-            if ev.finish_reason or ev.error:
-                produced[0] += ev.completion_tokens
-                finished[0] += 1
-                if finished[0] == n:
-                    done.set()
-
-        t0 = time.perf_counter()
-        for p in prompts:
-            eng.submit(Request(prompt=p, max_new_tokens=gen_tokens, emit=emit))
-        done.wait()
-        wall = time.perf_counter() - t0
-        eng.close()
-        return wall, produced[0]
+        return drive_engine(eng, Request, prompts, gen_tokens)
 
     run_engine()  # warm-up (allocator, kernels)
     wall, produced = run_engine()

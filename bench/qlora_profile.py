@@ -90,7 +90,6 @@ def linear_micro(tiny: bool) -> dict[str, Any]:
 
 
 def build_model(work: Path, tokenizer: Path, tiny: bool, gc: bool, attn: str = "sdpa") -> Any:
-    import torch
     from peft import LoraConfig, get_peft_model
 
     from phiops.stages.train import _load_base
@@ -249,7 +248,6 @@ def main() -> int:
     section("grid_gc_off", lambda: step_grid(model, shapes, vocab))
     section("packed_gc_off", lambda: packed(model, 16, 384 if not a.tiny else 16, vocab))
     section("liger_gc_off", lambda: liger(model, shapes[1:3], vocab))
-    del model
     a.out.write_text(json.dumps(res, indent=1))
     return 0
 

@@ -35,7 +35,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "services"))
 
-from _common import machine, versions  # noqa: E402
+from _common import drive_engine, machine, versions  # noqa: E402
 
 CLIENTS = 32
 MAX_TOKENS = 32
@@ -199,23 +198,9 @@ def _engines(base: Baseline, prompts: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     eng = Engine(base.model, base.tok, base.eos, "cpu", max_batch_size=len(ids), max_wait_ms=10)
-    done, count, produced = threading.Event(), [0], [0]
-
-    def emit(ev: Any) -> None:
-        if ev.finish_reason or ev.error:
-            produced[0] += ev.completion_tokens
-            count[0] += 1
-            if count[0] == len(ids):
-                done.set()
-
-    t0 = time.perf_counter()
-    for x in ids:
-        eng.submit(Request(prompt=x, max_new_tokens=MAX_TOKENS, emit=emit))
-    done.wait()
-    wall = time.perf_counter() - t0
-    eng.close()
-    out["phiops_engine"] = {"wall_s": round(wall, 3), "output_tokens": produced[0],
-                            "output_tokens_per_s": round(produced[0] / wall, 2)}
+    wall, produced = drive_engine(eng, Request, ids, MAX_TOKENS)
+    out["phiops_engine"] = {"wall_s": round(wall, 3), "output_tokens": produced,
+                            "output_tokens_per_s": round(produced / wall, 2)}
 
     gc = GenerationConfig(max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=base.eos, pad_token_id=base.eos[0])
     cbc = ContinuousBatchingConfig(block_size=32, num_blocks=256, max_batch_tokens=2048,
