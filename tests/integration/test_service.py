@@ -590,7 +590,18 @@ def test_overload_is_429_health_answers_and_timeout_is_504(served: tuple[str, st
         assert res.status_code == 504, res.text[:200]
         assert res.json()["error"]["code"] == "timeout"
     with httpx.Client(base_url=base, timeout=30) as c:
+        # A step already running when the rows were cancelled may still finish (cancellation acts
+        # at step boundaries, ~ms here): let it land, then the counter must stand still. Not
+        # cancelled, the slow requests would keep stepping for ~6 s more and it never would.
+        deadline = time.monotonic() + 2.0
         passes = _metric(c.get("/metrics").text, "phiops_forward_passes_total")
+        while True:
+            time.sleep(0.2)
+            now = _metric(c.get("/metrics").text, "phiops_forward_passes_total")
+            if now == passes:
+                break
+            assert time.monotonic() < deadline, "forward passes kept running after the 504s: not cancelled"
+            passes = now
         time.sleep(1.0)
         text = c.get("/metrics").text
         assert _metric(text, "phiops_forward_passes_total") == passes  # the engine is idle again
