@@ -56,6 +56,8 @@ def resolve_attention(setting: str, device: str) -> str:
 
 def resolve_liger(setting: bool | str, device: str) -> bool:
     """`train.liger`: `auto` is on with CUDA and liger-kernel; `true` demands both, loudly."""
+    if setting is False:
+        return False
     try:
         import liger_kernel  # noqa: F401
 
@@ -64,11 +66,11 @@ def resolve_liger(setting: bool | str, device: str) -> bool:
         installed = False
     if setting == "auto":
         return device == "cuda" and installed
-    if setting and device != "cuda":
+    if device != "cuda":
         raise ValueError("train.liger: true needs CUDA (Liger's kernels are Triton GPU kernels); set it to auto or false")
-    if setting and not installed:
+    if not installed:
         raise ValueError("train.liger: true needs liger-kernel: pip install 'phiops[gpu]'")
-    return bool(setting)
+    return True
 
 
 def _apply_liger(model: Any) -> list[str]:
@@ -146,8 +148,8 @@ def fingerprint(cfg: Params, layout: Layout) -> str:
     logged, not what is learnt.
     """
     train = cfg.train.model_dump(mode="json", exclude={"save_steps", "logging_steps"})
-    payload = {"train": train, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "base": cfg.model.base, "template": cfg.model.chat_template,
-               "train_split": sha256_file(layout.train_split)}
+    payload = {"train": train, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "base": cfg.model.base,
+               "template": cfg.model.chat_template, "train_split": sha256_file(layout.train_split)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
