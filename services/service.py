@@ -14,6 +14,15 @@ Routes (a FastAPI app mounted at ``/v1``; BentoML adds ``/livez``, ``/readyz``, 
 Concurrent requests share forward passes: ``phiops_engine.Engine`` batches them continuously
 (a request joins the running batch at the next step and leaves when it finishes).
 
+On CUDA two more things happen at load (``PHIOPS_CUDA_FASTPATH=0`` turns both off):
+
+- compressed-tensors W4A16 linears (the GPTQ/AWQ candidates) are swapped for PyTorch's int4
+  weight-only kernel (``phiops_decode.int4_linears``) before the first forward; otherwise
+  compressed-tensors dequantizes them to bf16 and serves a bf16-sized model;
+- a request that is alone decodes through ``phiops_decode.GraphDecoder`` (a static cache of
+  ``max_prompt_tokens + max_new_tokens`` tokens, one CUDA graph replay per token); the
+  warm-up generation compiles and captures it, so ``/readyz`` turns ready after it.
+
 Which model, and the limits (bento arguments are baked into the bento at build time by
 ``phiops.bento.build``; ``PHIOPS_*`` environment variables let operators retune a built
 bento without rebuilding it):
@@ -50,11 +59,11 @@ imports it to find the service, and torch/transformers load only when the servic
 Nothing here imports ``phiops``, so a bento needs only the packages listed in bentofile.yaml.
 """
 import asyncio
+import hashlib
 import json
 import logging
 import os
 import re
-import hashlib
 import sys
 import time
 import uuid
@@ -566,6 +575,7 @@ class PhiOpsLLM:
         ).to(self.device).eval()
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         log.info("loaded %s on %s (%s) in %.1fs", self.model_tag, self.device, self.dtype, time.perf_counter() - t0)
+        solo = self._cuda_fastpath() if self.device == "cuda" else None
 
         def on_step(phase: str, rows: int, new_tokens: int) -> None:
             self.metrics.forward.labels(phase).inc()
@@ -574,7 +584,7 @@ class PhiOpsLLM:
 
         self.engine = Engine(self.model, self.tokenizer, self.eos_ids, self.device,
                              max_batch_size=self.settings.max_batch_size,
-                             max_wait_ms=self.settings.max_batch_wait_ms, on_step=on_step)
+                             max_wait_ms=self.settings.max_batch_wait_ms, on_step=on_step, solo=solo)
         _DurationMiddleware.metrics = self.metrics
 
         t0 = time.perf_counter()
@@ -582,6 +592,21 @@ class PhiOpsLLM:
         self._warmup(prompt)
         log.info("warm-up generation done in %.2fs; ready", time.perf_counter() - t0)
         self._ready = True
+
+    def _cuda_fastpath(self) -> Any:
+        """Int4 kernels for W4A16 layers and the solo-request decoder (module doc); None when off."""
+        if os.environ.get("PHIOPS_CUDA_FASTPATH", "1") == "0":
+            return None
+        from phiops_decode import GraphDecoder, int4_linears, sliding_window
+
+        swapped = int4_linears(self.model, self.device)
+        if swapped:
+            log.info("%d W4A16 linear layers run on the int4 weight-only kernel", swapped)
+        max_len = self.settings.max_prompt_tokens + self.settings.max_new_tokens
+        window = sliding_window(self.model)
+        if window is not None and max_len > window:
+            max_len = window  # longer requests take the batched (dynamic cache) path
+        return GraphDecoder(self.model, max_len, self.device)
 
     def _warmup(self, prompt: list[int]) -> None:
         import threading

@@ -1,0 +1,265 @@
+"""services/phiops_decode.py: the static-cache solo decoder and the int4 W4A16 layers.
+
+On CPU the decoder runs its cache logic without the CUDA graph (and, in one test, compiled);
+the CUDA graph and the CUDA int4 kernel are checked by the GPU tests at the end (skipped
+without CUDA) and measured by bench/decode_phi3_mini.py.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "services"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import word_tokenizer
+from phiops_decode import GraphDecoder, int4_linears
+from phiops_engine import Engine, Request
+
+_COMMON = {"vocab_size": 49152, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+               "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+               # Wide enough an init that attention is peaked: positions then change the logits.
+               "initializer_range": 0.2}
+ARCHS = {
+    # Phi-3-mini's own layout: fused qkv/gate_up, untied head, and its 2047-token sliding window.
+    "phi3": dict(model_type="phi3", num_attention_heads=4, num_key_value_heads=4, sliding_window=2047,
+                 original_max_position_embeddings=4096, tie_word_embeddings=False, **_COMMON),
+    # GQA and tied embeddings, like SmolLM2.
+    "llama": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, **_COMMON),
+}
+PROMPT = [1, 523, 9001, 17, 4400, 321, 77, 12000, 8, 901, 44, 3]
+
+
+def _build(arch: str, dtype: Any = torch.float32, device: str = "cpu", **overrides: Any) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = {**ARCHS[arch], **overrides}
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def _reference(model: Any, prompt: list[int], n: int, device: str = "cpu") -> tuple[list[int], list[Any]]:
+    """Greedy tokens and logits from the plain forward over a DynamicCache (what generate does)."""
+    from transformers import DynamicCache
+
+    cache, tokens, logits = DynamicCache(), [], []
+    ids = torch.tensor([prompt], device=device)
+    with torch.inference_mode():
+        for _ in range(n):
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1].float())
+            ids = out.logits[:, -1:].argmax(-1)
+            tokens.append(int(ids))
+    return tokens, logits
+
+
+@pytest.mark.parametrize("arch,compiled", [("phi3", False), ("llama", False), ("phi3", True)])
+def test_solo_decoder_matches_the_dynamic_cache_forward(arch: str, compiled: bool) -> None:
+    model = _build(arch)
+    want, want_logits = _reference(model, PROMPT, 10)
+    dec = GraphDecoder(model, 64, "cpu", compile=compiled)
+    with torch.inference_mode():
+        for _ in range(2):  # a second prefill reuses the same cache from position 0
+            logits = dec.prefill(PROMPT)
+            got, worst = [], 0.0
+            for i in range(10):
+                worst = max(worst, float((logits.float() - want_logits[i]).abs().max()))
+                got.append(int(logits.argmax(-1)))
+                if i < 9:
+                    logits = dec.step(logits.argmax(-1))
+            assert got == want
+            assert worst < 1e-4
+        # What the engine hands over when company arrives: the same tokens in a DynamicCache.
+        exported = dec.export()
+        assert exported.get_seq_length() == dec.length == len(PROMPT) + 9
+        torch.testing.assert_close(exported.layers[0].keys, dec.cache.layers[0].keys[:, :, :dec.length])
+
+
+def test_solo_decoder_refuses_what_does_not_fit() -> None:
+    model = _build("phi3")
+    with pytest.raises(ValueError, match="sliding window 2047"):
+        GraphDecoder(model, 4096, "cpu")
+    dec = GraphDecoder(model, 16, "cpu")
+    assert dec.fits(16) and not dec.fits(17)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="does not fit"):
+            dec.prefill(list(range(17)))
+        logits = dec.prefill(PROMPT)
+        for _ in range(16 - len(PROMPT)):
+            logits = dec.step(logits.argmax(-1))
+        with pytest.raises(ValueError, match="full"):
+            dec.step(logits.argmax(-1))
+
+
+def _run(engine: Engine, prompts: list[list[int]], n: int, join_after: int | None = None,
+         want_logits: list[list[Any]] | None = None, tol: float = 1e-4) -> list[list[int]]:
+    """Greedy requests through `engine`, their tokens; with `join_after`, the second is submitted
+    once the first has produced that many tokens (it arrives while the first decodes alone).
+    With `want_logits`, each request's logits at every step must match them."""
+    done = [threading.Event() for _ in prompts]
+    joined = threading.Event()
+
+    def emitter(i: int) -> Any:
+        def emit(ev: Any) -> None:  # on the engine thread
+            if i == 0 and join_after is not None and not joined.is_set() and ev.completion_tokens >= join_after:
+                joined.set()
+                engine.submit(requests[1])
+            if ev.finish_reason or ev.error:
+                done[i].set()
+        return emit
+
+    requests = [Request(prompt=p, max_new_tokens=n, emit=emitter(i)) for i, p in enumerate(prompts)]
+    sample = engine._sample
+
+    def recording(logits: Any, rows: list[Request]) -> Any:  # each row's logits, solo or batched
+        for i, r in enumerate(rows):
+            seen.setdefault(id(r), []).append(logits[i].float().clone())
+        return sample(logits, rows)
+
+    seen: dict[int, list[Any]] = {}
+    engine._sample = recording  # type: ignore[method-assign]
+    for r in requests[:1] if join_after is not None else requests:
+        engine.submit(r)
+    for d in done:
+        assert d.wait(60)
+    engine.close()
+    for r, ref in zip(requests, want_logits or []):  # positions and cache hand-over exact, not just argmax
+        assert len(seen[id(r)]) == len(ref)
+        assert max(float((a - b[0]).abs().max()) for a, b in zip(seen[id(r)], ref)) < tol
+    return [r.tokens for r in requests]
+
+
+def _engine_scenarios(device: str, tol: float) -> None:
+    model = _build("llama" if device == "cpu" else "phi3", device=device)
+    tok = word_tokenizer(model.config.vocab_size)
+    second = [1, 88, 4021, 7, 310, 29]
+    refs = [_reference(model, p, 12, device) for p in (PROMPT, second)]
+    want, want_logits = [r[0] for r in refs], [r[1] for r in refs]
+    # EOS = an id these random weights do not pick in 12 steps: every request runs to its length.
+    eos = [next(i for i in range(3, 49152) if all(i not in w for w in want))]
+
+    # Alone: decoded through the solo decoder (its cache holds the whole sequence).
+    solo = GraphDecoder(model, 64, device)
+    engine = Engine(model, tok, eos, device, max_wait_ms=0, solo=solo)
+    assert _run(engine, [PROMPT], 12, want_logits=want_logits[:1], tol=tol) == [want[0]]
+    assert solo.length == len(PROMPT) + 11
+    assert engine.stats.forward_passes == 12
+
+    # A second request arrives after the first's 4th token: the first moves to the shared cache,
+    # both continue batched, and both still get the plain forward's logits at every step.
+    solo = GraphDecoder(model, 64, device)
+    engine = Engine(model, tok, eos, device, max_wait_ms=0, solo=solo)
+    assert _run(engine, [PROMPT, second], 12, join_after=4, want_logits=want_logits, tol=tol) == want
+    assert len(PROMPT) + 3 <= solo.length < len(PROMPT) + 11  # handed over mid-way
+    assert engine.stats.prefill_passes == 2
+
+    # A request that does not fit the solo cache takes the batched path from the start.
+    solo = GraphDecoder(model, len(PROMPT) + 4, device)
+    engine = Engine(model, tok, eos, device, max_wait_ms=0, solo=solo)
+    assert _run(engine, [PROMPT], 12, want_logits=want_logits[:1], tol=tol) == [want[0]]
+    assert solo.length == 0
+
+
+def test_engine_decodes_a_lone_request_through_the_solo_decoder_and_hands_over() -> None:
+    _engine_scenarios("cpu", 1e-4)
+
+
+def _w4a16(tmp_path: Path, arch: str) -> Path:
+    pytest.importorskip("llmcompressor")
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    model = _build(arch)
+    out = tmp_path / f"{arch}-w4a16"
+    (tmp_path / "cfg").mkdir(exist_ok=True)
+    model.config.save_pretrained(tmp_path / "cfg")  # llm-compressor re-reads the config from the path
+    model.config._name_or_path = str(tmp_path / "cfg")
+    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]))
+    model.save_pretrained(out, save_compressed=True)
+    return out
+
+
+def _dequantized(module: Any) -> Any:
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    shape = [int(v) for v in module.weight_shape.tolist()]
+    scale = module.weight_scale.float()
+    q = unpack_from_int32(module.weight_packed, 4, shape).float()
+    return q * scale.repeat_interleave(shape[1] // scale.shape[1], dim=1)
+
+
+def _check_int4(path: Path, device: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    load = {"dtype": torch.bfloat16, "use_safetensors": True, "trust_remote_code": False}
+    model = AutoModelForCausalLM.from_pretrained(path, **load).to(device).eval()
+    compressed = {n: m for n, m in model.named_modules() if hasattr(m, "weight_packed")}
+    weights = {n: _dequantized(m) for n, m in compressed.items()}
+    assert int4_linears(model, device) == len(compressed) > 0
+    with torch.inference_mode():
+        for name, w in weights.items():
+            layer = model.get_submodule(name)
+            assert type(layer).__name__ == "Int4Linear"
+            xin = torch.randn(3, 5, w.shape[1], generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
+            want = xin.float() @ w.T
+            got = layer(xin).float()
+            assert got.shape == want.shape
+            assert float((got - want).abs().max()) <= 0.02 * float(want.abs().max())  # bf16 rounding
+        # The whole model runs on them, as close to the float32 dequantized model as bf16 dense is.
+        ids = torch.tensor([PROMPT], device=device)
+        ref = AutoModelForCausalLM.from_pretrained(path, **{**load, "dtype": torch.float32}).to(device).eval()
+        dense = AutoModelForCausalLM.from_pretrained(path, **load).to(device).eval()
+        want = ref(input_ids=ids).logits.float()
+        err_int4 = float((model(input_ids=ids).logits.float() - want).abs().max())
+        err_dense = float((dense(input_ids=ids).logits.float() - want).abs().max())
+    assert err_int4 <= 2 * err_dense + 1e-3, (err_int4, err_dense)
+
+
+@pytest.mark.parametrize("arch", ["phi3", "llama"])
+def test_w4a16_layers_run_on_the_int4_kernel_cpu(tmp_path: Path, arch: str) -> None:
+    _check_int4(_w4a16(tmp_path, arch), "cpu")
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the CUDA int4 kernel: needs a GPU (CI has none)")
+
+
+@cuda
+def test_cuda_graph_decode_matches_the_eager_forward() -> None:
+    # transformers' default init (0.02), with which this passed on an H100. With the CPU tests'
+    # wide init (0.2) it failed there once (message not kept): in bf16, inductor's and the eager
+    # kernels round differently, and larger weights magnify that. The float32 engine test
+    # above checks the graph path to 1e-3.
+    model = _build("phi3", torch.bfloat16, "cuda", initializer_range=0.02)
+    _, want_logits = _reference(model, PROMPT, 8, "cuda")
+    dec = GraphDecoder(model, 64, "cuda")
+    with torch.inference_mode():
+        logits = dec.prefill(PROMPT)
+        for i in range(8):
+            scale = float(want_logits[i].abs().max())
+            assert float((logits.float() - want_logits[i]).abs().max()) <= 0.05 * scale
+            if i < 7:
+                logits = dec.step(want_logits[i].argmax(-1))  # teacher-forced: bf16 ties may differ
+        assert dec._graph is not None
+
+
+@cuda
+def test_engine_with_the_cuda_graph_decoder_hands_over() -> None:
+    # float32 (TF32 off, PyTorch's default for matmuls): the compiled graph and the eager
+    # forward agree to ~1e-5, so greedy choices cannot flip and every step's logits are compared.
+    _engine_scenarios("cuda", 1e-3)
+
+
+@cuda
+def test_w4a16_layers_run_on_the_int4_kernel_cuda(tmp_path: Path) -> None:
+    _check_int4(_w4a16(tmp_path, "phi3"), "cuda")
