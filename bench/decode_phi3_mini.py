@@ -12,14 +12,23 @@ Measured, each after a warm-up, on random prompt ids (the numbers do not depend 
 
 1. bf16, batch 1, greedy decode of `--steps` tokens after a `--prompt-len` prefill:
    - `eager`: DynamicCache, one plain forward per token (what `model.generate` does);
-   - `static_compiled`: StaticCache + `torch.compile(mode="reduce-overhead", fullgraph=True)`,
-     i.e. the decode step replayed as one CUDA graph (the gpt-fast recipe).
+   - `graph`: the service's solo decoder (services/phiops_decode.py `GraphDecoder`): a static
+     cache, the step compiled by inductor and replayed as one CUDA graph (the gpt-fast recipe);
+     fed its own argmax on the GPU, no host sync per token;
+   - `engine_solo`: one request through the service's engine (services/phiops_engine.py) with
+     that decoder: adds sampling, the host sync, detokenizing and the event per token.
    Each as tokens/s and as a fraction of the bound `bandwidth / bytes read per token`, where the
    bytes are every weight a decode step reads (all linear layers and the LM head; one embedding
    row, so the embedding table is left out). Goal: >= 70 % for bf16.
 2. The same for W4A16 (llm-compressor `QuantizationModifier`, scheme W4A16, group 128, LM head
    kept bf16), saved as a compressed-tensors checkpoint and loaded back through
-   `from_pretrained`, the service's path. Its bound uses its own (packed) weight bytes.
+   `from_pretrained`, the service's path:
+   - `compressed_tensors_eager`: as compressed-tensors runs it (it dequantizes every layer to
+     bf16 at the first forward: a bf16-sized model, so its bound is the bf16 one);
+   - `int4_graph` / `int4_engine_solo`: after `phiops_decode.int4_linears` (PyTorch's int4
+     weight-only kernel on the packed weights, what the service does on CUDA), through the
+     solo decoder. Their bound uses the bytes the int4 model holds (packed weights, scales,
+     the bf16 LM head).
 3. `--concurrency` (32) requests of `--gen-tokens` each: output tokens/s of the service's batching
    engine (services/phiops_engine.py), and of transformers' continuous batching manager for comparison,
    against batch-1 eager decoding.
@@ -44,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "services"))
 
-from _common import drive_engine, machine, versions  # noqa: E402  (bench/, the script's own folder)
+from _common import drive_engine, machine, versions, word_tokenizer
 
 # Peak HBM bandwidth, TB/s, by GPU name (data sheets); --bandwidth-tbs overrides.
 BANDWIDTH_TBS = {"H100": 3.35, "H200": 4.8, "A100": 2.04}
@@ -99,67 +108,144 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def decode_batch1(model: Any, *, prompt_len: int, steps: int, compiled: bool, device: str) -> dict[str, Any]:
-    """Greedy batch-1 decode: tokens/s over `steps` tokens after prefill and warm-up."""
+def _prompt(vocab: int, n: int) -> list[int]:
     import torch
-    from transformers import DynamicCache, StaticCache
 
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (1, prompt_len), device=device, generator=torch.Generator(device).manual_seed(0))
-    warm = 3 if compiled else 1
-    if compiled:
-        cache = StaticCache(config=model.config, max_cache_len=prompt_len + steps + warm + 8)
-    else:
-        cache = DynamicCache()
+    return torch.randint(1, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
 
-    def step(tok: Any, pos: Any) -> Any:
-        out = model(input_ids=tok, position_ids=pos, past_key_values=cache, use_cache=True)
-        return out.logits[:, -1:].argmax(-1)
 
-    fn = torch.compile(step, mode="reduce-overhead", fullgraph=True) if compiled else step
-    with torch.inference_mode():
-        pos = torch.arange(prompt_len, device=device)[None]
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        tok = out.logits[:, -1:].argmax(-1)
-        _sync(device)
-        prefill_s = time.perf_counter() - t0
-        p = prompt_len
-        produced = [tok]
-        t0 = time.perf_counter()
-        for _ in range(warm):  # compile + CUDA graph capture happen here
-            tok = fn(tok, torch.tensor([[p]], device=device)).clone()
-            produced.append(tok)
-            p += 1
-        _sync(device)
-        warm_s = time.perf_counter() - t0
-        positions = [torch.tensor([[p + i]], device=device) for i in range(steps)]
-        _sync(device)
-        t0 = time.perf_counter()
-        seq = []
-        for i in range(steps):
-            tok = fn(tok, positions[i]).clone()  # clone: a graph's output buffer is reused
-            seq.append(tok)
-        _sync(device)
-        wall = time.perf_counter() - t0
-        ids_out = [int(t) for t in (produced + seq)[:16]]  # from the prefill's token on
-    return {"mode": "static_compiled" if compiled else "eager", "prompt_len": prompt_len, "steps": steps,
+def _timing(mode: str, prompt_len: int, steps: int, prefill_s: float, warm_s: float, wall: float,
+            ids_out: list[int]) -> dict[str, Any]:
+    return {"mode": mode, "prompt_len": prompt_len, "steps": steps,
             "prefill_s": round(prefill_s, 4), "warmup_s": round(warm_s, 2), "decode_s": round(wall, 4),
             "tokens_per_s": round(steps / wall, 2), "ms_per_token": round(wall / steps * 1000, 3),
             "first_tokens": ids_out}
 
 
-def word_tokenizer(vocab: int) -> Any:
-    """A real (word-level) fast tokenizer over `vocab` ids, made in code: no hub, no files."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def decode_eager(model: Any, *, prompt_len: int, steps: int, device: str) -> dict[str, Any]:
+    """Greedy batch-1 decode with a DynamicCache, one plain forward per token."""
+    import torch
+    from transformers import DynamicCache
 
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    from tokenizers import decoders
+    cache = DynamicCache()
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = model(input_ids=torch.tensor([_prompt(model.config.vocab_size, prompt_len)], device=device),
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        prefill_s = time.perf_counter() - t0
+        produced = [tok]
+        t0 = time.perf_counter()
+        tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)  # warm-up
+        produced.append(tok)
+        _sync(device)
+        warm_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            produced.append(tok)
+        _sync(device)
+        wall = time.perf_counter() - t0
+    return _timing("eager", prompt_len, steps, prefill_s, warm_s, wall, [int(t) for t in produced[:16]])
 
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w0")
+
+def decode_graph(dec: Any, *, prompt_len: int, steps: int, device: str, mode: str = "graph") -> dict[str, Any]:
+    """Greedy batch-1 decode through a `GraphDecoder`: its argmax fed back on the GPU, one sync at the end."""
+    import torch
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        logits = dec.prefill(_prompt(dec.model.config.vocab_size, prompt_len))
+        tok = logits.argmax(-1)
+        _sync(device)
+        prefill_s = time.perf_counter() - t0
+        produced = [tok]
+        t0 = time.perf_counter()
+        tok = dec.step(tok).argmax(-1)  # compile and capture happen here
+        produced.append(tok)
+        _sync(device)
+        warm_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok = dec.step(tok).argmax(-1)  # argmax: a new tensor, so the graph may overwrite its logits
+            produced.append(tok)
+        _sync(device)
+        wall = time.perf_counter() - t0
+    return _timing(mode, prompt_len, steps, prefill_s, warm_s, wall, [int(t) for t in produced[:16]])
+
+
+def decode_engine_solo(model: Any, dec: Any, *, prompt_len: int, steps: int, device: str,
+                       mode: str = "engine_solo") -> dict[str, Any]:
+    """One greedy request through the service's engine with the solo decoder: tokens/s after its first."""
+    import threading
+
+    from phiops_engine import Engine, Event, Request
+
+    tok = word_tokenizer(model.config.vocab_size)
+    marks: list[tuple[float, int]] = []
+    done = threading.Event()
+
+    def emit(ev: Event) -> None:
+        marks.append((time.perf_counter(), ev.completion_tokens))
+        if ev.finish_reason or ev.error:
+            done.set()
+
+    engine = Engine(model, tok, [0], device, max_wait_ms=0, solo=dec)
+    t0 = time.perf_counter()
+    engine.submit(Request(prompt=_prompt(model.config.vocab_size, prompt_len), max_new_tokens=steps + 1, emit=emit))
+    done.wait()
+    engine.close()
+    (t_first, n_first), (t_last, n_last) = marks[0], marks[-1]
+    if n_last != steps + 1:
+        raise RuntimeError(f"the request ended after {n_last} of {steps + 1} tokens")
+    out = _timing(mode, prompt_len, n_last - n_first, t_first - t0, 0.0, t_last - t_first, [])
+    out.pop("first_tokens")
+    out["prefill_s_incl_first_token"] = out.pop("prefill_s")
+    out.pop("warmup_s")
+    return out
+
+
+# Ablations of the compiled step: inductor options, attention implementation (None: as loaded).
+# `graph` itself uses phiops_decode.INDUCTOR_OPTIONS (coordinate-descent tuning) and PyTorch's SDPA choice.
+VARIANTS: dict[str, tuple[dict[str, Any], str | None, str | None]] = {
+    "cublas": ({}, None, None),  # no coordinate-descent tuning: batch-1 matmuls stay cuBLAS GEMVs
+    "autotune": ({"coordinate_descent_tuning": True, "max_autotune": True}, None, None),
+    "autotune_cublas": ({"max_autotune": True}, None, None),
+    "eager_attn": ({"coordinate_descent_tuning": True}, "eager", None),
+    "no_cudnn_sdpa": ({"coordinate_descent_tuning": True}, None, "no_cudnn"),
+}
+
+
+def profile_steps(dec: Any, device: str, steps: int = 32) -> dict[str, Any]:
+    """GPU kernel time of `steps` graph replays (torch.profiler): per step, and the top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if device != "cuda":
+        return {}
+    tok = torch.zeros((1,), dtype=torch.long, device=device)
+    with torch.inference_mode():
+        dec.prefill(_prompt(dec.model.config.vocab_size, 128))
+        dec.step(tok)
+        _sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                dec.step(tok)
+            _sync(device)
+    rows = []
+    total_us, kernels = 0.0, 0
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0))
+        if us <= 0 or e.key.startswith("cudaGraph") or e.key.startswith("Memcpy"):
+            continue
+        total_us += us
+        kernels += e.count
+        rows.append({"kernel": e.key[:90], "calls_per_step": round(e.count / steps, 1),
+                     "us_per_step": round(us / steps, 1)})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return {"steps": steps, "gpu_kernel_us_per_step": round(total_us / steps, 1),
+            "kernels_per_step": round(kernels / steps, 1), "top": rows[:25]}
 
 
 def concurrent(model: Any, *, n: int, prompt_len: int, gen_tokens: int, device: str,
@@ -187,7 +273,9 @@ def concurrent(model: Any, *, n: int, prompt_len: int, gen_tokens: int, device: 
     if cb:
         try:
             from transformers import GenerationConfig
-            from transformers.generation.configuration_utils import ContinuousBatchingConfig
+            from transformers.generation.configuration_utils import (
+                ContinuousBatchingConfig,
+            )
 
             gc = GenerationConfig(max_new_tokens=gen_tokens, do_sample=False, eos_token_id=0, pad_token_id=0)
             cbc = ContinuousBatchingConfig(max_requests_per_batch=n)
@@ -221,7 +309,6 @@ def quantize_w4a16(model: Any, workdir: Path, device: str) -> tuple[Any, dict[st
     import torch
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
-    from transformers import AutoModelForCausalLM
 
     # llm-compressor re-reads the config from the model's path: give the random model one.
     base = workdir / "base-config"
@@ -235,20 +322,33 @@ def quantize_w4a16(model: Any, workdir: Path, device: str) -> tuple[Any, dict[st
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
-    t0 = time.perf_counter()
-    q = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True, trust_remote_code=False,
-                                             dtype=torch.bfloat16, device_map=device).eval()
-    load_s = time.perf_counter() - t0
-    linear_kinds = sorted({type(m).__name__ for m in q.modules() if "Linear" in type(m).__name__})
-    emb = q.get_input_embeddings().weight
-    packed = sum(f.stat().st_size for f in out.glob("*.safetensors")) - emb.numel() * emb.element_size()
-    info = {"packed_bytes_per_token": packed,
-            "note": "bytes_per_token below counts the weights as loaded; packed_bytes_per_token what a fused "
-                    "int4 kernel would read (the checkpoint without its embedding table)","quantize_s": round(quant_s, 1), "load_s": round(load_s, 1),
+    q, load_s = load_w4a16(workdir, device)
+    info = {"quantize_s": round(quant_s, 1), "load_s": round(load_s, 1),
             "checkpoint_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
-            "linear_modules": linear_kinds,
             "quant_method": json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"]}
     return q, info
+
+
+def load_w4a16(workdir: Path, device: str) -> tuple[Any, float]:
+    """The saved W4A16 checkpoint through from_pretrained and .to(device), as the service loads it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    q = AutoModelForCausalLM.from_pretrained(workdir / "w4a16", use_safetensors=True, trust_remote_code=False,
+                                             dtype=torch.bfloat16).to(device).eval()
+    return q, time.perf_counter() - t0
+
+
+def logits_agreement(a: Any, b: Any, device: str) -> dict[str, float]:
+    """Last-position logits of two models on one prompt: max |diff| over max |logit|, and argmax agreement."""
+    import torch
+
+    ids = torch.tensor([_prompt(a.config.vocab_size, 64)], device=device)
+    with torch.inference_mode():
+        la, lb = a(input_ids=ids).logits.float(), b(input_ids=ids).logits.float()
+    return {"max_abs_diff": round(float((la - lb).abs().max()), 4), "max_abs_logit": round(float(lb.abs().max()), 4),
+            "argmax_agreement": round(float((la.argmax(-1) == lb.argmax(-1)).float().mean()), 4)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-compile", action="store_true", help="eager only")
     ap.add_argument("--compile", action="store_true", help="with --tiny: also trace the compiled path on CPU")
     ap.add_argument("--skip-cb", action="store_true", help="skip the transformers continuous batching comparison")
+    ap.add_argument("--graph-variants", default="", help=f"bf16 ablations of the compiled step, of {','.join(VARIANTS)}")
+    ap.add_argument("--profile", action="store_true", help="profile each variant's graph replays (GPU kernel time)")
     args = ap.parse_args(argv)
 
     import torch
@@ -300,23 +402,23 @@ def main(argv: list[str] | None = None) -> int:
     def bound(nbytes: int) -> float:
         return bw * 1e12 / nbytes
 
-    def measure(name: str, model: Any) -> None:
-        nbytes = bytes_per_token(model)
+    def measure(name: str, model: Any, modes: list[tuple[str, Any]], nbytes: int | None = None) -> None:
+        nbytes = nbytes or bytes_per_token(model)
         entry: dict[str, Any] = {"bytes_per_token": nbytes, "bound_tokens_per_s": round(bound(nbytes), 1), "runs": []}
         result[name] = entry
-        for compiled in ([False, True] if compile_on else [False]):
+        for mode, fn in modes:
             try:
-                run = decode_batch1(model, prompt_len=args.prompt_len, steps=steps, compiled=compiled, device=device)
+                run = fn()
                 run["fraction_of_bound"] = round(run["tokens_per_s"] / bound(nbytes), 4)
-            except Exception as exc:  # e.g. a quantized layer torch.compile cannot trace: recorded
-                run = {"mode": "static_compiled" if compiled else "eager",
-                       "error": f"{type(exc).__name__}: {exc}"[:800], "trace": traceback.format_exc()[-1500:]}
-            entry["runs"].append(run)
-            if len(entry["runs"]) == 2 and all("first_tokens" in r for r in entry["runs"]):
+            except Exception as exc:  # e.g. a layer torch.compile cannot trace: recorded
+                run = {"mode": mode, "error": f"{type(exc).__name__}: {exc}"[:800], "trace": traceback.format_exc()[-1500:]}
+            first = entry["runs"][0] if entry["runs"] else None
+            if first and "first_tokens" in first and run.get("first_tokens"):
                 # bf16 rounding may differ between the eager and the fused kernels; on random weights
                 # the greedy ids still agree for the first steps when the compiled path is right.
-                a, b = (r["first_tokens"] for r in entry["runs"])
+                a, b = first["first_tokens"], run["first_tokens"]
                 run["first_tokens_equal_eager"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+            entry["runs"].append(run)
             print(name, json.dumps(run)[:300], flush=True)
             save()
         ok = [r for r in entry["runs"] if "tokens_per_s" in r]
@@ -326,10 +428,60 @@ def main(argv: list[str] | None = None) -> int:
                              "fraction_of_bound": best["fraction_of_bound"]}
         save()
 
+    from phiops_decode import GraphDecoder, int4_linears
+
     t0 = time.perf_counter()
     model = build(arch, device, dtype)
     result["build_s"] = round(time.perf_counter() - t0, 1)
-    measure("bf16_batch1", model)
+    max_len = args.prompt_len + steps + 8
+
+    def modes(m: Any, prefix: str = "", eager_mode: str = "eager", tuned: bool = False) -> list[tuple[str, Any]]:
+        out: list[tuple[str, Any]] = [(eager_mode, lambda: {**decode_eager(m, prompt_len=args.prompt_len, steps=steps,
+                                                                             device=device), "mode": eager_mode})]
+        if compile_on:
+            dec = GraphDecoder(m, max_len, device, compile=True)
+            def graph() -> dict[str, Any]:
+                run = decode_graph(dec, prompt_len=args.prompt_len, steps=steps, device=device, mode=prefix + "graph")
+                return {**run, "profile": profile_steps(dec, device)} if args.profile else run
+
+            out += [(prefix + "graph", graph),
+                    (prefix + "engine_solo", lambda: decode_engine_solo(m, dec, prompt_len=args.prompt_len, steps=steps,
+                                                                        device=device, mode=prefix + "engine_solo"))]
+            for variant in (args.graph_variants.split(",") if tuned and args.graph_variants else []):
+                out.append((prefix + "graph_" + variant, variant_run(m, variant, prefix)))
+        return out
+
+    def variant_run(m: Any, variant: str, prefix: str) -> Any:
+        """The solo decoder compiled another way (an ablation; `graph` above is the service's)."""
+        options, attn, sdpa = VARIANTS[variant]
+
+        def run() -> dict[str, Any]:
+            before = m.config._attn_implementation
+            if attn:
+                m.set_attn_implementation(attn)
+            try:
+                backends = None
+                if sdpa == "no_cudnn":
+                    from torch.nn.attention import SDPBackend
+
+                    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+                # Dynamo reuses a compiled frame whose guards pass, and the SDPA restriction is not
+                # one of them: start afresh so the variant is traced under its own settings.
+                import torch
+
+                torch._dynamo.reset()
+                dec = GraphDecoder(m, max_len, device, compile=True, options=options, sdpa_backends=backends)
+                out = decode_graph(dec, prompt_len=args.prompt_len, steps=steps, device=device,
+                                   mode=prefix + "graph_" + variant)
+                out.update(inductor_options=options, attn_implementation=attn or before, sdpa=sdpa or "default")
+                if args.profile:
+                    out["profile"] = profile_steps(dec, device)
+                return out
+            finally:
+                m.set_attn_implementation(before)
+        return run
+
+    measure("bf16_batch1", model, modes(model, tuned=True))
 
     try:
         result["bf16_concurrent"] = concurrent(model, n=args.concurrency, prompt_len=args.prompt_len,
@@ -347,16 +499,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_w4a16:
         try:
             with tempfile.TemporaryDirectory(prefix="phiops-decode-") as tmp:
+                dense_bytes = bytes_per_token(model)
                 qmodel, qinfo = quantize_w4a16(model, Path(tmp), device)
                 del model
                 result["w4a16"] = qinfo
                 save()
-                measure("w4a16_batch1", qmodel)
-                entry = result["w4a16_batch1"]
-                entry["packed_bound_tokens_per_s"] = round(bound(qinfo["packed_bytes_per_token"]), 1)
-                if "best" in entry:
-                    entry["best"]["fraction_of_packed_bound"] = round(
-                        entry["best"]["tokens_per_s"] / entry["packed_bound_tokens_per_s"], 4)
+                # Swap a second load: the first dequantizes itself to bf16 at its first forward.
+                imodel, _ = load_w4a16(Path(tmp), device)
+                qinfo["int4_linears"] = int4_linears(imodel, device)
+                qinfo["int4_model_bytes_per_token"] = bytes_per_token(imodel)
+                qinfo["int4_vs_dequantized_logits"] = logits_agreement(imodel, qmodel, device)
+                measure("w4a16_compressed_tensors", qmodel,
+                        modes(qmodel, eager_mode="compressed_tensors_eager")[:1], nbytes=dense_bytes)
+                del qmodel
+                measure("w4a16_batch1", imodel, modes(imodel, "int4_", "int4_eager"))
                 save()
         except Exception as exc:
             result["w4a16"] = {"error": f"{type(exc).__name__}: {exc}"[:800], "trace": traceback.format_exc()[-1500:]}
