@@ -374,6 +374,44 @@ def test_compressed_tensors_w4a16_checkpoint_serves(home: Path, tmp_path: Path) 
             sys.modules.pop("phiops_service_w4a16", None)
 
 
+def test_request_timers_are_cancelled_when_requests_end(service_module: Any) -> None:
+    """BentoML's timeout middleware, as the service patches it: same 200/504, no timer left armed."""
+    from bentoml._internal.server.http import traffic
+
+    patched = traffic.TimeoutMiddleware
+    assert getattr(patched, "phiops_cancels_timer", False)
+    upstream = patched.__mro__[1]
+
+    async def ok(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def hangs(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(30)
+
+    async def serve(cls: Any, app: Any, timeout: float) -> tuple[int, list[Any]]:
+        sent: list[Any] = []
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        async def receive() -> Any:
+            return {"type": "http.request", "body": b""}
+
+        await cls(app, timeout=timeout)({"type": "http", "path": "/v1/models"}, receive, send)
+        armed = sum(1 for h in asyncio.get_running_loop()._scheduled if not h.cancelled())
+        return armed, sent
+
+    # Upstream (BentoML 1.4.40): the request is over and its 60 s timer is still armed, holding
+    # the request's context. When this fails, upstream cancels it: drop the service's patch.
+    armed, sent = asyncio.run(serve(upstream, ok, 60))
+    assert armed == 1 and sent[0]["status"] == 200
+    armed, sent = asyncio.run(serve(patched, ok, 60))
+    assert armed == 0 and sent[0]["status"] == 200
+    armed, sent = asyncio.run(serve(patched, hangs, 0.2))  # still the backstop
+    assert armed == 0 and sent[0]["status"] == 504
+
+
 def test_damaged_stored_model_is_refused_at_load(home: Path, tiny_dir: Path) -> None:
     """One flipped byte in a stored checkpoint file: the service refuses to load, naming the file."""
     import bentoml
