@@ -1,8 +1,8 @@
 """The served model under load on CPU, against a one-at-a-time `model.generate` loop, in one run.
 
-Command (about 6 minutes on the 2-core machine):
+Command (about 11 minutes on the 2-core machine; without --soak-rounds about 8):
 
-    python bench/serve_cpu_load.py --out bench/results/serve_cpu_load.json
+    python bench/serve_cpu_load.py --rounds 3 --soak-rounds 6 --out bench/results/serve_cpu_load.json
 
 What it does, on the embedded default model (SmolLM2-135M-Instruct, `phiops model fetch`):
 
@@ -14,8 +14,10 @@ What it does, on the embedded default model (SmolLM2-135M-Instruct, `phiops mode
    sending its next request as soon as the last one is answered) -> baseline -> service. The
    ratio is taken against the faster baseline dtype (float32 here: one row at a time, bf16 gains
    nothing), so the service's own dtype choice is not what the ratio measures;
-3. records requests/s, output tokens/s, p50/p99 latency, errors, the server's RSS (process tree)
-   before and after, and the load average before and after.
+3. records requests/s, output tokens/s, p50/p99 latency, errors, the load average, and the
+   server's RSS (process tree): once loaded, after one uncounted warm-up round of the full load
+   (the one-time growth), after each counted round, and at the end. "Memory flat" is read from
+   the counted rounds: `server_rss_growth_fraction` is end over after-warm-up.
 
 Every request is a support ticket (`phiops.datagen`, seed 7) through the chat template, greedy,
 `max_tokens` 32: the same prompts, settings and stop tokens on both sides. The ratio of the
@@ -43,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "services"))
 
-from _common import drive_engine, machine, versions  # noqa: E402
+from _common import drive_engine, machine, versions
 
 CLIENTS = 32
 MAX_TOKENS = 32
@@ -164,11 +166,23 @@ async def _load(base: str, prompts: list[str], clients: int) -> dict[str, Any]:
     return out
 
 
-def _tree_rss(pid: int) -> int:
+def _tree_rss(pid: int, settle_s: float = 2.0) -> int:
+    """RSS of the server's process tree, read after `settle_s` idle (the engine trims its heap when idle)."""
     import psutil
+
+    time.sleep(settle_s)
 
     proc = psutil.Process(pid)
     return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)] if p.is_running())
+
+
+def _rss_by_process(pid: int) -> dict[str, int]:
+    """RSS of each process of the server's tree, by pid and the tail of its command line."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    return {f"{p.pid} {' '.join(p.cmdline()[-3:])[-60:]}": p.memory_info().rss
+            for p in [proc, *proc.children(recursive=True)] if p.is_running()}
 
 
 def _server_pid(port: int) -> int:
@@ -237,10 +251,12 @@ def _engines(base: Baseline, prompts: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/serve_cpu_load.json")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--baseline-requests", type=int, default=24, help="per round")
     ap.add_argument("--service-requests", type=int, default=192, help="per round")
     ap.add_argument("--no-engines", action="store_true", help="skip the in-process batching comparison")
+    ap.add_argument("--soak-rounds", type=int, default=0,
+                    help="after the measured rounds, this many more service-only rounds, recording the RSS after each")
     args = ap.parse_args(argv)
 
     import torch
@@ -272,7 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     port = bento.free_port()
     with bento.serving(bento_tag, port=port, timeout=600) as url:
         pid = _server_pid(port)
-        asyncio.run(_load(url, prompts[:CLIENTS], CLIENTS))  # warm-up: every batch size once
+        rss_loaded = _tree_rss(pid)
+        # Warm-up: one full service round, not counted. The first load grows the server once
+        # (allocator arenas, oneDNN kernels for each batch shape, Python caches): recorded as
+        # `server_rss_warmup_growth_fraction`. "Flat" is judged after it, over the counted rounds.
+        asyncio.run(_load(url, prompts, CLIENTS))
         rss_before = _tree_rss(pid)
         for i in range(args.rounds):
             k = args.baseline_requests
@@ -287,7 +307,16 @@ def main(argv: list[str] | None = None) -> int:
             rounds.append({"baseline": bs, "service": s, "rss_server_bytes": _tree_rss(pid),
                            "loadavg": os.getloadavg()})
         rss_after = _tree_rss(pid)
+        soak = []
+        for i in range(args.soak_rounds):  # service only: does the RSS keep rising, or level off?
+            s = asyncio.run(_load(url, prompts, CLIENTS))
+            soak.append({"rss_server_bytes": _tree_rss(pid), "rss_by_process": _rss_by_process(pid),
+                         "requests": s["requests"], "errors": s["errors"]})
+            print(f"soak {i}: rss {soak[-1]['rss_server_bytes'] / 1e6:.1f} MB errors {s['errors']} "
+                  f"{ {k: round(v / 1e6, 1) for k, v in soak[-1]['rss_by_process'].items()} }", flush=True)
     result["rounds"] = rounds
+    if soak:
+        result["soak"] = soak
 
     def rate(key: str, side: str, dtype: str | None = None) -> float:
         parts = [r[side][dtype] if dtype else r[side] for r in rounds]
@@ -311,9 +340,14 @@ def main(argv: list[str] | None = None) -> int:
         "service_latency_p99_s": max(r["service"]["latency_p99_s"] for r in rounds),
         "baseline_latency_p50_s": max(r["baseline"][best]["latency_p50_s"] for r in rounds),
         "service_errors": sum(r["service"]["errors"] for r in rounds),
+        "server_rss_loaded_bytes": rss_loaded,
+        "server_rss_warmup_growth_fraction": round(rss_before / rss_loaded - 1, 4),
         "server_rss_before_bytes": rss_before,
         "server_rss_after_bytes": rss_after,
         "server_rss_growth_fraction": round(rss_after / rss_before - 1, 4),
+        **({"server_rss_soak_bytes": [r["rss_server_bytes"] for r in soak],
+            "server_rss_soak_growth_fraction": round(soak[-1]["rss_server_bytes"] / rss_after - 1, 4),
+            "soak_errors": sum(r["errors"] for r in soak)} if soak else {}),
         "goal": "service requests/s >= 8x baseline, no errors, memory flat",
     }
     if not args.no_engines:
