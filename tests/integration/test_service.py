@@ -399,6 +399,8 @@ def test_request_timers_are_cancelled_when_requests_end(service_module: Any) -> 
             return {"type": "http.request", "body": b""}
 
         await cls(app, timeout=timeout)({"type": "http", "path": "/v1/models"}, receive, send)
+        for _ in range(3):  # let a cancelled app task run its cancellation (it disarms its own sleep)
+            await asyncio.sleep(0)
         armed = sum(1 for h in asyncio.get_running_loop()._scheduled if not h.cancelled())
         return armed, sent
 
