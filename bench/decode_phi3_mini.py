@@ -74,18 +74,6 @@ def _arch(tiny: bool) -> dict[str, Any]:
     return arch
 
 
-def build(arch: dict[str, Any], device: str, dtype: Any, seed: int = 0) -> Any:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    arch = dict(arch)
-    config = AutoConfig.for_model(arch.pop("model_type"), **arch)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
-
-
 def bytes_per_token(model: Any) -> int:
     """Bytes of weights a decode step reads: every parameter and buffer but the embedding table."""
     emb = model.get_input_embeddings().weight
@@ -199,11 +187,10 @@ def decode_engine_solo(model: Any, dec: Any, *, prompt_len: int, steps: int, dev
     (t_first, n_first), (t_last, n_last) = marks[0], marks[-1]
     if n_last != steps + 1:
         raise RuntimeError(f"the request ended after {n_last} of {steps + 1} tokens")
-    out = _timing(mode, prompt_len, n_last - n_first, t_first - t0, 0.0, t_last - t_first, [])
-    out.pop("first_tokens")
-    out["prefill_s_incl_first_token"] = out.pop("prefill_s")
-    out.pop("warmup_s")
-    return out
+    n, wall = n_last - n_first, t_last - t_first
+    return {"mode": mode, "prompt_len": prompt_len, "steps": n, "decode_s": round(wall, 4),
+            "tokens_per_s": round(n / wall, 2), "ms_per_token": round(wall / n * 1000, 3),
+            "prefill_s_incl_first_token": round(t_first - t0, 4)}
 
 
 # Ablations of the compiled step: inductor options, attention implementation (None: as loaded).
@@ -376,7 +363,6 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (16 if args.tiny else 256)
     gen_tokens = args.gen_tokens or (8 if args.tiny else 128)
     compile_on = not args.skip_compile and (not args.tiny or args.compile)
-    dtype = torch.bfloat16
     info = machine()
     gpu = info.get("gpu", "")
     bw = args.bandwidth_tbs or next((v for k, v in BANDWIDTH_TBS.items() if k in gpu), BANDWIDTH_TBS["H100"])
@@ -430,15 +416,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from phiops_decode import GraphDecoder, int4_linears
 
+    from phiops import models
+
     t0 = time.perf_counter()
-    model = build(arch, device, dtype)
+    model = models.random_model(arch, dtype="bfloat16", device=device)
     result["build_s"] = round(time.perf_counter() - t0, 1)
     max_len = args.prompt_len + steps + 8
 
-    def modes(m: Any, prefix: str = "", eager_mode: str = "eager", tuned: bool = False) -> list[tuple[str, Any]]:
+    def modes(m: Any, prefix: str = "", eager_mode: str = "eager", graphs: bool = True,
+              tuned: bool = False) -> list[tuple[str, Any]]:
         out: list[tuple[str, Any]] = [(eager_mode, lambda: {**decode_eager(m, prompt_len=args.prompt_len, steps=steps,
                                                                              device=device), "mode": eager_mode})]
-        if compile_on:
+        if compile_on and graphs:
             dec = GraphDecoder(m, max_len, device, compile=True)
             def graph() -> dict[str, Any]:
                 run = decode_graph(dec, prompt_len=args.prompt_len, steps=steps, device=device, mode=prefix + "graph")
@@ -510,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                 qinfo["int4_model_bytes_per_token"] = bytes_per_token(imodel)
                 qinfo["int4_vs_dequantized_logits"] = logits_agreement(imodel, qmodel, device)
                 measure("w4a16_compressed_tensors", qmodel,
-                        modes(qmodel, eager_mode="compressed_tensors_eager")[:1], nbytes=dense_bytes)
+                        modes(qmodel, eager_mode="compressed_tensors_eager", graphs=False), nbytes=dense_bytes)
                 del qmodel
                 measure("w4a16_batch1", imodel, modes(imodel, "int4_", "int4_eager"))
                 save()

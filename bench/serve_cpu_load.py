@@ -16,8 +16,9 @@ What it does, on the embedded default model (SmolLM2-135M-Instruct, `phiops mode
    nothing), so the service's own dtype choice is not what the ratio measures;
 3. records requests/s, output tokens/s, p50/p99 latency, errors, the load average, and the
    server's RSS (process tree): once loaded, after one uncounted warm-up round of the full load
-   (the one-time growth), after each counted round, and at the end. "Memory flat" is read from
-   the counted rounds: `server_rss_growth_fraction` is end over after-warm-up.
+   (the one-time growth), and after each counted round; `server_rss_growth_fraction` is the
+   last counted round over after-warm-up. `--soak-rounds N` then runs N service-only rounds and
+   records the RSS per process after each: whether memory levels off.
 
 Every request is a support ticket (`phiops.datagen`, seed 7) through the chat template, greedy,
 `max_tokens` 32: the same prompts, settings and stop tokens on both sides. The ratio of the
@@ -166,23 +167,19 @@ async def _load(base: str, prompts: list[str], clients: int) -> dict[str, Any]:
     return out
 
 
-def _tree_rss(pid: int, settle_s: float = 2.0) -> int:
-    """RSS of the server's process tree, read after `settle_s` idle (the engine trims its heap when idle)."""
+def _rss_by_process(pid: int, settle_s: float = 2.0) -> dict[str, int]:
+    """RSS of each process of the server's tree (by pid and the tail of its command line), read
+    after `settle_s` idle: the engine returns freed heap to the OS when idle."""
     import psutil
 
     time.sleep(settle_s)
-
-    proc = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)] if p.is_running())
-
-
-def _rss_by_process(pid: int) -> dict[str, int]:
-    """RSS of each process of the server's tree, by pid and the tail of its command line."""
-    import psutil
-
     proc = psutil.Process(pid)
     return {f"{p.pid} {' '.join(p.cmdline()[-3:])[-60:]}": p.memory_info().rss
             for p in [proc, *proc.children(recursive=True)] if p.is_running()}
+
+
+def _tree_rss(pid: int) -> int:
+    return sum(_rss_by_process(pid).values())
 
 
 def _server_pid(port: int) -> int:
@@ -306,11 +303,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"p50 {s['latency_p50_s']}s p99 {s['latency_p99_s']}s errors {s['errors']}", flush=True)
             rounds.append({"baseline": bs, "service": s, "rss_server_bytes": _tree_rss(pid),
                            "loadavg": os.getloadavg()})
-        rss_after = _tree_rss(pid)
+        rss_after = rounds[-1]["rss_server_bytes"] if rounds else rss_before
         soak = []
         for i in range(args.soak_rounds):  # service only: does the RSS keep rising, or level off?
             s = asyncio.run(_load(url, prompts, CLIENTS))
-            soak.append({"rss_server_bytes": _tree_rss(pid), "rss_by_process": _rss_by_process(pid),
+            by_process = _rss_by_process(pid)
+            soak.append({"rss_server_bytes": sum(by_process.values()), "rss_by_process": by_process,
                          "requests": s["requests"], "errors": s["errors"]})
             print(f"soak {i}: rss {soak[-1]['rss_server_bytes'] / 1e6:.1f} MB errors {s['errors']} "
                   f"{ {k: round(v / 1e6, 1) for k, v in soak[-1]['rss_by_process'].items()} }", flush=True)

@@ -21,7 +21,8 @@ the compressed-tensors module dequantizes its whole weight on every call, which 
 bytes than the bf16 model it replaces.
 
 On CPU the same code runs without the CUDA graph (tests check it against the plain forward).
-This module imports only torch and transformers; it ships in the bento beside service.py.
+This module needs only torch and transformers (and compressed-tensors for W4A16); it ships in
+the bento beside service.py, which imports it on CUDA only.
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ import contextlib
 import logging
 from typing import Any
 
+import torch
+from torch import nn
+
 log = logging.getLogger("bentoml.phiops.decode")
 
 # Inductor's coordinate-descent tuning: it also turns each batch-1 matmul into a fused Triton
 # reduction (norm + GEMV in one kernel). On an H100 (Phi-3-mini shape, bench/decode_phi3_mini.py)
-# the step ran 3.46-3.75 ms against 3.82 ms for cuBLAS GEMVs, for a compile of ~60 s vs ~33 s.
+# the step ran 3.46-3.75 ms against 3.80-3.82 ms for cuBLAS GEMVs, for a compile of 62-87 s vs ~34 s.
 INDUCTOR_OPTIONS: dict[str, Any] = {"coordinate_descent_tuning": True}
 
 
@@ -76,7 +80,6 @@ class GraphDecoder:
 
     def __init__(self, model: Any, max_len: int, device: str, *, compile: bool | None = None,
                  options: dict[str, Any] | None = None, sdpa_backends: list[Any] | None = None) -> None:
-        import torch
         from transformers.cache_utils import Cache, StaticLayer
 
         window = sliding_window(model)
@@ -109,8 +112,6 @@ class GraphDecoder:
 
     def prefill(self, ids: list[int]) -> Any:
         """Reset the cache and run the prompt through it (eager); the last position's logits."""
-        import torch
-
         if not ids or not self.fits(len(ids)):
             raise ValueError(f"prompt of {len(ids)} tokens does not fit a cache of {self.max_len}")
         self.cache.reset()  # zeroes keys/values and each layer's write position, in place
@@ -137,11 +138,9 @@ class GraphDecoder:
 
     def _capture(self) -> None:
         """Compile (warm-up runs on a side stream), then record one step as a CUDA graph."""
-        import torch
-
-        # Each run advances every layer's write position; the graph must start where we are.
         from torch.nn.attention import sdpa_kernel
 
+        # Each run advances every layer's write position; the graph must start where we are.
         saved = [layer.cumulative_length.clone() for layer in self.cache.layers]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -172,46 +171,40 @@ class GraphDecoder:
 # ---- W4A16 through PyTorch's int4 kernel ---------------------------------------------------------
 
 
-def _int4_module(weight_q: Any, scale: Any, group: int, bias: Any, device: str) -> Any:
-    """An ``nn.Module`` computing ``x @ (weight_q * scale).T + bias`` with the int4 kernel.
+class Int4Linear(nn.Module):
+    """``x @ (weight_q * scale).T + bias`` through PyTorch's int4 weight-only kernel.
 
     weight_q: int8 ``[out, in]`` in [-8, 7]; scale: ``[out, in // group]``.
     """
-    import torch
-    from torch import nn
 
-    out_f, in_f = weight_q.shape
-    inner_k_tiles = next(t for t in (8, 4, 2) if in_f % (16 * t) == 0)  # int4_linears checked 32 divides
-    u = (weight_q.to(torch.int32) + 8).to(device)  # the kernel's codes are unsigned: w = (u - 8) * s + z
-    if device == "cuda":
-        packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), inner_k_tiles)
-        mm = torch.ops.aten._weight_int4pack_mm
-    else:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, inner_k_tiles)
-        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-    s = scale.to(device=device, dtype=torch.bfloat16)
-    scales_and_zeros = torch.stack([s, torch.zeros_like(s)], dim=-1).transpose(0, 1).contiguous()  # [in/g, out, 2]
+    def __init__(self, weight_q: Any, scale: Any, group: int, bias: Any, device: str) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight_q.shape
+        self.group_size = group
+        inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)  # group >= 32 divides it
+        u = (weight_q.to(torch.int32) + 8).to(device)  # the kernel's codes are unsigned: w = (u - 8) * s + z
+        if device == "cuda":
+            packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8),
+                                                                inner_k_tiles)
+            self._mm = torch.ops.aten._weight_int4pack_mm
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, inner_k_tiles)
+            self._mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        s = scale.to(device=device, dtype=torch.bfloat16)
+        self.register_buffer("weight_int4pack", packed)
+        self.register_buffer("scales_and_zeros", torch.stack([s, torch.zeros_like(s)], -1).transpose(0, 1).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.to(device=device, dtype=torch.bfloat16),
+                                                            requires_grad=False)
 
-    class Int4Linear(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.in_features, self.out_features, self.group_size = in_f, out_f, group
-            self.register_buffer("weight_int4pack", packed)
-            self.register_buffer("scales_and_zeros", scales_and_zeros)
-            self.bias = None if bias is None else nn.Parameter(bias.to(device=device, dtype=torch.bfloat16),
-                                                                requires_grad=False)
+    def forward(self, x: Any) -> Any:
+        y = self._mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight_int4pack, self.group_size,
+                     self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-        def forward(self, x: Any) -> Any:
-            shape = x.shape
-            y = mm(x.reshape(-1, in_f).to(torch.bfloat16), self.weight_int4pack, self.group_size, self.scales_and_zeros)
-            if self.bias is not None:
-                y = y + self.bias
-            return y.reshape(*shape[:-1], out_f).to(x.dtype)
-
-        def extra_repr(self) -> str:
-            return f"in_features={in_f}, out_features={out_f}, group_size={group}, int4 weight-only"
-
-    return Int4Linear()
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, int4"
 
 
 def int4_linears(model: Any, device: str) -> int:
@@ -234,10 +227,10 @@ def int4_linears(model: Any, device: str) -> int:
                 and w.actorder in (None, "static") and getattr(module, "weight_g_idx", None) is None):
             continue
         shape = [int(v) for v in module.weight_shape.tolist()]
-        if shape[0] % 8 or shape[1] % w.group_size or shape[1] % 32:  # the kernel's tiling
+        if shape[0] % 8 or shape[1] % w.group_size:  # the kernel's tiling
             continue
         q = unpack_from_int32(module.weight_packed, 4, shape)
-        new = _int4_module(q, module.weight_scale, w.group_size, getattr(module, "bias", None), device)
+        new = Int4Linear(q, module.weight_scale, w.group_size, getattr(module, "bias", None), device)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
         swapped += 1

@@ -183,6 +183,18 @@ def load_tokenizer(path: str | Path) -> Any:
     return tok
 
 
+def random_model(architecture: dict[str, Any], dtype: str = "float32", device: str = "cpu", seed: int = 0) -> Any:
+    """A causal LM of `architecture` (a config.json dict) with seeded random weights, in memory, eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = dict(architecture)
+    config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).eval()
+
+
 def tiny_random(architecture: dict[str, Any], out: Path, tokenizer_from: str | Path, seed: int = 0,
                 dtype: str = "float32", device: str = "cpu") -> Path:
     """Build a random-weight checkpoint of `architecture` (a config.json dict) at `out`.
@@ -191,14 +203,8 @@ def tiny_random(architecture: dict[str, Any], out: Path, tokenizer_from: str | P
     ``dtype="bfloat16", device="cuda"`` builds 3.8B parameters in seconds).
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    arch = dict(architecture)
-    model_type = arch.pop("model_type")
-    config = AutoConfig.for_model(model_type, **arch)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model = random_model(architecture, dtype=dtype, device=device, seed=seed)
     tok = load_tokenizer(tokenizer_from)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -15,20 +15,22 @@ from typing import Any
 import pytest
 import torch
 
+from phiops import models
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "services"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import word_tokenizer
+from _common import word_tokenizer  # bench/: a tokenizer made in code, no files
 from phiops_decode import GraphDecoder, int4_linears
 from phiops_engine import Engine, Request
 
 _COMMON = {"vocab_size": 49152, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-               "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
-               # Wide enough an init that attention is peaked: positions then change the logits.
-               "initializer_range": 0.2}
+           "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+           # Wide enough an init that attention is peaked: positions then change the logits.
+           "initializer_range": 0.2}
 ARCHS = {
     # Phi-3-mini's own layout: fused qkv/gate_up, untied head, and its 2047-token sliding window.
     "phi3": dict(model_type="phi3", num_attention_heads=4, num_key_value_heads=4, sliding_window=2047,
@@ -39,14 +41,8 @@ ARCHS = {
 PROMPT = [1, 523, 9001, 17, 4400, 321, 77, 12000, 8, 901, 44, 3]
 
 
-def _build(arch: str, dtype: Any = torch.float32, device: str = "cpu", **overrides: Any) -> Any:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    spec = {**ARCHS[arch], **overrides}
-    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    torch.manual_seed(0)
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+def _build(arch: str, dtype: str = "float32", device: str = "cpu", **overrides: Any) -> Any:
+    return models.random_model({**ARCHS[arch], **overrides}, dtype=dtype, device=device)
 
 
 def _reference(model: Any, prompt: list[int], n: int, device: str = "cpu") -> tuple[list[int], list[Any]]:
@@ -240,7 +236,7 @@ def test_cuda_graph_decode_matches_the_eager_forward() -> None:
     # wide init (0.2) it failed there once (message not kept): in bf16, inductor's and the eager
     # kernels round differently, and larger weights magnify that. The float32 engine test
     # above checks the graph path to 1e-3.
-    model = _build("phi3", torch.bfloat16, "cuda", initializer_range=0.02)
+    model = _build("phi3", "bfloat16", "cuda", initializer_range=0.02)
     _, want_logits = _reference(model, PROMPT, 8, "cuda")
     dec = GraphDecoder(model, 64, "cuda")
     with torch.inference_mode():
