@@ -16,7 +16,11 @@ Measured, each after a warm-up, on random prompt ids (the numbers do not depend 
      cache, the step compiled by inductor and replayed as one CUDA graph (the gpt-fast recipe);
      fed its own argmax on the GPU, no host sync per token;
    - `engine_solo`: one request through the service's engine (services/phiops_engine.py) with
-     that decoder: adds sampling, the host sync, detokenizing and the event per token.
+     that decoder: adds sampling, the host sync, detokenizing and the event per token;
+   - `fused` / `engine_solo_fused`: the same with `FusedDecoder`, the service's choice for
+     llama-family models on CUDA: the step as Triton kernels (services/phiops_kernels.py, five
+     per layer: norm-fused GEMVs, rotary + cache write + split-KV attention, gated and residual
+     epilogues), captured as one CUDA graph, no torch.compile.
    Each as tokens/s and as a fraction of the bound `bandwidth / bytes read per token`, where the
    bytes are every weight a decode step reads (all linear layers and the LM head; one embedding
    row, so the embedding table is left out). Goal: >= 70 % for bf16.
@@ -353,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-cb", action="store_true", help="skip the transformers continuous batching comparison")
     ap.add_argument("--graph-variants", default="", help=f"bf16 ablations of the compiled step, of {','.join(VARIANTS)}")
     ap.add_argument("--profile", action="store_true", help="profile each variant's graph replays (GPU kernel time)")
+    ap.add_argument("--only", default="", help="run only these modes (comma-separated names as in the JSON; "
+                    "'concurrent' for the concurrent-requests part)")
     args = ap.parse_args(argv)
 
     import torch
@@ -393,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         entry: dict[str, Any] = {"bytes_per_token": nbytes, "bound_tokens_per_s": round(bound(nbytes), 1), "runs": []}
         result[name] = entry
         for mode, fn in modes:
+            if only and mode not in only:
+                continue
             try:
                 run = fn()
                 run["fraction_of_bound"] = round(run["tokens_per_s"] / bound(nbytes), 4)
@@ -414,7 +422,14 @@ def main(argv: list[str] | None = None) -> int:
                              "fraction_of_bound": best["fraction_of_bound"]}
         save()
 
-    from phiops_decode import GraphDecoder, int4_linears
+    from phiops_decode import (
+        FusedDecoder,
+        GraphDecoder,
+        fused_unsupported,
+        int4_linears,
+    )
+
+    only = set(filter(None, args.only.split(",")))
 
     from phiops import models
 
@@ -436,6 +451,22 @@ def main(argv: list[str] | None = None) -> int:
             out += [(prefix + "graph", graph),
                     (prefix + "engine_solo", lambda: decode_engine_solo(m, dec, prompt_len=args.prompt_len, steps=steps,
                                                                         device=device, mode=prefix + "engine_solo"))]
+        if graphs and device == "cuda" and fused_unsupported(m) is None:
+            fused: list[Any] = []  # built at its first use, so that --only can leave it out
+
+            def fdec() -> Any:
+                fused[:] = fused or [FusedDecoder(m, max_len, device)]
+                return fused[0]
+
+            def fused_run() -> dict[str, Any]:
+                run = decode_graph(fdec(), prompt_len=args.prompt_len, steps=steps, device=device, mode=prefix + "fused")
+                return {**run, "profile": profile_steps(fdec(), device)} if args.profile else run
+
+            out += [(prefix + "fused", fused_run),
+                    (prefix + "engine_solo_fused", lambda: decode_engine_solo(
+                        m, fdec(), prompt_len=args.prompt_len, steps=steps, device=device,
+                        mode=prefix + "engine_solo_fused"))]
+        if compile_on and graphs:
             for variant in (args.graph_variants.split(",") if tuned and args.graph_variants else []):
                 out.append((prefix + "graph_" + variant, variant_run(m, variant, prefix)))
         return out
@@ -473,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     measure("bf16_batch1", model, modes(model, tuned=True))
 
     try:
+        if only and "concurrent" not in only:
+            raise LookupError("left out by --only")
         result["bf16_concurrent"] = concurrent(model, n=args.concurrency, prompt_len=args.prompt_len,
                                                gen_tokens=gen_tokens, device=device, cb=not args.skip_cb)
         eager = next((r for r in result["bf16_batch1"]["runs"] if r["mode"] == "eager" and "tokens_per_s" in r), None)

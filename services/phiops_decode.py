@@ -168,6 +168,124 @@ class GraphDecoder:
         return out
 
 
+# ---- the same step as hand-written Triton kernels (llama-family decoders) ------------------------
+
+FUSED_MODEL_TYPES = ("llama", "phi3")
+
+
+def fused_unsupported(model: Any) -> str | None:
+    """Why ``FusedDecoder`` cannot decode ``model`` (None: it can)."""
+    cfg = model.config.get_text_config(decoder=True)
+    if cfg.model_type not in FUSED_MODEL_TYPES:
+        return f"model type {cfg.model_type!r} (the kernels cover {', '.join(FUSED_MODEL_TYPES)})"
+    if getattr(cfg, "hidden_act", None) != "silu":
+        return f"activation {getattr(cfg, 'hidden_act', None)!r}"
+    if model.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"dtype {model.dtype}"
+    for layer in model.model.layers:
+        for m in (*_attn_linears(layer), layer.self_attn.o_proj, *_mlp_linears(layer), layer.mlp.down_proj):
+            if type(m) is not nn.Linear or m.bias is not None:
+                return f"layer {type(m).__name__}{' with a bias' if getattr(m, 'bias', None) is not None else ''}"
+    if type(model.lm_head) is not nn.Linear or model.lm_head.bias is not None:
+        return "lm_head is not a plain linear layer"
+    return None
+
+
+def _attn_linears(layer: Any) -> tuple[Any, ...]:
+    a = layer.self_attn
+    return (a.qkv_proj,) if hasattr(a, "qkv_proj") else (a.q_proj, a.k_proj, a.v_proj)
+
+
+def _mlp_linears(layer: Any) -> tuple[Any, ...]:
+    m = layer.mlp
+    return (m.gate_up_proj,) if hasattr(m, "gate_up_proj") else (m.gate_proj, m.up_proj)
+
+
+def _fused_weight(linears: tuple[Any, ...]) -> Any:
+    """One ``[sum(out), in]`` weight for linears applied to the same input (Llama's q/k/v, gate/up).
+
+    The layers' own weights become row views of it, so the model keeps working and the memory
+    is not doubled; a second call finds them already adjacent and returns the same storage.
+    """
+    ws = [m.weight.data for m in linears]
+    rows, k = sum(w.shape[0] for w in ws), ws[0].shape[1]
+    first = ws[0]
+    adjacent, offset = True, first.storage_offset()
+    for w in ws:
+        adjacent &= (w.is_contiguous() and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                     and w.storage_offset() == offset)
+        offset += w.numel()
+    if adjacent:
+        return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, k), (k, 1))
+    fused = torch.cat(ws).contiguous()
+    start = 0
+    for m, w in zip(linears, ws):
+        m.weight.data = fused[start:start + w.shape[0]]
+        start += w.shape[0]
+    return fused
+
+
+class FusedDecoder(GraphDecoder):
+    """``GraphDecoder`` whose step is five Triton kernels per layer (``phiops_kernels``), not a compile.
+
+    Each weight matrix is streamed by one kernel that also does the work around it: the RMSNorm
+    before the q/k/v and gate/up projections, rotary embedding and the cache write inside the
+    attention kernel, SiLU gating after gate/up, the residual adds after o and down. The step
+    (about 5 x layers + 3 launches) is captured as one CUDA graph, as in ``GraphDecoder``; there
+    is no torch.compile, so a decoder is ready after the kernels' first-call tuning (seconds).
+
+    For llama-family models only (``fused_unsupported`` says why not); prefill runs the model's
+    own forward into the same static cache, and ``export`` hands the cache over unchanged.
+    """
+
+    def __init__(self, model: Any, max_len: int, device: str, *, chunk: int | None = None) -> None:
+        """``chunk``: positions per attention split (default: ``phiops_kernels.Attention``'s choice)."""
+        reason = fused_unsupported(model)
+        if reason:
+            raise ValueError(f"FusedDecoder does not support this model: {reason}")
+        super().__init__(model, max_len, device, compile=False)
+        import phiops_kernels as K
+
+        self._K = K
+        cfg = model.config.get_text_config(decoder=True)
+        inner = model.model
+        attn0 = inner.layers[0].self_attn
+        hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        head_dim = attn0.head_dim
+        positions = torch.arange(max_len, device=device)[None]
+        cos, sin = inner.rotary_emb(torch.zeros(1, device=device), positions)  # float32, scaling applied
+        rot = cos.shape[-1]
+        self._cos = torch.ones((max_len, head_dim), dtype=torch.float32, device=device)
+        self._sin = torch.zeros((max_len, head_dim), dtype=torch.float32, device=device)
+        self._cos[:, :rot], self._sin[:, :rot] = cos[0], sin[0]
+        self._attn = K.Attention(heads=hq, kv_heads=hkv, head_dim=head_dim, rotary_dim=rot, max_len=max_len,
+                                 scaling=float(attn0.scaling), device=device, chunk=chunk)
+        self._layers = [(_fused_weight(_attn_linears(layer)), layer.self_attn.o_proj.weight.data,
+                         _fused_weight(_mlp_linears(layer)), layer.mlp.down_proj.weight.data,
+                         layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data,
+                         float(layer.input_layernorm.variance_epsilon)) for layer in inner.layers]
+        self._embed = inner.embed_tokens.weight.data
+        self._norm, self._norm_eps = inner.norm.weight.data, float(inner.norm.variance_epsilon)
+        self._lm_head = model.lm_head.weight.data
+        dtype = model.dtype
+        new = lambda n: torch.empty((n,), dtype=dtype, device=device)
+        self._x, self._qkv, self._ao = new(cfg.hidden_size), new((hq + 2 * hkv) * head_dim), new(hq * head_dim)
+        self._h = new(self._layers[0][3].shape[1])
+        self._logits = torch.empty((1, self._lm_head.shape[0]), dtype=dtype, device=device)
+        self._fn = self._fused_step
+
+    def _fused_step(self, tok: Any, pos: Any) -> Any:
+        K, x = self._K, self._x
+        torch.index_select(self._embed, 0, tok.view(1), out=x.view(1, -1))
+        for layer, (qkv, o, gate_up, down, ln1, ln2, eps) in zip(self.cache.layers, self._layers):
+            K.gemv(qkv, x, self._qkv, norm=ln1, eps=eps)
+            self._attn(self._qkv, layer.keys, layer.values, pos, self._cos, self._sin, self._ao)
+            K.gemv(o, self._ao, x, residual=x)
+            K.gemv(gate_up, x, self._h, norm=ln2, eps=eps, gated=True)
+            K.gemv(down, self._h, x, residual=x)
+        return K.gemv(self._lm_head, x, self._logits, norm=self._norm, eps=self._norm_eps)
+
+
 # ---- W4A16 through PyTorch's int4 kernel ---------------------------------------------------------
 
 

@@ -19,9 +19,12 @@ On CUDA two more things happen at load (``PHIOPS_CUDA_FASTPATH=0`` turns both of
 - compressed-tensors W4A16 linears (the GPTQ/AWQ candidates) are swapped for PyTorch's int4
   weight-only kernel (``phiops_decode.int4_linears``) before the first forward; otherwise
   compressed-tensors dequantizes them to bf16 and serves a bf16-sized model;
-- a request that is alone decodes through ``phiops_decode.GraphDecoder`` (a static cache of
-  ``max_prompt_tokens + max_new_tokens`` tokens, one CUDA graph replay per token); the
-  warm-up generation compiles and captures it, so ``/readyz`` turns ready after it.
+- a request that is alone decodes over a static cache of ``max_prompt_tokens + max_new_tokens``
+  tokens, one CUDA graph replay per token: through ``phiops_decode.FusedDecoder`` (Triton
+  kernels, ``phiops_kernels.py``) for llama-family models in bf16/fp16/fp32 (SmolLM2, Phi-3,
+  Phi-4-mini, Phi-4), else through ``phiops_decode.GraphDecoder`` (the step compiled by
+  torch.compile; W4A16 models, Phi-2); the warm-up generation tunes or compiles it and captures
+  the graph, so ``/readyz`` turns ready after it.
 
 Which model, and the limits (bento arguments are baked into the bento at build time by
 ``phiops.bento.build``; ``PHIOPS_*`` environment variables let operators retune a built
@@ -651,14 +654,26 @@ class PhiOpsLLM:
         """Int4 kernels for W4A16 layers and the solo-request decoder (module doc); None when off."""
         if os.environ.get("PHIOPS_CUDA_FASTPATH", "1") == "0":
             return None
-        from phiops_decode import GraphDecoder, int4_linears, sliding_window
+        from phiops_decode import (
+            FusedDecoder,
+            GraphDecoder,
+            fused_unsupported,
+            int4_linears,
+            sliding_window,
+        )
 
         swapped = int4_linears(self.model, self.device)
         if swapped:
             log.info("%d W4A16 linear layers run on the int4 weight-only kernel", swapped)
         max_len = self.settings.max_prompt_tokens + self.settings.max_new_tokens
         # Longer than the sliding window: those requests take the batched (dynamic cache) path.
-        return GraphDecoder(self.model, min(max_len, sliding_window(self.model) or max_len), self.device)
+        max_len = min(max_len, sliding_window(self.model) or max_len)
+        reason = fused_unsupported(self.model)
+        if reason is None:
+            log.info("a lone request decodes through the Triton kernels (FusedDecoder)")
+            return FusedDecoder(self.model, max_len, self.device)
+        log.info("a lone request decodes through the compiled step (GraphDecoder): no Triton kernels for %s", reason)
+        return GraphDecoder(self.model, max_len, self.device)
 
     def _warmup(self, prompt: list[int]) -> None:
         import threading

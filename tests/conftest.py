@@ -17,6 +17,18 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # streams ("I/O operation on closed file"); tests read no Prefect INFO logs.
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
+
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# Without a GPU the Triton kernels (services/phiops_kernels.py) run under Triton's interpreter.
+# It must be chosen before anything imports triton (torch.compile does, in other tests).
+if _no_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TINY = {
     # vocab_size matches the embedded tokenizer so real chat-formatted data can be used.
     "llama": {

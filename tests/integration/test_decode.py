@@ -1,8 +1,9 @@
-"""services/phiops_decode.py: the static-cache solo decoder and the int4 W4A16 layers.
+"""services/phiops_decode.py: the static-cache solo decoders and the int4 W4A16 layers.
 
-On CPU the decoder runs its cache logic without the CUDA graph (and, in one test, compiled);
-the CUDA graph and the CUDA int4 kernel are checked by the GPU tests at the end (skipped
-without CUDA) and measured by bench/decode_phi3_mini.py.
+On CPU the decoders run their cache logic without the CUDA graph (``GraphDecoder`` in one test
+compiled; ``FusedDecoder``'s Triton kernels under Triton's interpreter); the CUDA graph and the
+CUDA kernels are checked by the GPU tests at the end (skipped without CUDA) and measured by
+bench/decode_phi3_mini.py and bench/decode_kernels.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT / "services"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import word_tokenizer  # bench/: a tokenizer made in code, no files
-from phiops_decode import GraphDecoder, int4_linears
+from phiops_decode import FusedDecoder, GraphDecoder, fused_unsupported, int4_linears
 from phiops_engine import Engine, Request
 
 _COMMON = {"vocab_size": 49152, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
@@ -136,17 +137,17 @@ def _run(engine: Engine, prompts: list[list[int]], n: int, join_after: int | Non
     return [r.tokens for r in requests]
 
 
-def _engine_scenarios(device: str, tol: float) -> None:
-    model = _build("llama" if device == "cpu" else "phi3", device=device)
+def _engine_scenarios(device: str, tol: float, decoder: Any = GraphDecoder, **overrides: Any) -> None:
+    model = _build("llama" if device == "cpu" else "phi3", device=device, **overrides)
     tok = word_tokenizer(model.config.vocab_size)
     second = [1, 88, 4021, 7, 310, 29]
     refs = [_reference(model, p, 12, device) for p in (PROMPT, second)]
     want, want_logits = [r[0] for r in refs], [r[1] for r in refs]
     # EOS = an id these random weights do not pick in 12 steps: every request runs to its length.
-    eos = [next(i for i in range(3, 49152) if all(i not in w for w in want))]
+    eos = [next(i for i in range(3, model.config.vocab_size) if all(i not in w for w in want))]
 
     # Alone: decoded through the solo decoder (its cache holds the whole sequence).
-    solo = GraphDecoder(model, 64, device)
+    solo = decoder(model, 64, device)
     engine = Engine(model, tok, eos, device, max_wait_ms=0, solo=solo)
     assert _run(engine, [PROMPT], 12, want_logits=want_logits[:1], tol=tol) == [want[0]]
     assert solo.length == len(PROMPT) + 11
@@ -154,14 +155,14 @@ def _engine_scenarios(device: str, tol: float) -> None:
 
     # A second request arrives after the first's 4th token: the first moves to the shared cache,
     # both continue batched, and both still get the plain forward's logits at every step.
-    solo = GraphDecoder(model, 64, device)
+    solo = decoder(model, 64, device)
     engine = Engine(model, tok, eos, device, max_wait_ms=0, solo=solo)
     assert _run(engine, [PROMPT, second], 12, join_after=4, want_logits=want_logits, tol=tol) == want
     assert len(PROMPT) + 3 <= solo.length < len(PROMPT) + 11  # handed over mid-way
     assert engine.stats.prefill_passes == 2
 
     # A request that does not fit the solo cache takes the batched path from the start.
-    solo = GraphDecoder(model, len(PROMPT) + 4, device)
+    solo = decoder(model, len(PROMPT) + 4, device)
     engine = Engine(model, tok, eos, device, max_wait_ms=0, solo=solo)
     assert _run(engine, [PROMPT], 12, want_logits=want_logits[:1], tol=tol) == [want[0]]
     assert solo.length == 0
@@ -169,6 +170,99 @@ def _engine_scenarios(device: str, tol: float) -> None:
 
 def test_engine_decodes_a_lone_request_through_the_solo_decoder_and_hands_over() -> None:
     _engine_scenarios("cpu", 1e-4)
+
+
+# ---- FusedDecoder: the Triton kernels (phiops_kernels), under the interpreter without a GPU ------
+
+
+@pytest.fixture
+def kernels() -> Any:
+    """phiops_kernels; without CUDA under Triton's interpreter (tests/conftest.py turns it on)."""
+    pytest.importorskip("triton")
+    import phiops_kernels
+
+    assert phiops_kernels.INTERPRET == (not torch.cuda.is_available())
+    return phiops_kernels
+
+
+def _device(kernels: Any) -> str:
+    return "cpu" if kernels.INTERPRET else "cuda"
+
+
+@pytest.mark.parametrize("norm,gated,residual", [(False, False, False), (True, False, False), (False, False, True),
+                                                 (True, True, False), (False, True, True)])
+def test_gemv_kernel_computes_its_fused_stages(kernels: Any, norm: bool, gated: bool, residual: bool) -> None:
+    device = _device(kernels)
+    g = torch.Generator(device="cpu").manual_seed(int(norm) * 4 + int(gated) * 2 + int(residual))
+    n, k = 300, 200  # neither a multiple of any block size: the masks are exercised
+    w = torch.randn(2 * n if gated else n, k, generator=g).to(device)
+    a = torch.randn(k, generator=g).to(device) * 3
+    gain = torch.rand(k, generator=g).to(device) + 0.5 if norm else None
+    r = torch.randn(n, generator=g).to(device) if residual else None
+    x = a * torch.rsqrt(a.pow(2).mean() + 1e-5) * gain if norm else a
+    y = (w.double() @ x.double()).float()
+    if gated:
+        y = torch.nn.functional.silu(y[:n]) * y[n:]
+    want = y + r if residual else y
+    out = r.clone() if residual else torch.full((n,), float("nan"), device=device)  # poisoned: every row written
+    kernels.gemv(w, a, out, norm=gain, eps=1e-5, gated=gated, residual=out if residual else None)
+    assert float((out - want).norm() / want.norm()) < 1e-5
+
+
+# A vocabulary small enough for the interpreter's LM head, large enough for PROMPT's ids.
+_SMALL = {"vocab_size": 16384}
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("phi3", {}),
+    ("llama", {}),  # GQA (4 query heads over 2), tied embeddings
+    ("phi3", {"partial_rotary_factor": 0.75, "num_key_value_heads": 2}),  # Phi-4-mini: rotary on 3/4 of each head
+])
+def test_fused_decoder_matches_the_dynamic_cache_forward(kernels: Any, arch: str, overrides: dict[str, Any]) -> None:
+    device = _device(kernels)
+    model = _build(arch, device=device, **_SMALL, **overrides)
+    want, want_logits = _reference(model, PROMPT, 10, device)
+    # 8 positions per attention split: the 21 positions span 3 splits and cross two boundaries.
+    dec = FusedDecoder(model, 32, device, chunk=8)
+    assert dec._attn.splits == 4
+    with torch.inference_mode():
+        for _ in range(2):  # a second prefill reuses the cache from position 0
+            logits = dec.prefill(PROMPT)
+            got, worst = [], 0.0
+            for i in range(10):
+                worst = max(worst, float((logits.float() - want_logits[i]).abs().max()))
+                got.append(int(logits.argmax(-1)))
+                if i < 9:
+                    logits = dec.step(logits.argmax(-1))
+            assert got == want
+            assert worst < 1e-4
+        exported = dec.export()
+        assert exported.get_seq_length() == dec.length == len(PROMPT) + 9
+        for i, layer in enumerate(exported.layers):
+            torch.testing.assert_close(layer.keys, dec.cache.layers[i].keys[:, :, :dec.length])
+            torch.testing.assert_close(layer.values, dec.cache.layers[i].values[:, :, :dec.length])
+
+
+def test_fused_decoder_keeps_the_model_working_and_refuses_other_architectures(kernels: Any) -> None:
+    device = _device(kernels)
+    model = _build("llama", device=device, **_SMALL)
+    ids = torch.tensor([PROMPT], device=device)
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        FusedDecoder(model, 32, device)  # q/k/v and gate/up become views of one fused weight each
+        FusedDecoder(model, 32, device)  # a second decoder finds them fused and copies nothing
+        attn = model.model.layers[0].self_attn
+        assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.weight.nbytes
+        torch.testing.assert_close(model(input_ids=ids).logits, before)
+    phi2 = models.random_model({"model_type": "phi", "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128,
+                                "num_hidden_layers": 1, "num_attention_heads": 4})
+    assert "model type 'phi'" in fused_unsupported(phi2)
+    with pytest.raises(ValueError, match="does not support this model: model type 'phi'"):
+        FusedDecoder(phi2, 32, "cpu")
+
+
+def test_engine_hands_over_from_the_fused_decoder(kernels: Any) -> None:
+    _engine_scenarios(_device(kernels), 1e-3 if not kernels.INTERPRET else 1e-4, FusedDecoder, **_SMALL)
 
 
 def _w4a16(tmp_path: Path, arch: str) -> Path:

@@ -486,7 +486,7 @@ def test_build_bakes_model_and_pins(home: Path, model_tag: str, bento_tag: str) 
     for pin in ("torch==2.13.0", "transformers==5.17.0", "compressed-tensors==0.19.0"):
         assert pin in reqs
     assert Path(built.path_of("env/docker/Dockerfile")).is_file()
-    for module in ("service.py", "phiops_engine.py", "phiops_decode.py"):  # the last is imported on CUDA only
+    for module in ("service.py", "phiops_engine.py", "phiops_decode.py", "phiops_kernels.py"):  # the last two: CUDA only
         assert Path(built.path_of(f"src/{module}")).is_file(), module
     assert bento.containerize_command(bento_tag) == ["bentoml", "containerize", bento_tag]
 

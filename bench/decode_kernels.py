@@ -1,0 +1,200 @@
+"""The decode kernels of services/phiops_kernels.py against what PyTorch runs for the same work.
+
+    python bench/decode_kernels.py --out bench/results/decode_kernels_h100.json
+
+Phi-3-mini's shapes, bf16, one GPU. Each row is one stage of a decode step:
+
+- the four weight-streaming stages of a layer and the LM head, as ``phiops_kernels.gemv`` with
+  its fused prologue/epilogue, against the same work in PyTorch (``F.linear``, i.e. cuBLAS, plus
+  the separate norm, SiLU-gating or residual-add kernels eager PyTorch launches);
+- decode attention at the bench's sequence length and at the sliding window (2047), as
+  ``phiops_kernels.Attention`` (rotary, cache write and split-KV attention) against
+  ``F.scaled_dot_product_attention`` over the same static cache with a mask (PyTorch's choice of
+  kernel; the rotary and the cache write not counted on that side).
+
+Timing: many calls captured in one CUDA graph and replayed (launch gaps as in the decoder's own
+graph), the median over replays; the weights rotate over enough copies that the 50 MB L2 holds
+none of them between uses. TB/s counts the bytes each stage must read (weights, and the cache for
+attention) over that time, against the bound in `bench/decode_phi3_mini.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "services"))
+
+from _common import machine, versions
+
+HIDDEN, INTER, HEADS, HEAD_DIM, VOCAB = 3072, 8192, 32, 96, 32064
+
+
+def graph_time_us(fns: list[Callable[[], Any]], replays: int = 30) -> float:
+    """Median microseconds per call of `fns` (one call each per replay), from CUDA-graph replays."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:  # first calls: Triton compiles and tunes here, outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / len(fns))
+    return statistics.median(times)
+
+
+def gemv_rows(copies_bytes: int = 400_000_000) -> list[dict[str, Any]]:
+    stages = [  # name, weight rows, K, norm, gated, residual
+        ("qkv_proj (norm fused)", 3 * HIDDEN, HIDDEN, True, False, False),
+        ("o_proj (+ residual)", HIDDEN, HIDDEN, False, False, True),
+        ("gate_up_proj (norm, SiLU gate fused)", 2 * INTER, HIDDEN, True, True, False),
+        ("down_proj (+ residual)", HIDDEN, INTER, False, False, True),
+        ("lm_head (norm fused)", VOCAB, HIDDEN, True, False, False),
+    ]
+    return [_gemv_stage(*stage, copies_bytes=copies_bytes) for stage in stages]
+
+
+def _gemv_stage(name: str, rows: int, k: int, norm: bool, gated: bool, residual: bool, *,
+                copies_bytes: int) -> dict[str, Any]:
+    import phiops_kernels as K
+    import torch
+    import torch.nn.functional as F
+
+    dev, bf, eps = "cuda", torch.bfloat16, 1e-5
+    nbytes = rows * k * 2
+    n_copies = max(2, -(-copies_bytes // nbytes))
+    ws = [torch.randn(rows, k, device=dev, dtype=bf) * 0.02 for _ in range(n_copies)]
+    a = torch.randn(k, device=dev, dtype=bf)
+    g = torch.rand(k, device=dev, dtype=bf) + 0.5
+    n = rows // 2 if gated else rows
+    y = torch.empty(n, device=dev, dtype=bf)
+    x = torch.randn(n, device=dev, dtype=bf)
+
+    def ours(w: Any) -> Callable[[], Any]:
+        return lambda: K.gemv(w, a, x if residual else y, norm=g if norm else None, eps=eps, gated=gated,
+                              residual=x if residual else None)
+
+    def torch_eager(w: Any) -> Callable[[], Any]:
+        def run() -> Any:
+            v = a
+            if norm:  # transformers' RMSNorm: float32 statistics, then the gain in bf16
+                f = a.float()
+                v = g * (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).to(bf)
+            h = F.linear(v[None], w)[0]
+            if gated:
+                gate, up = h.chunk(2)
+                h = F.silu(gate) * up
+            return x.add_(h) if residual else h
+        return run
+
+    # correctness on this shape before timing it (bf16 operands: ~1e-2 relative)
+    x0 = x.clone()
+    ours(ws[0])()
+    got = (x - x0 if residual else y).float()
+    x.copy_(x0)
+    want = torch_eager(ws[0])().float() - (x0.float() if residual else 0)
+    x.copy_(x0)
+    rel = float((got - want).norm() / want.norm())
+    t_ours = graph_time_us([ours(w) for w in ws])
+    t_torch = graph_time_us([torch_eager(w) for w in ws])
+    cfg = [str(c) for key, c in K._gemv.cache.items() if key[:2] == (n, k)]
+    row = {"stage": name, "weight_bytes": nbytes, "rel_err_vs_torch": round(rel, 5),
+           "phiops_us": round(t_ours, 2), "phiops_tbs": round(nbytes / t_ours / 1e6, 3),
+           "torch_us": round(t_torch, 2), "torch_tbs": round(nbytes / t_torch / 1e6, 3),
+           "speedup": round(t_torch / t_ours, 3), "phiops_config": cfg[-1] if cfg else None}
+    print(json.dumps(row), flush=True)
+    del ws
+    torch.cuda.empty_cache()
+    return row
+
+
+def attention_rows(lengths: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    return [_attention_stage(max_len, pos) for max_len, pos in lengths]
+
+
+def _attention_stage(max_len: int, pos: int) -> dict[str, Any]:
+    import phiops_kernels as K
+    import torch
+    import torch.nn.functional as F
+
+    dev, bf = "cuda", torch.bfloat16
+    layers = 32  # one step's worth of layers, so the caches do not sit in L2 between calls
+    kc = [torch.randn(1, HEADS, max_len, HEAD_DIM, device=dev, dtype=bf) for _ in range(layers)]
+    vc = [torch.randn(1, HEADS, max_len, HEAD_DIM, device=dev, dtype=bf) for _ in range(layers)]
+    qkv = torch.randn(3 * HEADS * HEAD_DIM, device=dev, dtype=bf)
+    p = torch.tensor([pos], device=dev)
+    cos = torch.randn(max_len, HEAD_DIM, device=dev)
+    sin = torch.randn(max_len, HEAD_DIM, device=dev)
+    o = torch.empty(HEADS * HEAD_DIM, device=dev, dtype=bf)
+    attn = K.Attention(heads=HEADS, kv_heads=HEADS, head_dim=HEAD_DIM, rotary_dim=HEAD_DIM, max_len=max_len,
+                       scaling=HEAD_DIM ** -0.5, device=dev)
+    q = qkv[:HEADS * HEAD_DIM].view(1, HEADS, 1, HEAD_DIM)
+    mask = (torch.arange(max_len, device=dev) <= pos).view(1, 1, 1, max_len)
+
+    def ours(i: int) -> Callable[[], Any]:
+        return lambda: attn(qkv, kc[i], vc[i], p, cos, sin, o)
+
+    def sdpa(i: int) -> Callable[[], Any]:
+        return lambda: F.scaled_dot_product_attention(q, kc[i], vc[i], attn_mask=mask)
+
+    # check against SDPA on the same cache (rotary made the identity: cos 1, sin 0)
+    cos_id, sin_id = torch.ones_like(cos), torch.zeros_like(sin)
+    attn(qkv, kc[0], vc[0], p, cos_id, sin_id, o)
+    # the reference reads the new key and value where they belong, written here independently
+    kc[0][0, :, pos] = qkv[HEADS * HEAD_DIM:2 * HEADS * HEAD_DIM].view(HEADS, HEAD_DIM)
+    vc[0][0, :, pos] = qkv[2 * HEADS * HEAD_DIM:].view(HEADS, HEAD_DIM)
+    want = F.scaled_dot_product_attention(q, kc[0], vc[0], attn_mask=mask).reshape(-1).float()
+    rel = float((o.float() - want).norm() / want.norm())
+    nbytes = 2 * HEADS * (pos + 1) * HEAD_DIM * 2
+    t_ours = graph_time_us([ours(i) for i in range(layers)])
+    t_sdpa = graph_time_us([sdpa(i) for i in range(layers)])
+    row = {"stage": f"attention, cache {max_len}, position {pos}", "kv_bytes": nbytes,
+           "splits": attn.splits, "rel_err_vs_sdpa": round(rel, 5),
+           "phiops_us": round(t_ours, 2), "sdpa_us": round(t_sdpa, 2), "speedup": round(t_sdpa / t_ours, 3)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (the kernels run on CPU only under Triton's interpreter, in the tests)")
+    result: dict[str, Any] = {
+        "bench": "decode_kernels",
+        "command": " ".join(["python", "bench/decode_kernels.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine(), "versions": versions(("torch", "triton")), "dtype": "bfloat16",
+        "gemv": gemv_rows(),
+        "attention": attention_rows([(392, 256), (2047, 2000)]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,216 @@
+"""Triton kernels for batch-1 decoding of llama-family decoders (Llama, SmolLM2, Phi-3, Phi-4-mini).
+
+One decode step of such a model reads every weight once, so its speed is set by how close the
+weight reads come to the memory bandwidth, and by how little else runs between them. Five
+kernels per layer, each streaming one weight matrix with the step's small work fused around it:
+
+- ``gemv``: ``y = W @ a`` for a ``[N, K]`` row-major weight, fp32 accumulation, with optional
+  fused stages: an RMSNorm of the input (``NORM``: ``W @ (g * a) * rsqrt(mean(a^2) + eps)``,
+  the norm's scalar applied once per row, so the normalized vector is never written), a
+  SiLU-gated pair of row blocks (``GATED``: rows ``[0, N)`` are the gate and ``[N, 2N)`` the up
+  projection, output ``silu(gate) * up``), and a residual add (``RESIDUAL``: ``y += r``, in place
+  on the residual stream);
+- ``decode_attention``: rotary embedding of the new query and key, the new key and value written
+  into the static cache at the step's position, and attention over the cache, split over the
+  sequence (flash-decoding) so that a short sequence still spreads over the GPU;
+- ``combine``: the splits' partial softmax sums merged into the attention output (launched only
+  when there is more than one split).
+
+The position is read from a device tensor, so a CUDA graph of the whole step replays for every
+token. Everything runs under Triton's interpreter on CPU (``TRITON_INTERPRET=1``), which is how
+the tests check the kernels against the transformers forward on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _gemv_configs() -> list[Any]:
+    if INTERPRET:  # one config: the interpreter has no timing to tune on
+        return [triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4)]
+    shapes = [(1, 1024, 4), (2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 4), (4, 1024, 8),
+              (8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 8), (16, 512, 8)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in shapes]
+
+
+@triton.autotune(configs=_gemv_configs(), key=["N", "K", "NORM", "GATED", "RESIDUAL"], restore_value=["out_ptr"])
+@triton.jit
+def _gemv(w_ptr, a_ptr, g_ptr, r_ptr, out_ptr, N, eps,
+          K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    # K is a compile-time constant: the loop unrolls and the weight loads can all be in flight.
+    for k0 in tl.static_range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cmask = cols < K
+        a = tl.load(a_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        if NORM:
+            sumsq += a * a
+            a = a * tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        wmask = rmask[:, None] & cmask[None, :]
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=wmask, other=0.0,
+                    eviction_policy="evict_first")
+        acc += w.to(tl.float32) * a[None, :]
+        if GATED:
+            u = tl.load(w_ptr + (rows[:, None] + N) * K + cols[None, :], mask=wmask, other=0.0,
+                        eviction_policy="evict_first")
+            acc_up += u.to(tl.float32) * a[None, :]
+    y = tl.sum(acc, axis=1)
+    if NORM:
+        scale = tl.rsqrt(tl.sum(sumsq, axis=0) / K + eps)
+        y = y * scale
+    if GATED:
+        up = tl.sum(acc_up, axis=1)
+        if NORM:
+            up = up * scale
+        y = y * tl.sigmoid(y) * up
+    if RESIDUAL:
+        y += tl.load(r_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
+
+
+def gemv(w: torch.Tensor, a: torch.Tensor, out: torch.Tensor, *, norm: torch.Tensor | None = None,
+         eps: float = 0.0, gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``out = W @ a`` with the fused stages of the module doc; ``w`` is ``[N, K]`` (``[2N, K]`` gated).
+
+    ``residual`` may be ``out`` itself (each output row is read, then written, by one program).
+    """
+    rows, k = w.shape
+    n = rows // 2 if gated else rows
+    if not (w.is_contiguous() and a.numel() == k and out.numel() == n):
+        raise ValueError(f"gemv: weight {tuple(w.shape)}, input {a.numel()}, output {out.numel()} do not agree")
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
+    _gemv[grid](w, a, norm if norm is not None else a, residual if residual is not None else out, out, n, eps,
+                K=k, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None)
+    return out
+
+
+@triton.jit
+def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr,
+                      sm_scale, MAX_LEN,
+                      CHUNK: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
+                      GROUP_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                      SPLITS: tl.constexpr):
+    """One program per (key/value head, sequence split); it serves the head's GROUP query heads."""
+    kvh = tl.program_id(0)
+    split = tl.program_id(1)
+    GROUP: tl.constexpr = HQ // HKV
+    HALF: tl.constexpr = ROT // 2
+    pos = tl.load(pos_ptr)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    # rotate_half within the first ROT dims (transformers' convention), the rest passes through
+    partner = tl.where(d < HALF, d + HALF, tl.where(d < ROT, d - HALF, d))
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    cos = tl.load(cos_ptr + pos * D + d, mask=dmask, other=1.0)
+    sin = tl.load(sin_ptr + pos * D + d, mask=dmask, other=0.0)
+
+    g = tl.arange(0, GROUP_P)
+    gmask = g < GROUP
+    qh = kvh * GROUP + g  # this program's query heads
+    qmask = gmask[:, None] & dmask[None, :]
+    q = tl.load(qkv_ptr + qh[:, None] * D + d[None, :], mask=qmask, other=0.0).to(tl.float32)
+    q_rot = tl.load(qkv_ptr + qh[:, None] * D + partner[None, :], mask=qmask, other=0.0).to(tl.float32)
+    q = (q * cos[None, :] + q_rot * sign[None, :] * sin[None, :]) * (sm_scale * 1.4426950408889634)  # log2(e): exp2 below
+
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, pos + 1)
+    head_off = kvh * MAX_LEN * D
+    if (pos >= lo) & (pos < lo + CHUNK):  # this split holds the new position: write its key and value
+        k_base = qkv_ptr + (HQ + kvh) * D
+        k = tl.load(k_base + d, mask=dmask, other=0.0).to(tl.float32)
+        k_rot = tl.load(k_base + partner, mask=dmask, other=0.0).to(tl.float32)
+        k = k * cos + k_rot * sign * sin
+        v = tl.load(qkv_ptr + (HQ + HKV + kvh) * D + d, mask=dmask, other=0.0)
+        tl.store(k_cache + head_off + pos * D + d, k.to(k_cache.dtype.element_ty), mask=dmask)
+        tl.store(v_cache + head_off + pos * D + d, v, mask=dmask)
+    tl.debug_barrier()  # the program's own writes above are read back in the loop below
+
+    m = tl.full([GROUP_P], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([GROUP_P], dtype=tl.float32)
+    acc = tl.zeros([GROUP_P, BLOCK_D], dtype=tl.float32)
+    # A fixed trip count, blocks past the position skipped: the loop bound is known at compile time.
+    for i in range(0, CHUNK, BLOCK_T):
+        if lo + i < hi:
+            t = lo + i + tl.arange(0, BLOCK_T)
+            tmask = t < hi
+            kvmask = tmask[:, None] & dmask[None, :]
+            offs = head_off + t[:, None] * D + d[None, :]
+            kb = tl.load(k_cache + offs, mask=kvmask, other=0.0).to(tl.float32)
+            vb = tl.load(v_cache + offs, mask=kvmask, other=0.0).to(tl.float32)
+            s = tl.sum(q[:, None, :] * kb[None, :, :], axis=2)  # [GROUP_P, BLOCK_T], in log2 units
+            s = tl.where(tmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vb[None, :, :], axis=1)
+            m = m_new
+    if SPLITS == 1:
+        tl.store(out_ptr + qh[:, None] * D + d[None, :], (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=qmask)
+    else:  # unnormalized partials; an empty split leaves m = -inf, l = 0, acc = 0, which weigh nothing
+        part = qh * SPLITS + split
+        tl.store(po_ptr + part[:, None] * D + d[None, :], acc, mask=qmask)
+        tl.store(pm_ptr + part, m, mask=gmask)
+        tl.store(pl_ptr + part, l, mask=gmask)
+
+
+@triton.jit
+def _combine(po_ptr, pm_ptr, pl_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.constexpr,
+             BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    h = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    smask = s < SPLITS
+    d = tl.arange(0, BLOCK_D)
+    m = tl.load(pm_ptr + h * SPLITS + s, mask=smask, other=float("-inf"))
+    w = tl.exp2(m - tl.max(m, axis=0))
+    l = tl.sum(tl.load(pl_ptr + h * SPLITS + s, mask=smask, other=0.0) * w, axis=0)
+    o = tl.load(po_ptr + (h * SPLITS + s)[:, None] * D + d[None, :], mask=smask[:, None] & (d < D)[None, :], other=0.0)
+    tl.store(out_ptr + h * D + d, (tl.sum(o * w[:, None], axis=0) / l).to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+class Attention:
+    """Launches decode attention for a fixed cache size; the partial buffers are allocated once."""
+
+    BLOCK_T = 64
+
+    def __init__(self, *, heads: int, kv_heads: int, head_dim: int, rotary_dim: int, max_len: int,
+                 scaling: float, device: Any, chunk: int | None = None) -> None:
+        if heads % kv_heads or rotary_dim % 2 or rotary_dim > head_dim:
+            raise ValueError(f"unsupported attention shape: {heads} heads, {kv_heads} kv heads, "
+                             f"head_dim {head_dim}, rotary {rotary_dim}")
+        self.hq, self.hkv, self.d, self.rot, self.max_len, self.scaling = (heads, kv_heads, head_dim, rotary_dim,
+                                                                           max_len, scaling)
+        # Splits: enough programs to fill the GPU for a short sequence, each scanning at most `chunk`.
+        self.chunk = chunk or max(self.BLOCK_T, triton.next_power_of_2(triton.cdiv(max_len, 16)))
+        self.splits = triton.cdiv(max_len, self.chunk)
+        n = heads * self.splits
+        self.po = torch.empty((n, head_dim), dtype=torch.float32, device=device)
+        self.pm = torch.empty((n,), dtype=torch.float32, device=device)
+        self.pl = torch.empty((n,), dtype=torch.float32, device=device)
+
+    def __call__(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        block_d = triton.next_power_of_2(self.d)
+        block_t = min(self.BLOCK_T, triton.next_power_of_2(self.chunk))
+        _decode_attention[(self.hkv, self.splits)](
+            qkv, k_cache, v_cache, pos, cos, sin, out, self.po, self.pm, self.pl, self.scaling, self.max_len,
+            CHUNK=self.chunk, HQ=self.hq, HKV=self.hkv, D=self.d, ROT=self.rot,
+            GROUP_P=triton.next_power_of_2(self.hq // self.hkv), BLOCK_D=block_d, BLOCK_T=block_t,
+            SPLITS=self.splits, num_warps=4)
+        if self.splits > 1:
+            _combine[(self.hq,)](self.po, self.pm, self.pl, out, D=self.d, SPLITS=self.splits, BLOCK_D=block_d,
+                                 BLOCK_S=triton.next_power_of_2(self.splits), num_warps=4)
+        return out
