@@ -129,11 +129,11 @@ def _gemv_stage(name: str, rows: int, k: int, norm: bool, gated: bool, residual:
     return row
 
 
-def attention_rows(lengths: list[tuple[int, int]]) -> list[dict[str, Any]]:
-    return [_attention_stage(max_len, pos) for max_len, pos in lengths]
+def attention_rows(lengths: list[tuple[int, int]], sweep: bool) -> list[dict[str, Any]]:
+    return [_attention_stage(max_len, pos, sweep) for max_len, pos in lengths]
 
 
-def _attention_stage(max_len: int, pos: int) -> dict[str, Any]:
+def _attention_stage(max_len: int, pos: int, sweep: bool) -> dict[str, Any]:
     import phiops_kernels as K
     import torch
     import torch.nn.functional as F
@@ -147,8 +147,11 @@ def _attention_stage(max_len: int, pos: int) -> dict[str, Any]:
     cos = torch.randn(max_len, HEAD_DIM, device=dev)
     sin = torch.randn(max_len, HEAD_DIM, device=dev)
     o = torch.empty(HEADS * HEAD_DIM, device=dev, dtype=bf)
-    attn = K.Attention(heads=HEADS, kv_heads=HEADS, head_dim=HEAD_DIM, rotary_dim=HEAD_DIM, max_len=max_len,
-                       scaling=HEAD_DIM ** -0.5, device=dev)
+    def make(**kw: Any) -> Any:
+        return K.Attention(heads=HEADS, kv_heads=HEADS, head_dim=HEAD_DIM, rotary_dim=HEAD_DIM, max_len=max_len,
+                           scaling=HEAD_DIM ** -0.5, device=dev, **kw)
+
+    attn = make()
     q = qkv[:HEADS * HEAD_DIM].view(1, HEADS, 1, HEAD_DIM)
     mask = (torch.arange(max_len, device=dev) <= pos).view(1, 1, 1, max_len)
 
@@ -170,8 +173,19 @@ def _attention_stage(max_len: int, pos: int) -> dict[str, Any]:
     t_ours = graph_time_us([ours(i) for i in range(layers)])
     t_sdpa = graph_time_us([sdpa(i) for i in range(layers)])
     row = {"stage": f"attention, cache {max_len}, position {pos}", "kv_bytes": nbytes,
-           "splits": attn.splits, "rel_err_vs_sdpa": round(rel, 5),
+           "splits": attn.splits, "chunk": attn.chunk, "block_t": attn.block_t, "num_warps": attn.num_warps,
+           "rel_err_vs_sdpa": round(rel, 5),
            "phiops_us": round(t_ours, 2), "sdpa_us": round(t_sdpa, 2), "speedup": round(t_sdpa / t_ours, 3)}
+    if sweep:  # the launch settings around the default, same data
+        row["sweep"] = []
+        for chunk in (32, 64, 128, 256):
+            for block_t in (32, 64):
+                for warps in (2, 4, 8):
+                    a = make(chunk=chunk, block_t=min(block_t, chunk), num_warps=warps)
+                    t = graph_time_us([lambda i=i, a=a: a(qkv, kc[i], vc[i], p, cos, sin, o) for i in range(layers)])
+                    row["sweep"].append({"chunk": chunk, "block_t": a.block_t, "num_warps": warps, "us": round(t, 2)})
+        row["sweep"].sort(key=lambda r: r["us"])
+        row["sweep_best"] = row["sweep"][0]
     print(json.dumps(row), flush=True)
     return row
 
@@ -179,6 +193,8 @@ def _attention_stage(max_len: int, pos: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--attention-sweep", action="store_true", help="also time attention's launch settings")
+    ap.add_argument("--skip-gemv", action="store_true")
     args = ap.parse_args(argv)
     import torch
 
@@ -188,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "decode_kernels",
         "command": " ".join(["python", "bench/decode_kernels.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(), "versions": versions(("torch", "triton")), "dtype": "bfloat16",
-        "gemv": gemv_rows(),
-        "attention": attention_rows([(392, 256), (2047, 2000)]),
+        "gemv": [] if args.skip_gemv else gemv_rows(),
+        "attention": attention_rows([(392, 256), (1152, 1000), (2047, 2000)], args.attention_sweep),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -20,7 +20,9 @@ Measured, each after a warm-up, on random prompt ids (the numbers do not depend 
    - `fused` / `engine_solo_fused`: the same with `FusedDecoder`, the service's choice for
      llama-family models on CUDA: the step as Triton kernels (services/phiops_kernels.py, five
      per layer: norm-fused GEMVs, rotary + cache write + split-KV attention, gated and residual
-     epilogues), captured as one CUDA graph, no torch.compile.
+     epilogues), captured as one CUDA graph, no torch.compile; `fused_no_pdl`: those kernels
+     without programmatic dependent launch (`PHIOPS_PDL=0`), each starting after the last ends.
+   `bf16_accuracy`: eager bf16 and `fused` logits against a float32 copy of the model.
    Each as tokens/s and as a fraction of the bound `bandwidth / bytes read per token`, where the
    bytes are every weight a decode step reads (all linear layers and the LM head; one embedding
    row, so the embedding table is left out). Goal: >= 70 % for bf16.
@@ -197,6 +199,46 @@ def decode_engine_solo(model: Any, dec: Any, *, prompt_len: int, steps: int, dev
             "prefill_s_incl_first_token": round(t_first - t0, 4)}
 
 
+def accuracy(model: Any, decoders: dict[str, Any], *, prompt_len: int, steps: int, device: str) -> dict[str, Any]:
+    """Each path's logits against a float32 copy of the model, teacher-forced on one token sequence.
+
+    Random weights give near-tied logits, so greedy ids drift apart between bf16 paths from
+    rounding alone; the error against float32 says whether a path is as exact as eager bf16.
+    """
+    import copy
+
+    import torch
+    from transformers import DynamicCache
+
+    prompt = _prompt(model.config.vocab_size, prompt_len)
+
+    def plain(m: Any, feed: list[int] | None) -> tuple[list[Any], list[int]]:
+        cache, logits, ids = DynamicCache(), [], torch.tensor([prompt], device=device)
+        with torch.inference_mode():
+            for i in range(steps):
+                out = m(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                logits.append(out.logits[0, -1].float())
+                nxt = int(out.logits[0, -1].argmax()) if feed is None else feed[i]
+                ids = torch.tensor([[nxt]], device=device)
+        return logits, [int(x.argmax()) for x in logits]
+
+    _, feed = plain(model, None)  # the eager bf16 greedy sequence, fed to every path
+    ref, _ = plain(copy.deepcopy(model).float(), feed)
+    torch.cuda.empty_cache()
+    scale = max(float(x.abs().max()) for x in ref)
+    paths: dict[str, list[Any]] = {"eager": plain(model, feed)[0]}
+    for name, dec in decoders.items():
+        with torch.inference_mode():
+            out = [dec.prefill(prompt).float().reshape(-1).clone()]
+            for i in range(steps - 1):
+                out.append(dec.step(torch.tensor(feed[i], device=device)).float().reshape(-1).clone())
+        paths[name] = out
+    return {"steps": steps, "reference": "float32 copy of the model, plain forward", "max_abs_logit": round(scale, 4),
+            **{name: {"max_abs_err_over_max_logit": round(max(float((a - b).abs().max()) for a, b in zip(got, ref)) / scale, 5),
+                      "argmax_equal_float32": sum(int(a.argmax()) == int(b.argmax()) for a, b in zip(got, ref))}
+               for name, got in paths.items()}}
+
+
 # Ablations of the compiled step: inductor options, attention implementation (None: as loaded).
 # `graph` itself uses phiops_decode.INDUCTOR_OPTIONS (coordinate-descent tuning) and PyTorch's SDPA choice.
 VARIANTS: dict[str, tuple[dict[str, Any], str | None, str | None]] = {
@@ -358,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graph-variants", default="", help=f"bf16 ablations of the compiled step, of {','.join(VARIANTS)}")
     ap.add_argument("--profile", action="store_true", help="profile each variant's graph replays (GPU kernel time)")
     ap.add_argument("--only", default="", help="run only these modes (comma-separated names as in the JSON; "
-                    "'concurrent' for the concurrent-requests part)")
+                    "'concurrent' and 'accuracy' for those parts)")
     args = ap.parse_args(argv)
 
     import torch
@@ -462,7 +504,17 @@ def main(argv: list[str] | None = None) -> int:
                 run = decode_graph(fdec(), prompt_len=args.prompt_len, steps=steps, device=device, mode=prefix + "fused")
                 return {**run, "profile": profile_steps(fdec(), device)} if args.profile else run
 
-            out += [(prefix + "fused", fused_run),
+            def fused_no_pdl() -> dict[str, Any]:  # the same kernels launched one after another
+                import os
+
+                os.environ["PHIOPS_PDL"] = "0"
+                try:
+                    return decode_graph(FusedDecoder(m, max_len, device), prompt_len=args.prompt_len, steps=steps,
+                                        device=device, mode=prefix + "fused_no_pdl")
+                finally:
+                    del os.environ["PHIOPS_PDL"]
+
+            out += [(prefix + "fused", fused_run), (prefix + "fused_no_pdl", fused_no_pdl),
                     (prefix + "engine_solo_fused", lambda: decode_engine_solo(
                         m, fdec(), prompt_len=args.prompt_len, steps=steps, device=device,
                         mode=prefix + "engine_solo_fused"))]
@@ -502,6 +554,14 @@ def main(argv: list[str] | None = None) -> int:
         return run
 
     measure("bf16_batch1", model, modes(model, tuned=True))
+    if device == "cuda" and fused_unsupported(model) is None and (not only or "accuracy" in only):
+        try:
+            result["bf16_accuracy"] = accuracy(model, {"fused": FusedDecoder(model, max_len, device)},
+                                               prompt_len=args.prompt_len, steps=16, device=device)
+        except Exception as exc:
+            result["bf16_accuracy"] = {"error": f"{type(exc).__name__}: {exc}"[:800], "trace": traceback.format_exc()[-1500:]}
+        print("accuracy", json.dumps(result["bf16_accuracy"]), flush=True)
+        save()
 
     try:
         if only and "concurrent" not in only:

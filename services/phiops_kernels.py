@@ -29,8 +29,21 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pdl_enabled() -> bool:
+    """Programmatic dependent launch: Hopper and later, on unless ``PHIOPS_PDL=0``.
+
+    Each kernel lets the next one start as soon as all its programs are running; the next one
+    streams its first weight tile while this one finishes, and waits (``gdc_wait``) before it
+    reads anything a previous kernel wrote. Inside the step's CUDA graph this hides most of the
+    ramp-up and tail of ~200 back-to-back kernels.
+    """
+    return (not INTERPRET and os.environ.get("PHIOPS_PDL", "1") != "0" and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() >= (9, 0))
 
 
 def _gemv_configs() -> list[Any]:
@@ -44,8 +57,10 @@ def _gemv_configs() -> list[Any]:
 @triton.autotune(configs=_gemv_configs(), key=["N", "K", "NORM", "GATED", "RESIDUAL"], restore_value=["out_ptr"])
 @triton.jit
 def _gemv(w_ptr, a_ptr, g_ptr, r_ptr, out_ptr, N, eps,
-          K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+          K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -55,17 +70,22 @@ def _gemv(w_ptr, a_ptr, g_ptr, r_ptr, out_ptr, N, eps,
     for k0 in tl.static_range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cmask = cols < K
+        wmask = rmask[:, None] & cmask[None, :]
+        # Weights first: they do not depend on the previous kernel, so under PDL the first
+        # tile is in flight before this program waits for that kernel's output.
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=wmask, other=0.0,
+                    eviction_policy="evict_first")
+        if GATED:
+            u = tl.load(w_ptr + (rows[:, None] + N) * K + cols[None, :], mask=wmask, other=0.0,
+                        eviction_policy="evict_first")
+        if PDL and k0 == 0:
+            gdc_wait()
         a = tl.load(a_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         if NORM:
             sumsq += a * a
             a = a * tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        wmask = rmask[:, None] & cmask[None, :]
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=wmask, other=0.0,
-                    eviction_policy="evict_first")
         acc += w.to(tl.float32) * a[None, :]
         if GATED:
-            u = tl.load(w_ptr + (rows[:, None] + N) * K + cols[None, :], mask=wmask, other=0.0,
-                        eviction_policy="evict_first")
             acc_up += u.to(tl.float32) * a[None, :]
     y = tl.sum(acc, axis=1)
     if NORM:
@@ -92,8 +112,10 @@ def gemv(w: torch.Tensor, a: torch.Tensor, out: torch.Tensor, *, norm: torch.Ten
     if not (w.is_contiguous() and a.numel() == k and out.numel() == n):
         raise ValueError(f"gemv: weight {tuple(w.shape)}, input {a.numel()}, output {out.numel()} do not agree")
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
+    pdl = pdl_enabled()
     _gemv[grid](w, a, norm if norm is not None else a, residual if residual is not None else out, out, n, eps,
-                K=k, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None)
+                K=k, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None, PDL=pdl,
+                **({"launch_pdl": True} if pdl else {}))
     return out
 
 
@@ -102,8 +124,11 @@ def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_
                       sm_scale, MAX_LEN,
                       CHUNK: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
                       GROUP_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                      SPLITS: tl.constexpr):
+                      SPLITS: tl.constexpr, PDL: tl.constexpr):
     """One program per (key/value head, sequence split); it serves the head's GROUP query heads."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     GROUP: tl.constexpr = HQ // HKV
@@ -169,7 +194,10 @@ def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_
 
 @triton.jit
 def _combine(po_ptr, pm_ptr, pl_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.constexpr,
-             BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+             BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     h = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
     smask = s < SPLITS
@@ -184,18 +212,24 @@ def _combine(po_ptr, pm_ptr, pl_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.conste
 class Attention:
     """Launches decode attention for a fixed cache size; the partial buffers are allocated once."""
 
-    BLOCK_T = 64
+    # Launch settings from bench/decode_kernels.py --attention-sweep (bench/results/
+    # decode_attention_sweep_h200.json): 2 warps and 32-position blocks were fastest at every
+    # length tried (cache 392, 1152, 2047), and 32 splits or fewer per head.
+    BLOCK_T, NUM_WARPS, MAX_SPLITS = 32, 2, 32
 
     def __init__(self, *, heads: int, kv_heads: int, head_dim: int, rotary_dim: int, max_len: int,
-                 scaling: float, device: Any, chunk: int | None = None) -> None:
+                 scaling: float, device: Any, chunk: int | None = None, block_t: int | None = None,
+                 num_warps: int | None = None) -> None:
         if heads % kv_heads or rotary_dim % 2 or rotary_dim > head_dim:
             raise ValueError(f"unsupported attention shape: {heads} heads, {kv_heads} kv heads, "
                              f"head_dim {head_dim}, rotary {rotary_dim}")
         self.hq, self.hkv, self.d, self.rot, self.max_len, self.scaling = (heads, kv_heads, head_dim, rotary_dim,
                                                                            max_len, scaling)
         # Splits: enough programs to fill the GPU for a short sequence, each scanning at most `chunk`.
-        self.chunk = chunk or max(self.BLOCK_T, triton.next_power_of_2(triton.cdiv(max_len, 16)))
+        self.chunk = chunk or max(self.BLOCK_T, triton.next_power_of_2(triton.cdiv(max_len, self.MAX_SPLITS)))
         self.splits = triton.cdiv(max_len, self.chunk)
+        self.block_t = block_t or min(self.BLOCK_T, triton.next_power_of_2(self.chunk))
+        self.num_warps = num_warps or self.NUM_WARPS
         n = heads * self.splits
         self.po = torch.empty((n, head_dim), dtype=torch.float32, device=device)
         self.pm = torch.empty((n,), dtype=torch.float32, device=device)
@@ -204,13 +238,15 @@ class Attention:
     def __call__(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         block_d = triton.next_power_of_2(self.d)
-        block_t = min(self.BLOCK_T, triton.next_power_of_2(self.chunk))
+        pdl = pdl_enabled()
+        launch = {"launch_pdl": True} if pdl else {}
         _decode_attention[(self.hkv, self.splits)](
             qkv, k_cache, v_cache, pos, cos, sin, out, self.po, self.pm, self.pl, self.scaling, self.max_len,
             CHUNK=self.chunk, HQ=self.hq, HKV=self.hkv, D=self.d, ROT=self.rot,
-            GROUP_P=triton.next_power_of_2(self.hq // self.hkv), BLOCK_D=block_d, BLOCK_T=block_t,
-            SPLITS=self.splits, num_warps=4)
+            GROUP_P=triton.next_power_of_2(self.hq // self.hkv), BLOCK_D=block_d, BLOCK_T=self.block_t,
+            SPLITS=self.splits, PDL=pdl, num_warps=self.num_warps, **launch)
         if self.splits > 1:
             _combine[(self.hq,)](self.po, self.pm, self.pl, out, D=self.d, SPLITS=self.splits, BLOCK_D=block_d,
-                                 BLOCK_S=triton.next_power_of_2(self.splits), num_warps=4)
+                                 BLOCK_S=triton.next_power_of_2(self.splits), PDL=pdl, num_warps=4,
+                                 **launch)
         return out
