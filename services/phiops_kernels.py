@@ -17,7 +17,7 @@ kernels per layer, each streaming one weight matrix with the step's small work f
   when there is more than one split).
 
 The position is read from a device tensor, so a CUDA graph of the whole step replays for every
-token. Everything runs under Triton's interpreter on CPU (``TRITON_INTERPRET=1``), which is how
+token. On Hopper the kernels are chained by programmatic dependent launch (``pdl_enabled``). Everything runs under Triton's interpreter on CPU (``TRITON_INTERPRET=1``), which is how
 the tests check the kernels against the transformers forward on machines without a GPU.
 """
 
