@@ -80,16 +80,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger("bentoml.phiops")
 
 # bf16 matmuls on CPU (oneDNN) JIT-compile a kernel per matrix shape, and every prefill brings new
-# ones (rows x prompt length). Two caches keep each kernel with its scratchpad (~0.25 MB and
-# more for more rows), both 1024 entries by default: oneDNN's primitive cache and, in front of
-# it, PyTorch's ideep cache (LRU_CACHE_CAPACITY). The first alone capped at 256, the served
-# worker still grew ~10 MB per 192 requests of the load bench (the second filling up: 4
-# kernels a prefill, ~250 prefills to fill); both capped, the engine's malloc'd memory is flat
-# after the first 400 requests (in process, bf16, 32 closed-loop clients: 538.6-539.4 MB over
-# 5 rounds against +14-21 MB a round uncapped). 256 still holds every decode shape (1-32 rows x
-# the model's few weight shapes), and a kernel evicted and needed again costs under 1 ms to
-# rebuild. Both are read at the first bf16 matmul, i.e. after this import; the environment
-# still wins.
+# ones (rows x prompt length). Two caches keep each kernel with its scratchpad (~0.25 MB, more
+# for more rows), both 1024 entries by default: oneDNN's primitive cache and, in front of it,
+# PyTorch's ideep cache (LRU_CACHE_CAPACITY), which keeps alive what the first evicts. With only
+# the first capped, the served worker grew 13.6 MB per 192 requests of bench/serve_cpu_load.py
+# and still rose after 1,700; with both capped, 0.7 MB per 192 (no trend) after the warm-up
+# round (bench/README.md). 256 still holds every decode shape (1-32 rows x the model's few
+# weight shapes), and a kernel evicted and needed again costs ~1 ms to rebuild. Both are read
+# at the first bf16 matmul, i.e. after this import; the environment still wins.
 KERNEL_CACHE_CAPACITY = "256"
 for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
     os.environ.setdefault(_cache, KERNEL_CACHE_CAPACITY)
