@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = _prompts(args.service_requests)
     result: dict[str, Any] = {
         "bench": "serve_cpu_load",
-        "command": "python bench/serve_cpu_load.py --out " + str(args.out),
+        "command": " ".join(["python bench/serve_cpu_load.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": {**machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "versions": versions(("torch", "transformers", "bentoml", "httpx")),
         "model": "SmolLM2-135M-Instruct (embedded, fp32)",

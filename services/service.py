@@ -82,13 +82,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("bentoml.phiops")
 
-# oneDNN (bf16 matmuls on CPU) JIT-compiles and caches a kernel per matrix shape, and every
-# prefill brings a new one (rows x prompt length): with its default of 1024 entries the engine's
-# RSS grew ~4 MB a prefill (12 waves of 32 requests: 802 -> 846 MB; capped at 8: flat, 793-819).
-# 256 still holds every decode shape (1-32 rows x the model's few weight shapes), so steady
-# decoding never recompiles, and bounds the growth. Read by oneDNN at its first kernel, i.e.
-# after this import; the environment still wins.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
+# bf16 matmuls on CPU (oneDNN) JIT-compile a kernel per matrix shape, and every prefill brings new
+# ones (rows x prompt length). Two caches keep each kernel with its scratchpad (~0.25 MB, more
+# for more rows), both 1024 entries by default: oneDNN's primitive cache and, in front of it,
+# PyTorch's ideep cache (LRU_CACHE_CAPACITY), which keeps alive what the first evicts. With only
+# the first capped, the served worker grew 13.6 MB per 192 requests of bench/serve_cpu_load.py
+# and still rose after 1,700; with both capped, 0.7 MB per 192 (no trend) after the warm-up
+# round (bench/README.md). 256 still holds every decode shape (1-32 rows x the model's few
+# weight shapes), and a kernel evicted and needed again costs ~1 ms to rebuild. Both are read
+# at the first bf16 matmul, i.e. after this import; the environment still wins.
+KERNEL_CACHE_CAPACITY = "256"
+for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_cache, KERNEL_CACHE_CAPACITY)
 
 # Defaults kept equal to phiops.config.ServeCfg (a test checks); this module must not import
 # phiops because a bento ships only this directory.

@@ -414,6 +414,65 @@ def test_request_timers_are_cancelled_when_requests_end(service_module: Any) -> 
     assert armed == 0 and sent[0]["status"] == 504
 
 
+# Runs in a fresh interpreter: the kernel caches read their capacity once, at the first matmul.
+# Fills the caches with 300 new matmul shapes, then reports the bytes malloc holds after 300 more.
+_NEW_SHAPES_SCRIPT = """
+import ctypes, importlib.util, os, sys
+if sys.argv[1] != "-":
+    os.environ["PHIOPS_MODEL_TAG"] = "absent:v1"  # read at import; the model itself is never loaded
+    spec = importlib.util.spec_from_file_location("service", sys.argv[1])
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+import torch
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+w = torch.randn(256, 256, dtype=torch.bfloat16)
+
+def matmuls(rows):
+    with torch.inference_mode():
+        for m in rows:
+            torch.nn.functional.linear(torch.ones(m, 256, dtype=torch.bfloat16), w)
+
+matmuls(range(1, 301))
+before = libc.mallinfo2().uordblks
+matmuls(range(301, 601))
+print(libc.mallinfo2().uordblks - before)
+"""
+
+
+def test_kernel_caches_stay_bounded_under_new_shapes() -> None:
+    """Every prefill is a new matmul shape; the service caps both kernel caches that keep them.
+
+    Measured here: uncapped (PyTorch's defaults) 300 more new shapes keep ~177 MB; with only
+    oneDNN's cache capped (the service before) 87 MB; with both capped 6 MB.
+    """
+    import ctypes
+    import os
+    import subprocess
+
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2  # noqa: B018  # glibc >= 2.33
+    except (OSError, AttributeError):
+        pytest.skip("reads glibc's mallinfo2")
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+
+    def grown(service: str) -> int:
+        res = subprocess.run([sys.executable, "-c", _NEW_SHAPES_SCRIPT, service], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return int(res.stdout.strip().splitlines()[-1])
+
+    uncapped = grown("-")
+    if uncapped < 60e6:
+        pytest.skip(f"bf16 matmuls on this CPU keep no per-shape kernels ({uncapped / 1e6:.0f} MB)")
+    capped = grown(str(SERVICE_DIR / "service.py"))
+    assert capped < 20e6, f"{capped / 1e6:.0f} MB kept for 300 new shapes with the service's caps"
+
+
 def test_damaged_stored_model_is_refused_at_load(home: Path, tiny_dir: Path) -> None:
     """One flipped byte in a stored checkpoint file: the service refuses to load, naming the file."""
     import bentoml
