@@ -65,9 +65,14 @@ def _reference(model: Any, prompt: list[int], n: int, device: str = "cpu") -> tu
 def test_solo_decoder_matches_the_dynamic_cache_forward(arch: str, compiled: bool) -> None:
     model = _build(arch)
     want, want_logits = _reference(model, PROMPT, 10)
-    dec = GraphDecoder(model, 64, "cpu", compile=compiled)
+    _check_decoder(GraphDecoder(model, 64, "cpu", compile=compiled), want, want_logits)
+
+
+def _check_decoder(dec: Any, want: list[int], want_logits: list[Any]) -> None:
+    """Greedy decoding through `dec` gives the reference's tokens and logits (1e-4) at every step,
+    twice (a second prefill reuses the cache from position 0), and exports the same cache."""
     with torch.inference_mode():
-        for _ in range(2):  # a second prefill reuses the same cache from position 0
+        for _ in range(2):
             logits = dec.prefill(PROMPT)
             got, worst = [], 0.0
             for i in range(10):
@@ -80,7 +85,9 @@ def test_solo_decoder_matches_the_dynamic_cache_forward(arch: str, compiled: boo
         # What the engine hands over when company arrives: the same tokens in a DynamicCache.
         exported = dec.export()
         assert exported.get_seq_length() == dec.length == len(PROMPT) + 9
-        torch.testing.assert_close(exported.layers[0].keys, dec.cache.layers[0].keys[:, :, :dec.length])
+        for i, layer in enumerate(exported.layers):
+            torch.testing.assert_close(layer.keys, dec.cache.layers[i].keys[:, :, :dec.length])
+            torch.testing.assert_close(layer.values, dec.cache.layers[i].values[:, :, :dec.length])
 
 
 def test_solo_decoder_refuses_what_does_not_fit() -> None:
@@ -225,22 +232,7 @@ def test_fused_decoder_matches_the_dynamic_cache_forward(kernels: Any, arch: str
     # 8 positions per attention split: the 21 positions span 3 splits and cross two boundaries.
     dec = FusedDecoder(model, 32, device, chunk=8)
     assert dec._attn.splits == 4
-    with torch.inference_mode():
-        for _ in range(2):  # a second prefill reuses the cache from position 0
-            logits = dec.prefill(PROMPT)
-            got, worst = [], 0.0
-            for i in range(10):
-                worst = max(worst, float((logits.float() - want_logits[i]).abs().max()))
-                got.append(int(logits.argmax(-1)))
-                if i < 9:
-                    logits = dec.step(logits.argmax(-1))
-            assert got == want
-            assert worst < 1e-4
-        exported = dec.export()
-        assert exported.get_seq_length() == dec.length == len(PROMPT) + 9
-        for i, layer in enumerate(exported.layers):
-            torch.testing.assert_close(layer.keys, dec.cache.layers[i].keys[:, :, :dec.length])
-            torch.testing.assert_close(layer.values, dec.cache.layers[i].values[:, :, :dec.length])
+    _check_decoder(dec, want, want_logits)
 
 
 def test_fused_decoder_keeps_the_model_working_and_refuses_other_architectures(kernels: Any) -> None:
