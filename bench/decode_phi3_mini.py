@@ -41,7 +41,7 @@ Measured, each after a warm-up, on random prompt ids (the numbers do not depend 
 
 The JSON (GPU name, package versions, each figure) is rewritten after each step, so a run stopped
 by a time limit keeps what finished. Needs torch, transformers, and for W4A16 llmcompressor and
-compressed-tensors. About 3-4 minutes on one H100 (most of it torch.compile).
+compressed-tensors. About 5 minutes on one H100 (most of it torch.compile).
 """
 
 from __future__ import annotations
