@@ -47,6 +47,7 @@ compressed-tensors. About 5 minutes on one H100 (most of it torch.compile).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -494,11 +495,8 @@ def main(argv: list[str] | None = None) -> int:
                     (prefix + "engine_solo", lambda: decode_engine_solo(m, dec, prompt_len=args.prompt_len, steps=steps,
                                                                         device=device, mode=prefix + "engine_solo"))]
         if graphs and device == "cuda" and fused_unsupported(m) is None:
-            fused: list[Any] = []  # built at its first use, so that --only can leave it out
-
-            def fdec() -> Any:
-                fused[:] = fused or [FusedDecoder(m, max_len, device)]
-                return fused[0]
+            # built at its first use, so that --only can leave it out
+            fdec = functools.cache(lambda: FusedDecoder(m, max_len, device))
 
             def fused_run() -> dict[str, Any]:
                 run = decode_graph(fdec(), prompt_len=args.prompt_len, steps=steps, device=device, mode=prefix + "fused")

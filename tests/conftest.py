@@ -17,16 +17,11 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # streams ("I/O operation on closed file"); tests read no Prefect INFO logs.
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-
-def _no_cuda() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
-
-
 # Without a GPU the Triton kernels (services/phiops_kernels.py) run under Triton's interpreter.
 # It must be chosen before anything imports triton (torch.compile does, in other tests).
-if _no_cuda():
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY = {
