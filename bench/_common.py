@@ -33,7 +33,7 @@ def machine() -> dict[str, Any]:
 
 
 def drive_engine(engine: Any, request_cls: Any, prompts: list[list[int]], max_new_tokens: int) -> tuple[float, int]:
-    """Submit every prompt at once to a `phiops_engine.Engine`, wait for all to end, close it.
+    """Submit every prompt at once to a `phiops.serve.engine.Engine`, wait for all to end, close it.
 
     Returns:
         (wall seconds from the first submit to the last end, completion tokens produced).
@@ -57,16 +57,3 @@ def drive_engine(engine: Any, request_cls: Any, prompts: list[list[int]], max_ne
     wall = time.perf_counter() - t0
     engine.close()
     return wall, produced[0]
-
-
-def word_tokenizer(vocab: int) -> Any:
-    """A real (word-level) fast tokenizer over `vocab` ids, made in code: no hub, no files."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    from tokenizers import decoders
-
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w0")

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "services"))
 
 from _common import machine, versions
 
@@ -77,7 +76,7 @@ def gemv_rows(copies_bytes: int = 400_000_000) -> list[dict[str, Any]]:
 
 def _gemv_stage(name: str, rows: int, k: int, norm: bool, gated: bool, residual: bool, *,
                 copies_bytes: int) -> dict[str, Any]:
-    import phiops_kernels as K
+    from phiops.serve import kernels as K
     import torch
     import torch.nn.functional as F
 
@@ -134,7 +133,7 @@ def attention_rows(lengths: list[tuple[int, int]], sweep: bool) -> list[dict[str
 
 
 def _attention_stage(max_len: int, pos: int, sweep: bool) -> dict[str, Any]:
-    import phiops_kernels as K
+    from phiops.serve import kernels as K
     import torch
     import torch.nn.functional as F
 

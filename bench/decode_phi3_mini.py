@@ -57,10 +57,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "services"))
 
-from _common import drive_engine, machine, versions, word_tokenizer
+from _common import drive_engine, machine, versions
+
+from phiops.models import word_tokenizer
 
 # Peak HBM bandwidth, TB/s, by GPU name (data sheets); --bandwidth-tbs overrides.
 BANDWIDTH_TBS = {"H100": 3.35, "H200": 4.8, "A100": 2.04}
@@ -175,7 +175,7 @@ def decode_engine_solo(model: Any, dec: Any, *, prompt_len: int, steps: int, dev
     """One greedy request through the service's engine with the solo decoder: tokens/s after its first."""
     import threading
 
-    from phiops_engine import Engine, Event, Request
+    from phiops.serve.engine import Engine, Event, Request
 
     tok = word_tokenizer(model.config.vocab_size)
     marks: list[tuple[float, int]] = []
@@ -286,7 +286,7 @@ def concurrent(model: Any, *, n: int, prompt_len: int, gen_tokens: int, device: 
                cb: bool) -> dict[str, Any]:
     """`n` requests at once through the service's engine (and transformers' continuous batching)."""
     import torch
-    from phiops_engine import Engine, Request
+    from phiops.serve.engine import Engine, Request
 
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
                              "fraction_of_bound": best["fraction_of_bound"]}
         save()
 
-    from phiops_decode import (
+    from phiops.serve.decode import (
         FusedDecoder,
         GraphDecoder,
         fused_unsupported,

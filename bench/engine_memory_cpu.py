@@ -36,8 +36,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "services"))
 
 CLIENTS = 32
 MAX_TOKENS = 32
@@ -100,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from _common import machine, versions
-    from phiops_engine import Engine, Request
+    from phiops.serve.engine import Engine, Request
     from serve_cpu_load import Baseline, _prompts
 
     from phiops import models

@@ -43,8 +43,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "services"))
 
 from _common import drive_engine, machine, versions
 
@@ -201,7 +199,7 @@ def _server_pid(port: int) -> int:
 def _engines(base: Baseline, prompts: list[str]) -> dict[str, Any]:
     """Output tokens/s of three ways to batch the same 32 greedy requests."""
     import torch
-    from phiops_engine import Engine, Request
+    from phiops.serve.engine import Engine, Request
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 

@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 from _common import machine, versions  # noqa: E402  (bench/, the script's own folder)
 

@@ -602,11 +602,7 @@ class PhiOpsLLM:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        # Found beside this file, in the source tree and in a built bento (bentofile `include`).
-        here = os.path.dirname(os.path.abspath(__file__))
-        if here not in sys.path:
-            sys.path.insert(0, here)
-        from phiops_engine import Engine
+        from phiops.serve.engine import Engine
 
         self._ready = False
         self.settings = SETTINGS
@@ -659,7 +655,7 @@ class PhiOpsLLM:
         """Int4 kernels for W4A16 layers and the solo-request decoder (module doc); None when off."""
         if os.environ.get("PHIOPS_CUDA_FASTPATH", "1") == "0":
             return None
-        from phiops_decode import (
+        from phiops.serve.decode import (
             FusedDecoder,
             GraphDecoder,
             fused_unsupported,
@@ -683,7 +679,7 @@ class PhiOpsLLM:
     def _warmup(self, prompt: list[int]) -> None:
         import threading
 
-        from phiops_engine import Request
+        from phiops.serve.engine import Request
 
         done, errors = threading.Event(), []
 
@@ -765,7 +761,7 @@ class PhiOpsLLM:
     # ---- generation ----------------------------------------------------------------------------
 
     def _submit(self, prompt: list[int], body: _GenerationParams, max_new: int) -> tuple[Any, asyncio.Queue]:
-        from phiops_engine import Request
+        from phiops.serve.engine import Request
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

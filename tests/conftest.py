@@ -17,7 +17,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # streams ("I/O operation on closed file"); tests read no Prefect INFO logs.
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-# Without a GPU the Triton kernels (services/phiops_kernels.py) run under Triton's interpreter.
+# Without a GPU the Triton kernels (phiops/serve/kernels.py) run under Triton's interpreter.
 # It must be chosen before anything imports triton (torch.compile does, in other tests).
 import torch  # noqa: E402
 

@@ -195,6 +195,19 @@ def random_model(architecture: dict[str, Any], dtype: str = "float32", device: s
         return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).eval()
 
 
+def word_tokenizer(vocab: int) -> Any:
+    """A real (word-level) fast tokenizer over `vocab` ids, made in code: no hub, no files."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w0")
+
+
 def tiny_random(architecture: dict[str, Any], out: Path, tokenizer_from: str | Path, seed: int = 0,
                 dtype: str = "float32", device: str = "cpu") -> Path:
     """Build a random-weight checkpoint of `architecture` (a config.json dict) at `out`.

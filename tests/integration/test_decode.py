@@ -1,4 +1,4 @@
-"""services/phiops_decode.py: the static-cache solo decoders and the int4 W4A16 layers.
+"""phiops.serve.decode: the static-cache solo decoders and the int4 W4A16 layers.
 
 On CPU the decoders run their cache logic without the CUDA graph (``GraphDecoder`` in one test
 compiled; ``FusedDecoder``'s Triton kernels under Triton's interpreter); the CUDA graph and the
@@ -8,25 +8,18 @@ bench/decode_phi3_mini.py and bench/decode_kernels.py.
 
 from __future__ import annotations
 
-import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from phiops import models
+from phiops.models import word_tokenizer  # a tokenizer made in code, no files
+from phiops.serve.decode import FusedDecoder, GraphDecoder, fused_unsupported, int4_linears
+from phiops.serve.engine import Engine, Request
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "services"))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from _common import word_tokenizer  # bench/: a tokenizer made in code, no files
-from phiops_decode import FusedDecoder, GraphDecoder, fused_unsupported, int4_linears
-from phiops_engine import Engine, Request
 
 _COMMON = {"vocab_size": 49152, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
            "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
@@ -179,14 +172,14 @@ def test_engine_decodes_a_lone_request_through_the_solo_decoder_and_hands_over()
     _engine_scenarios("cpu", 1e-4)
 
 
-# ---- FusedDecoder: the Triton kernels (phiops_kernels), under the interpreter without a GPU ------
+# ---- FusedDecoder: the Triton kernels (phiops.serve.kernels), under the interpreter without a GPU ------
 
 
 @pytest.fixture
 def kernels() -> Any:
-    """phiops_kernels; without CUDA under Triton's interpreter (tests/conftest.py turns it on)."""
+    """phiops.serve.kernels; without CUDA under Triton's interpreter (tests/conftest.py turns it on)."""
     pytest.importorskip("triton")
-    import phiops_kernels
+    from phiops.serve import kernels as phiops_kernels
 
     assert phiops_kernels.INTERPRET == (not torch.cuda.is_available())
     return phiops_kernels

@@ -226,7 +226,7 @@ def _fused_weight(linears: tuple[Any, ...]) -> Any:
 
 
 class FusedDecoder(GraphDecoder):
-    """``GraphDecoder`` whose step is five Triton kernels per layer (``phiops_kernels``), not a compile.
+    """``GraphDecoder`` whose step is five Triton kernels per layer (``phiops.serve.kernels``), not a compile.
 
     Each weight matrix is streamed by one kernel that also does the work around it: the RMSNorm
     before the q/k/v and gate/up projections, rotary embedding and the cache write inside the
@@ -240,12 +240,12 @@ class FusedDecoder(GraphDecoder):
     """
 
     def __init__(self, model: Any, max_len: int, device: str, *, chunk: int | None = None) -> None:
-        """``chunk``: positions per attention split (default: ``phiops_kernels.Attention``'s choice)."""
+        """``chunk``: positions per attention split (default: ``kernels.Attention``'s choice)."""
         reason = fused_unsupported(model)
         if reason:
             raise ValueError(f"FusedDecoder does not support this model: {reason}")
         super().__init__(model, max_len, device, compile=False)
-        import phiops_kernels as K
+        from phiops.serve import kernels as K
 
         self._K = K
         cfg = model.config.get_text_config(decoder=True)

@@ -16,7 +16,7 @@ only for the next step. When the engine is idle the first arrival waits at most
 ``max_wait_ms`` for company, so a burst prefills as one batch.
 
 A request alone (the latency case) may instead decode through ``solo``, a
-``phiops_decode.GraphDecoder``: a static cache and one CUDA graph replay per token, several
+``phiops.serve.decode.GraphDecoder``: a static cache and one CUDA graph replay per token, several
 times faster than an eager step at batch 1. When another request arrives, the solo row's cache
 is copied out into the shared dynamic cache and both continue batched.
 
@@ -119,7 +119,7 @@ class Engine:
         max_wait_ms: how long the first request into an idle engine waits for others to join
             its prefill (the latency a request may pay for batching).
         on_step: called after each forward pass with (phase, batch rows, new tokens), for metrics.
-        solo: a ``phiops_decode.GraphDecoder`` for a request that is alone (None: always batched).
+        solo: a ``phiops.serve.decode.GraphDecoder`` for a request that is alone (None: always batched).
     """
 
     def __init__(self, model: Any, tokenizer: Any, eos_ids: list[int], device: str, *,
