@@ -17,7 +17,7 @@ After each round, 1 s idle: the RSS, and glibc's in-use heap bytes (`mallinfo2()
 what is allocated and not freed, unlike RSS unaffected by pages freed but not yet returned).
 
 `--kernel-cache-capacity` sets both kernel caches of bf16 matmuls (oneDNN's primitive cache and
-PyTorch's ideep cache) before torch loads: 256 is what services/service.py sets, 1024 is
+PyTorch's ideep cache) before torch loads: 256 is what phiops.serve.loader.cap_kernel_caches sets, 1024 is
 PyTorch's default for both.
 """
 

@@ -257,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from phiops import bento, models
+    from phiops.config import ServeCfg
+    from phiops.serve import client
 
     home = Path(tempfile.mkdtemp(prefix="phiops-bench-bentoml-"))
     os.environ["BENTOML_HOME"] = str(home)
@@ -275,13 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     tag = bento.save_model(path, "phiops-model", "bench", {"registry": {"version": "bench"}})
     bento_tag = bento.build(tag, "bench", service_dir=ROOT / "services", served_model_name="phiops-model",
-                            max_new_tokens=MAX_TOKENS, lock_packages=False)
+                            limits=ServeCfg(max_new_tokens=MAX_TOKENS), lock_packages=False)
     baselines = [Baseline(path, "float32"), Baseline(path, "bfloat16")]
     for b in baselines:
         b.run(prompts[:1])  # warm-up
     rounds = []
-    port = bento.free_port()
-    with bento.serving(bento_tag, port=port, timeout=600) as url:
+    port = client.free_port()
+    with client.serving(bento_tag, port=port, timeout=600) as url:
         pid = _server_pid(port)
         rss_loaded = _tree_rss(pid)
         # Warm-up: one full service round, not counted. The first load grows the server once

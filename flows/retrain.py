@@ -33,8 +33,9 @@ from prefect.input import RunInput  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from phiops import approval as approval_cli  # noqa: E402
-from phiops import bento, config, deploy, gate, lineage, registry  # noqa: E402
+from phiops import config, deploy, gate, lineage, registry  # noqa: E402
 from phiops.paths import Layout  # noqa: E402
+from phiops.serve import client  # noqa: E402
 from phiops.stages import evaluate  # noqa: E402
 
 
@@ -285,7 +286,7 @@ def retrain(root: str = ".", params: str = "params.yaml", ask: str | None = None
               "containerize": built["containerize"], "stages_run": ran}
     print(f"promoted {record['version']}; bento {tag}; containerize with: {built['containerize']}")
     if ask:
-        result["answer"] = bento.ask(tag, ask)
+        result["answer"] = client.ask(tag, ask)
         print(f"served model answered: {result['answer']}")
     return result
 

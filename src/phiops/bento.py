@@ -1,20 +1,21 @@
-"""Package a promoted checkpoint for serving with BentoML, and ask the served model.
+"""Package a promoted checkpoint for serving with BentoML.
 
-Three steps, each usable alone:
+Two steps, each usable alone:
 
 1. :func:`save_model` copies a safetensors checkpoint directory into the BentoML model store as
    ``name:version`` (the files under ``checkpoint/``, their sha256 in the model's metadata).
-2. :func:`build` builds the bento of ``services/`` (service.py + bentofile.yaml) with that model.
-   The model tag and serving limits are *bento arguments*: stored in the bento's bento.yaml and
-   restored by every ``bentoml serve`` of it, in or out of a container, so the service always
-   loads exactly the model the bento carries.
-3. :func:`serving` / :func:`ask` run ``bentoml serve <bento>`` on a free localhost port and
-   query its OpenAI-compatible ``/v1/chat/completions``.
+2. :func:`build` builds the bento of ``services/`` (service.py + bentofile.yaml) with that model
+   and ``phiops`` itself as a wheel (the service imports ``phiops.serve``). The model tag and
+   serving limits are *bento arguments*: stored in the bento's bento.yaml and restored by every
+   ``bentoml serve`` of it, in or out of a container, so the service always loads exactly the
+   model the bento carries.
+
+``phiops.serve.client`` serves a built bento locally and asks it.
 
 Stores live under ``$BENTOML_HOME`` (default ``~/bentoml``), read at each call, so a test
-that points it at a temporary directory never touches the user's stores. Building and
-serving run the ``bentoml`` CLI in a subprocess: it resolves ``$BENTOML_HOME`` afresh, keeps
-the service's heavy imports out of this process, and is the same path an operator uses.
+that points it at a temporary directory never touches the user's stores. Building runs the
+``bentoml`` CLI in a subprocess: it resolves ``$BENTOML_HOME`` afresh, keeps the service's
+heavy imports out of this process, and is the same path an operator uses.
 
 A Docker engine is never needed: :func:`containerize_command` gives the command to run where
 one exists.
@@ -22,33 +23,30 @@ one exists.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from phiops.io import dir_manifest, sha256_file
+from phiops.config import ServeCfg
 from phiops.models import ModelError, check_safetensors
+from phiops.serve.checkpoint import CHECKPOINT_SUBDIR
 
 log = logging.getLogger(__name__)
 
 # Weights are loaded only from safetensors; pickle-format files never enter the model store
 # (a bento is shipped to other machines, where loading a pickle would run arbitrary code).
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-CHECKPOINT_SUBDIR = "checkpoint"  # inside the stored model; services/service.py reads the same
 _META_KEY = "phiops"  # reserved key of the stored model's metadata
 _TAG_OUT = re.compile(r"__tag__:(\S+)")
 
@@ -85,7 +83,7 @@ def _bento_store() -> Any:
     return BentoStore(str(path))
 
 
-def _cli_env() -> dict[str, str]:
+def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env["BENTOML_HOME"] = str(bentoml_home())
     # Usage tracking phones home; this machine has no internet, and a pipeline shouldn't.
@@ -93,7 +91,7 @@ def _cli_env() -> dict[str, str]:
     return env
 
 
-def _bentoml_cli() -> list[str]:
+def bentoml_cli() -> list[str]:
     return [sys.executable, "-m", "bentoml"]
 
 
@@ -218,30 +216,59 @@ def _bento_name(bentofile: Path) -> str:
     return str(name)
 
 
+def _phiops_wheel(source: Path, dest: Path, timeout: float) -> Path:
+    """Build the ``phiops`` wheel (no dependencies) from the checkout at `source` into `dest`.
+
+    The sources are copied to a scratch directory first, so the build leaves nothing (``build/``,
+    ``*.egg-info``) in the checkout; no build isolation, so nothing is fetched.
+    """
+    if not (source / "pyproject.toml").is_file() or not (source / "src/phiops/__init__.py").is_file():
+        raise BentoError(f"{source}: not a phiops checkout (pyproject.toml and src/phiops/ expected); "
+                         "a bento ships the phiops package built from it")
+    scratch = dest / "source"
+    shutil.copytree(source / "src/phiops", scratch / "src/phiops",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(source / name, scratch / name)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+           "--wheel-dir", str(dest), str(scratch)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BentoError(f"building the phiops wheel did not finish within {timeout:.0f}s") from None
+    wheels = sorted(dest.glob("phiops-*.whl"))
+    if res.returncode != 0 or len(wheels) != 1:
+        raise BentoError(f"building the phiops wheel failed (exit {res.returncode}):\n{(res.stdout + res.stderr)[-3000:]}")
+    return wheels[0]
+
+
+def _runtime_requirements(source: Path) -> list[str]:
+    """pyproject.toml's ``[project] dependencies``: what the bento installs beside the wheel."""
+    import tomllib
+
+    deps = tomllib.loads((source / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    return [str(d) for d in deps]
+
+
 def build(
     model_tag: str,
     version: str,
     *,
     service_dir: Path,
     served_model_name: str | None = None,
-    max_new_tokens: int | None = None,
-    max_prompt_tokens: int | None = None,
-    max_concurrency: int | None = None,
-    request_timeout_s: int | None = None,
-    max_batch_size: int | None = None,
-    max_batch_wait_ms: int | None = None,
-    dtype: str | None = None,
+    limits: ServeCfg | None = None,
     lock_packages: bool = True,
     timeout: float = 1800,
 ) -> str:
     """Build the bento of ``service_dir`` serving ``model_tag``, as ``<bento name>:<version>``.
 
-    Runs ``bentoml build <service_dir> -f <service_dir>/bentofile.yaml --version <version>
-    --arg-file <args>``. The args file bakes the model tag (resolved to a concrete version) and
-    the limits given here into the bento; omitted limits take the service defaults. Python
-    packages are pinned in bentofile.yaml and, with ``lock_packages``, locked against PyPI by
-    uv (needs the package index; the first build installs ``uv`` if missing). The docker
-    section is kept, so ``bentoml containerize <tag>`` works wherever a Docker engine exists.
+    Runs ``bentoml build <service_dir> -f <bentofile> --version <version> --arg-file <args>``.
+    The args file bakes the model tag (resolved to a concrete version) and every serving limit
+    into the bento. The bentofile used is ``service_dir``'s plus the ``phiops`` wheel built from
+    the checkout above ``service_dir`` (``python.wheels``), so the bento carries the serving code
+    it imports. Python packages are pinned in bentofile.yaml and, with ``lock_packages``, locked
+    against PyPI by uv (needs the package index). The docker section is kept, so
+    ``bentoml containerize <tag>`` works wherever a Docker engine exists.
 
     Idempotent: if the bento tag exists and was built for the same model and limits, it is
     returned without rebuilding.
@@ -250,13 +277,10 @@ def build(
         model_tag: a model in the store, e.g. from :func:`save_model` (``name:latest`` resolves
             to the concrete version before it is baked in).
         version: the bento version (typically the model's registry version).
-        service_dir: the directory holding service.py and bentofile.yaml (``services/``).
+        service_dir: the directory holding service.py and bentofile.yaml (``services/`` of a
+            phiops checkout).
         served_model_name: the ``model`` id clients send; default the model tag's name.
-        max_new_tokens: cap on generated tokens per request; default the service's (128).
-        max_prompt_tokens: cap on prompt tokens per request; default the service's (1024).
-        max_concurrency, request_timeout_s, max_batch_size, max_batch_wait_ms, dtype: the
-            service's other limits (``phiops.config.ServeCfg``; ``**cfg.serve.model_dump()`` passes
-            them all); None keeps the service's default.
+        limits: the serving limits (``params.yaml``'s ``serve``); default ``ServeCfg()``'s.
         lock_packages: lock the Python requirements with uv; False keeps the pins as written
             (faster; for tests and offline builds).
         timeout: seconds before the build subprocess is killed.
@@ -265,8 +289,8 @@ def build(
         The bento tag, ``"<name>:<version>"``.
 
     Raises:
-        BentoError: the model is not in the store, the bento tag exists for another model, or
-            ``bentoml build`` fails (its output tail is in the message).
+        BentoError: the model is not in the store, the bento tag exists for another model, the
+            phiops wheel cannot be built, or ``bentoml build`` fails (its output tail included).
     """
     from bentoml.exceptions import NotFound
 
@@ -281,16 +305,7 @@ def build(
     args: dict[str, Any] = {"model_tag": str(model.tag)}
     if served_model_name is not None:
         args["served_model_name"] = served_model_name
-    if max_new_tokens is not None:
-        args["max_new_tokens"] = int(max_new_tokens)
-    if max_prompt_tokens is not None:
-        args["max_prompt_tokens"] = int(max_prompt_tokens)
-    for key, value in (("max_concurrency", max_concurrency), ("request_timeout_s", request_timeout_s),
-                       ("max_batch_size", max_batch_size), ("max_batch_wait_ms", max_batch_wait_ms)):
-        if value is not None:
-            args[key] = int(value)
-    if dtype is not None:
-        args["dtype"] = str(dtype)
+    args.update((limits or ServeCfg()).model_dump())
 
     bento_tag = f"{_bento_name(bentofile)}:{version}"
     try:
@@ -309,17 +324,28 @@ def build(
     with tempfile.TemporaryDirectory(prefix="phiops-bento-") as tmp:
         args_file = Path(tmp) / "args.yaml"
         args_file.write_text(yaml.safe_dump(args, sort_keys=True), encoding="utf-8")
+        # The build context is a scratch copy of service_dir plus the wheel: BentoML takes
+        # `wheels` only as paths inside the context, and the checkout is left untouched.
+        ctx = Path(tmp) / "context"
+        shutil.copytree(service_dir, ctx, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        wheel = _phiops_wheel(service_dir.parent, Path(tmp) / "wheel", timeout)
+        (ctx / "wheels").mkdir()
+        shutil.copy2(wheel, ctx / "wheels" / wheel.name)
+        config = yaml.safe_load(bentofile.read_text(encoding="utf-8"))
+        python = config.setdefault("python", {})
+        python["packages"] = _runtime_requirements(service_dir.parent)
+        python["wheels"] = [*python.get("wheels", []), f"wheels/{wheel.name}"]
         if not lock_packages:
-            config = yaml.safe_load(bentofile.read_text(encoding="utf-8"))
-            config.setdefault("python", {})["lock_packages"] = False
-            bentofile = Path(tmp) / "bentofile.yaml"
-            bentofile.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        cmd = [*_bentoml_cli(), "build", str(service_dir), "-f", str(bentofile), "--version", version,
+            python["lock_packages"] = False
+        bentofile = ctx / "bentofile.yaml"
+        bentofile.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        cmd = [*bentoml_cli(), "build", str(ctx), "-f", str(bentofile), "--version", version,
                "--arg-file", str(args_file), "-o", "tag"]
         log.info("building bento %s: %s", bento_tag, " ".join(cmd))
         t0 = time.perf_counter()
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(), timeout=timeout)
+            # cwd: BentoML resolves `wheels` against the working directory as well as the context.
+            res = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=timeout, cwd=ctx)
         except subprocess.TimeoutExpired:
             raise BentoError(f"bentoml build did not finish within {timeout:.0f}s") from None
     if res.returncode != 0:
@@ -334,157 +360,14 @@ def build(
     return built
 
 
-# --------------------------------------------------------------------------------------------
-# serve / ask
-# --------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A localhost TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "<no server log>"
-
-
-def _stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
-    # The server runs in its own session (circus arbiter + worker processes): signal the whole
-    # group this call started, politely first.
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-@contextlib.contextmanager
-def serving(bento_tag: str, *, port: int | None = None, timeout: float = 300) -> Iterator[str]:
-    """Run ``bentoml serve <bento_tag>`` on localhost until the block ends; yield its base URL.
-
-    Waits until ``/readyz`` answers 200 (model loaded, warm-up generation done). The server
-    is always stopped on exit, also when the block raises.
-
-    Args:
-        bento_tag: a bento in the store, e.g. from :func:`build`.
-        port: the port to listen on; default a free one.
-        timeout: seconds to wait for readiness.
-
-    Yields:
-        The base URL, e.g. ``"http://127.0.0.1:40123"``.
-
-    Raises:
-        BentoError: the server exits or is not ready within ``timeout`` (log tail included).
-    """
-    import httpx
-
-    port = port or free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [*_bentoml_cli(), "serve", bento_tag, "--host", "127.0.0.1", "--port", str(port)]
-    with tempfile.TemporaryDirectory(prefix="phiops-serve-") as tmp:
-        log_path = Path(tmp) / "server.log"
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=_cli_env(),
-                                    start_new_session=True)
-        try:
-            t0 = time.perf_counter()
-            deadline = t0 + timeout
-            with httpx.Client(timeout=5.0) as client:
-                while True:
-                    if proc.poll() is not None:
-                        raise BentoError(f"bentoml serve {bento_tag} exited with {proc.returncode}:\n{_tail(log_path)}")
-                    with contextlib.suppress(httpx.HTTPError):
-                        if client.get(f"{base}/readyz").status_code == 200:
-                            break
-                    if time.perf_counter() > deadline:
-                        raise BentoError(f"{bento_tag} not ready after {timeout:.0f}s:\n{_tail(log_path)}")
-                    time.sleep(0.5)
-            log.info("%s ready at %s after %.1fs", bento_tag, base, time.perf_counter() - t0)
-            yield base
-        finally:
-            _stop(proc)
-
-
-def chat(base_url: str, prompt: str, *, system: str | None = None, max_tokens: int | None = None,
-         temperature: float = 0.0, timeout: float = 300) -> dict[str, Any]:
-    """POST one chat completion to a running phiops service and return the response JSON.
-
-    Args:
-        base_url: the server, e.g. from :func:`serving`.
-        prompt: the user message.
-        system: an optional system message.
-        max_tokens: completion cap (over the service's own cap the request is refused with a 400).
-        temperature: 0 (default) is greedy decoding, so answers are reproducible.
-        timeout: seconds for the request.
-
-    Returns:
-        The OpenAI ``chat.completion`` object.
-
-    Raises:
-        BentoError: a non-200 response (the service's error message included).
-    """
-    import httpx
-
-    with httpx.Client(timeout=timeout) as client:
-        models = client.get(f"{base_url}/v1/models")
-        if models.status_code != 200:
-            raise BentoError(f"GET /v1/models: HTTP {models.status_code}: {models.text[:500]}")
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        body: dict[str, Any] = {"model": models.json()["data"][0]["id"], "messages": messages,
-                                "temperature": temperature}
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
-        res = client.post(f"{base_url}/v1/chat/completions", json=body)
-    if res.status_code != 200:
-        raise BentoError(f"POST /v1/chat/completions: HTTP {res.status_code}: {res.text[:500]}")
-    return res.json()
-
-
-def ask(bento_tag: str, prompt: str, *, port: int | None = None, timeout: float = 300,
-        system: str | None = None, max_tokens: int | None = None) -> str:
-    """Serve a bento, ask it one question, stop it; return the answer text.
-
-    Greedy decoding (temperature 0), so the same bento gives the same answer.
-
-    Args:
-        bento_tag: a bento in the store, e.g. from :func:`build`.
-        prompt: the user message.
-        port: the port to serve on; default a free one.
-        timeout: seconds for startup to ready, and again for the request.
-        system: an optional system message.
-        max_tokens: completion cap (over the service's own cap the request is refused with a 400).
-
-    Returns:
-        The assistant message content.
-
-    Raises:
-        BentoError: the server did not become ready, or the request failed.
-    """
-    with serving(bento_tag, port=port, timeout=timeout) as base:
-        res = chat(base, prompt, system=system, max_tokens=max_tokens, timeout=timeout)
-    return str(res["choices"][0]["message"]["content"])
-
-
 __all__ = [
     "BentoError",
+    "bentoml_cli",
+    "cli_env",
     "CHECKPOINT_SUBDIR",
     "ModelError",
-    "ask",
     "bentoml_home",
     "build",
-    "chat",
     "containerize_command",
-    "free_port",
     "save_model",
-    "serving",
 ]

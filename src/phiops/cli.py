@@ -187,7 +187,8 @@ def cmd_decide(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from phiops import bento, registry
+    from phiops import registry
+    from phiops.serve import client
 
     cfg = _load(args)
     reg = registry.Registry(Layout(Path(args.root)), cfg.registry.artifact)
@@ -195,7 +196,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if prod is None or not prod.get("bento"):
         print("no production model with a bento yet: run `phiops run` first", file=sys.stderr)
         return 1
-    print(bento.ask(prod["bento"], args.prompt, port=args.port))
+    print(client.ask(prod["bento"], args.prompt, port=args.port))
     return 0
 
 

@@ -207,11 +207,12 @@ class RegistryCfg(_Section):
 
 
 class ServeCfg(_Section):
-    # Each default equals services/service.py's (a test checks); a request above a limit is
+    # The one schema of the serving limits: phiops.bento.build bakes them into the bento and the
+    # service reads them back into this model (phiops.serve.settings). A request above a limit is
     # refused before any model compute.
     max_new_tokens: int = Field(128, ge=1)  # a request asking for more is a 400, not clamped
     max_prompt_tokens: int = Field(1024, ge=1)
-    max_concurrency: int = Field(64, ge=1)  # in flight per replica; more is a 429 at once
+    max_concurrency: int = Field(64, ge=1)  # in flight per replica (a full batch running, one waiting); more: 429
     request_timeout_s: int = Field(120, ge=1)  # unanswered by then: 504, generation cancelled
     max_batch_size: int = Field(32, ge=1)  # rows per forward pass of the continuous batcher
     max_batch_wait_ms: int = Field(10, ge=0)  # an idle engine's wait for company before prefill

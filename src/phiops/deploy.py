@@ -48,7 +48,7 @@ def build_bento(layout: Layout, cfg: Params, record: dict[str, Any], *, lock_pac
         service_dir=layout.root / "services",
         served_model_name=cfg.registry.artifact,
         lock_packages=lock_packages,
-        **cfg.serve.model_dump(),  # every serving limit baked into the bento
+        limits=cfg.serve,  # every serving limit baked into the bento
     )
     containerize = " ".join(bento.containerize_command(tag))
     log.info("bento %s (model from %s); where a Docker engine exists: %s", tag, source, containerize)

@@ -27,6 +27,9 @@ import pytest
 
 from phiops import bento, models
 from phiops.config import ServeCfg
+from phiops.serve import client as serve_client
+from phiops.serve.checkpoint import CHECKPOINT_SUBDIR
+from phiops.serve.settings import ServiceArgs, Settings
 
 pytestmark = pytest.mark.integration
 
@@ -82,7 +85,7 @@ def test_save_model_stores_checkpoint_with_manifest(home: Path, tiny_dir: Path, 
     assert meta["stage"] == "test" and meta["metrics"] == {"exact_match": 0.5}
     files = meta["phiops"]["files"]
     assert "model.safetensors" in files and "config.json" in files
-    ckpt = Path(stored.path_of(bento.CHECKPOINT_SUBDIR))
+    ckpt = Path(stored.path_of(CHECKPOINT_SUBDIR))
     assert {p.name for p in ckpt.iterdir()} == set(files)
 
 
@@ -197,15 +200,14 @@ def _assert_completion(data: dict[str, Any], model: str) -> str:
     return choice["message"]["content"]
 
 
-def test_defaults_match_project_config(service_module: Any) -> None:
-    cfg = ServeCfg()
-    assert service_module.DEFAULT_MAX_NEW_TOKENS == cfg.max_new_tokens
-    assert service_module.DEFAULT_MAX_PROMPT_TOKENS == cfg.max_prompt_tokens
-    assert service_module.DEFAULT_MAX_CONCURRENCY == cfg.max_concurrency
-    assert service_module.DEFAULT_REQUEST_TIMEOUT_S == cfg.request_timeout_s
-    assert service_module.DEFAULT_MAX_BATCH_SIZE == cfg.max_batch_size
-    assert service_module.DEFAULT_MAX_BATCH_WAIT_MS == cfg.max_batch_wait_ms
-    assert service_module.DEFAULT_DTYPE == cfg.dtype
+def test_limits_are_the_project_schema(service_module: Any) -> None:
+    """One schema: the service reads its limits into ServeCfg, with the environment applied."""
+    assert issubclass(ServiceArgs, ServeCfg) and issubclass(Settings, ServeCfg)
+    settings = service_module.SETTINGS
+    assert isinstance(settings, ServeCfg)
+    assert settings.max_new_tokens == CAP  # PHIOPS_MAX_NEW_TOKENS won over the default
+    assert {k: getattr(settings, k) for k in ServeCfg.model_fields if k != "max_new_tokens"} == \
+        {k: v for k, v in ServeCfg().model_dump().items() if k != "max_new_tokens"}
 
 
 def test_ready_and_models(client: Any, model_tag: str) -> None:
@@ -368,7 +370,7 @@ def test_compressed_tensors_w4a16_checkpoint_serves(home: Path, tmp_path: Path) 
             _assert_completion(asyncio.run(instance.chat_completions(body=request)), "tiny-llama-w4a16")
             # Readiness follows the engine: once its thread is gone, /readyz stops answering 200.
             assert instance.__is_ready__()
-            instance.engine.close()
+            instance.serving.close()
             assert not instance.__is_ready__()
         finally:
             sys.modules.pop("phiops_service_w4a16", None)
@@ -529,7 +531,7 @@ def bento_tag(home: Path, model_tag: str) -> str:
     # against PyPI) differs only in how requirements.txt is produced.
     t0 = time.perf_counter()
     tag = bento.build(model_tag, "t1", service_dir=SERVICE_DIR, served_model_name="tiny",
-                      max_new_tokens=16, lock_packages=False)
+                      limits=ServeCfg(max_new_tokens=16), lock_packages=False)
     print(f"\nbentoml build: {time.perf_counter() - t0:.1f}s")
     return tag
 
@@ -539,26 +541,28 @@ def test_build_bakes_model_and_pins(home: Path, model_tag: str, bento_tag: str) 
 
     assert bento_tag == "phiops-llm:t1"
     built = bentoml.bentos.get(bento_tag, _bento_store=bento._bento_store())
-    assert built.info.args == {"model_tag": model_tag, "served_model_name": "tiny", "max_new_tokens": 16}
+    # Every serve limit is baked in (ServeCfg's fields), so the bento serves the same wherever it runs.
+    assert built.info.args == {"model_tag": model_tag, "served_model_name": "tiny",
+                               **ServeCfg(max_new_tokens=16).model_dump()}
     assert [str(m.tag) for m in built.info.all_models] == [model_tag]
     reqs = Path(built.path_of("env/python/requirements.txt")).read_text()
     for pin in ("torch==2.13.0", "transformers==5.17.0", "compressed-tensors==0.19.0"):
         assert pin in reqs
     assert Path(built.path_of("env/docker/Dockerfile")).is_file()
-    for module in ("service.py", "phiops_engine.py", "phiops_decode.py", "phiops_kernels.py"):  # the last two: CUDA only
-        assert Path(built.path_of(f"src/{module}")).is_file(), module
-    assert bento.containerize_command(bento_tag) == ["bentoml", "containerize", bento_tag]
+    # The service is the one source file; phiops ships as a wheel that the bento installs.
+    assert sorted(p.name for p in Path(built.path_of("src")).iterdir() if p.suffix == ".py") == ["service.py"]
+    (wheel,) = Path(built.path_of("env/python/wheels")).glob("phiops-*.whl")
+    import zipfile
 
-    # Every serve limit can be baked in: ServeCfg's fields are build()'s keywords.
-    tag2 = bento.build(model_tag, "t2", service_dir=SERVICE_DIR, served_model_name="tiny", lock_packages=False,
-                       **ServeCfg().model_dump())
-    baked = bentoml.bentos.get(tag2, _bento_store=bento._bento_store()).info.args
-    assert baked == {"model_tag": model_tag, "served_model_name": "tiny", **ServeCfg().model_dump()}
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    for module in ("serve/engine.py", "serve/openai_serving.py", "serve/decode.py", "serve/kernels.py", "config.py"):
+        assert f"phiops/{module}" in shipped, module
+    assert bento.containerize_command(bento_tag) == ["bentoml", "containerize", bento_tag]
 
     # Same inputs: the existing bento; other inputs under the same version: refused.
     t0 = time.perf_counter()
     assert bento.build(model_tag, "t1", service_dir=SERVICE_DIR, served_model_name="tiny",
-                       max_new_tokens=16, lock_packages=False) == bento_tag
+                       limits=ServeCfg(max_new_tokens=16), lock_packages=False) == bento_tag
     assert time.perf_counter() - t0 < 10
     with pytest.raises(bento.BentoError, match="exists"):
         bento.build(model_tag, "t1", service_dir=SERVICE_DIR, lock_packages=False)
@@ -596,7 +600,7 @@ def served(home: Path, bento_tag: str) -> Iterator[tuple[str, str]]:
         for key, value in env.items():
             mp.setenv(key, value)
         t0 = time.perf_counter()
-        with bento.serving(bento_tag, timeout=300) as base:
+        with serve_client.serving(bento_tag, timeout=300) as base:
             print(f"\nbentoml serve {bento_tag}: ready after {time.perf_counter() - t0:.1f}s")
             yield base, httpx.get(f"{base}/metrics", timeout=30).text
 
@@ -766,8 +770,8 @@ def test_built_bento_serves_openai_clients(served: tuple[str, str]) -> None:
 def test_ask_returns_answer_and_stops_server(home: Path, bento_tag: str) -> None:
     import httpx
 
-    port = bento.free_port()
-    answer = bento.ask(bento_tag, "Hello", port=port, max_tokens=4)
+    port = serve_client.free_port()
+    answer = serve_client.ask(bento_tag, "Hello", port=port, max_tokens=4)
     assert isinstance(answer, str)
     with pytest.raises(httpx.HTTPError):  # the server is gone
         httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)

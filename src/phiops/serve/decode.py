@@ -22,7 +22,7 @@ bytes than the bf16 model it replaces.
 
 On CPU the same code runs without the CUDA graph (tests check it against the plain forward).
 This module needs only torch and transformers (and compressed-tensors for W4A16); it ships in
-the bento beside service.py, which imports it on CUDA only.
+the bento inside the phiops wheel; the service imports it on CUDA only (phiops.serve.loader).
 """
 
 from __future__ import annotations

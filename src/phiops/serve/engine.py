@@ -29,7 +29,7 @@ for it) and needs a second service process for the mounted OpenAI routes to reac
 it stream tokens.
 
 This module imports only torch and transformers (lazily, via the model passed in); it ships in
-the bento beside service.py.
+the bento inside the phiops wheel.
 """
 
 from __future__ import annotations

@@ -1,0 +1,140 @@
+"""Load the stored model a service serves: verify it, load it, pick its dtype and decoder.
+
+On CUDA two more things happen at load (``PHIOPS_CUDA_FASTPATH=0`` turns both off):
+
+- compressed-tensors W4A16 linears (the GPTQ/AWQ candidates) are swapped for PyTorch's int4
+  weight-only kernel (``decode.int4_linears``) before the first forward; otherwise
+  compressed-tensors dequantizes them to bf16 and serves a bf16-sized model;
+- a request that is alone decodes over a static cache of ``max_prompt_tokens + max_new_tokens``
+  tokens, one CUDA graph replay per token: through ``decode.FusedDecoder`` (Triton kernels,
+  ``kernels``) for llama-family models in bf16/fp16/fp32 (SmolLM2, Phi-3, Phi-4-mini, Phi-4),
+  else through ``decode.GraphDecoder`` (the step compiled by torch.compile; W4A16 models,
+  Phi-2); the warm-up generation tunes or compiles it and captures the graph.
+
+``dtype: auto`` means bfloat16 on CUDA, and on CPUs with AMX tiles (their bf16 matrix units):
+there the batched forward passes that serving runs measured 1.5x (decode, 32 rows) to 3.3x
+(prefill) faster than float32 for SmolLM2-135M; float32 on other CPUs (bf16 emulated there is
+slower).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from phiops.serve.checkpoint import CHECKPOINT_SUBDIR, eos_ids, lineage, verify_checkpoint
+from phiops.serve.settings import Settings
+
+log = logging.getLogger("bentoml.phiops")
+
+# bf16 matmuls on CPU (oneDNN) JIT-compile a kernel per matrix shape, and every prefill brings new
+# ones (rows x prompt length). Two caches keep each kernel with its scratchpad (~0.25 MB, more
+# for more rows), both 1024 entries by default: oneDNN's primitive cache and, in front of it,
+# PyTorch's ideep cache (LRU_CACHE_CAPACITY), which keeps alive what the first evicts. With only
+# the first capped, the served worker grew 13.6 MB per 192 requests of bench/serve_cpu_load.py
+# and still rose after 1,700; with both capped, 0.7 MB per 192 (no trend) after the warm-up
+# round (bench/README.md). 256 still holds every decode shape (1-32 rows x the model's few
+# weight shapes), and a kernel evicted and needed again costs ~1 ms to rebuild.
+KERNEL_CACHE_CAPACITY = "256"
+
+
+def cap_kernel_caches() -> None:
+    """Cap both CPU kernel caches (see above); the environment still wins.
+
+    Both are read at the first bf16 matmul, so call this before any (the service does at import).
+    """
+    for cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(cache, KERNEL_CACHE_CAPACITY)
+
+
+def pick_dtype(setting: str, device: str) -> str:
+    """The weights' dtype for `setting` on `device` (module doc)."""
+    if setting != "auto":
+        return setting
+    if device == "cuda":
+        return "bfloat16"
+    import torch
+
+    return "bfloat16" if torch.cpu._is_amx_tile_supported() else "float32"
+
+
+@dataclass
+class Loaded:
+    """A model ready to serve, and what the API reports about it."""
+
+    model: Any
+    tokenizer: Any
+    eos_ids: list[int]
+    device: str
+    dtype: str
+    solo: Any  # a decoder for a lone request (CUDA), or None
+    model_tag: str
+    created: int  # unix time the model was stored
+    lineage: dict[str, Any]
+
+
+def load_stored(stored: Any, settings: Settings) -> Loaded:
+    """Verify and load a model from BentoML's model store.
+
+    Args:
+        stored: the ``bentoml.Model`` (the service's ``BentoModel`` reference).
+        settings: the service's settings (dtype, and the cache length of the solo decoder).
+
+    Returns:
+        The loaded model, on CUDA when one is visible.
+
+    Raises:
+        RuntimeError: no safetensors checkpoint, files that differ from the sha256 manifest
+            saved with the model, or a tokenizer without a chat template.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tag = str(stored.tag)
+    meta = dict(stored.info.metadata or {})
+    path = stored.path_of(CHECKPOINT_SUBDIR)
+    if not os.path.isdir(path) or not any(n.endswith(".safetensors") for n in os.listdir(path)):
+        raise RuntimeError(f"{tag}: no safetensors checkpoint at {path}")
+    t0 = time.perf_counter()
+    verify_checkpoint(path, (meta.get("phiops") or {}).get("files"), tag)
+    log.info("%s: checkpoint matches its sha256 manifest (%.1fs)", tag, time.perf_counter() - t0)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = pick_dtype(settings.dtype, device)
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if not getattr(tokenizer, "chat_template", None):
+        raise RuntimeError(f"{tag}: the tokenizer has no chat template; save one with the checkpoint")
+    # compressed-tensors W4A16 (GPTQ/AWQ) checkpoints load through the same call: the
+    # quantization_config in config.json selects transformers' compressed-tensors quantizer.
+    model = AutoModelForCausalLM.from_pretrained(
+        path, use_safetensors=True, trust_remote_code=False, dtype=getattr(torch, dtype)
+    ).to(device).eval()
+    ids = eos_ids(model, tokenizer)
+    log.info("loaded %s on %s (%s) in %.1fs", tag, device, dtype, time.perf_counter() - t0)
+    solo = cuda_fastpath(model, settings, device) if device == "cuda" else None
+    return Loaded(model=model, tokenizer=tokenizer, eos_ids=ids, device=device, dtype=dtype, solo=solo,
+                  model_tag=tag, created=int(stored.info.creation_time.timestamp()), lineage=lineage(meta))
+
+
+def cuda_fastpath(model: Any, settings: Settings, device: str) -> Any:
+    """Int4 kernels for W4A16 layers and the solo-request decoder (module doc); None when off."""
+    if os.environ.get("PHIOPS_CUDA_FASTPATH", "1") == "0":
+        return None
+    from phiops.serve.decode import FusedDecoder, GraphDecoder, fused_unsupported, int4_linears, sliding_window
+
+    swapped = int4_linears(model, device)
+    if swapped:
+        log.info("%d W4A16 linear layers run on the int4 weight-only kernel", swapped)
+    max_len = settings.max_prompt_tokens + settings.max_new_tokens
+    # Longer than the sliding window: those requests take the batched (dynamic cache) path.
+    max_len = min(max_len, sliding_window(model) or max_len)
+    reason = fused_unsupported(model)
+    if reason is None:
+        log.info("a lone request decodes through the Triton kernels (FusedDecoder)")
+        return FusedDecoder(model, max_len, device)
+    log.info("a lone request decodes through the compiled step (GraphDecoder): no Triton kernels for %s", reason)
+    return GraphDecoder(model, max_len, device)

@@ -1,0 +1,64 @@
+"""The service's ``phiops_*`` Prometheus series, and the middleware that times each request."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+class Metrics:
+    """The phiops Prometheus series; created once per process (BentoML's /metrics collects them)."""
+
+    def __init__(self) -> None:
+        # Imported here, not at module import: BentoML sets PROMETHEUS_MULTIPROC_DIR in the worker
+        # after importing this module, and prometheus_client reads it at import.
+        import prometheus_client as prom
+
+        def get(kind: Callable[..., Any], name: str, doc: str, **kw: Any) -> Any:
+            existing = prom.REGISTRY._names_to_collectors.get(name)  # re-imported service (tests)
+            return existing if existing is not None else kind(name, doc, **kw)
+
+        self.duration = get(prom.Histogram, "phiops_request_duration_seconds",
+                            "Time from request to last byte of the response, by route and status.",
+                            labelnames=["route", "status"],
+                            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300))
+        self.generated = get(prom.Counter, "phiops_generated_tokens",
+                             "Tokens generated (sampled), all requests, warm-up included.")
+        self.prompt = get(prom.Counter, "phiops_prompt_tokens", "Prompt tokens prefilled.")
+        self.forward = get(prom.Counter, "phiops_forward_passes", "Model forward passes, by phase.",
+                           labelnames=["phase"])
+        self.batch = get(prom.Histogram, "phiops_batch_rows", "Rows (requests) per forward pass, by phase.",
+                         labelnames=["phase"], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.running = get(prom.Gauge, "phiops_requests_running",
+                           "Requests in a route handler (a stream counts until its first token is in).", multiprocess_mode="livesum")
+        self.rejected = get(prom.Counter, "phiops_requests_rejected",
+                            "Requests refused before any model compute, by reason.", labelnames=["reason"])
+
+
+class DurationMiddleware:
+    """Observes each /v1 request's duration until its last body byte (streams included)."""
+
+    metrics: "Metrics | None" = None  # set by the service once its series exist
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self.metrics is None:
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+
+        async def _send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        route = scope.get("path", "").rsplit("/v1", 1)[-1] or "/"
+        route = route if route in ("/chat/completions", "/completions", "/models") else "other"
+        try:
+            await self.app(scope, receive, _send)
+        finally:
+            self.metrics.duration.labels(route, str(status[0])).observe(time.perf_counter() - t0)
+
+
