@@ -13,13 +13,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _make_project(tmp: Path, base: Path, *, rows: int = 160) -> Path:
-    """Copy the pipeline (dvc.yaml, code, services, flows, infra, prefect.yaml) and a data slice
+    """Copy the pipeline (dvc.yaml, the package's source and pyproject, services, flows, infra, prefect.yaml) and a data slice
     into `tmp/proj`, with params cut down for a tiny random model and an open gate; git init."""
     proj = tmp / "proj"
     proj.mkdir()
-    for rel in ("dvc.yaml", ".gto", "src", "services", "flows", "infra", "prefect.yaml"):
+    # pyproject.toml and README.md: a bento ships phiops as a wheel built from the checkout.
+    for rel in ("dvc.yaml", ".gto", "src", "services", "flows", "infra", "prefect.yaml", "pyproject.toml", "README.md"):
         src = ROOT / rel
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, proj / rel)
+        ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+        (shutil.copytree(src, proj / rel, ignore=ignore) if src.is_dir() else shutil.copy(src, proj / rel))
     (proj / ".dvc").mkdir()
     shutil.copy(ROOT / ".dvc" / "config", proj / ".dvc" / "config")
     (proj / ".gitignore").write_text((ROOT / ".gitignore").read_text())
