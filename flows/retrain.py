@@ -16,9 +16,6 @@ Run:  phiops run            (or: python -m flows.retrain; scheduled: prefect.yam
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +30,10 @@ from prefect.input import RunInput  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from phiops import approval as approval_cli  # noqa: E402
-from phiops import config, deploy, gate, lineage, registry  # noqa: E402
+from phiops import candidate, config, deploy, gate, lineage, procs, registry  # noqa: E402
 from phiops.paths import Layout  # noqa: E402
 from phiops.serve import client  # noqa: E402
 from phiops.stages import evaluate  # noqa: E402
-
-
-def _dvc() -> str:
-    return str(Path(sys.executable).with_name("dvc"))
-
-
-class DataRefused(RuntimeError):
-    """The validate stage refused the data: the run fails, nothing downstream runs."""
 
 
 @task(retries=0)  # a retry cannot fix bad data or a bad config; DVC resumes what finished
@@ -54,52 +43,14 @@ def dvc_stage(root: str, stage: str) -> bool:
     Returns:
         True if the stage executed, False if DVC found it unchanged.
     """
-    logger = get_run_logger()
-    proc = subprocess.Popen(
-        [_dvc(), "repro", "--single-item", stage],
-        cwd=root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        # dvc runs `phiops stage ...`: find it beside this interpreter even if the venv is not activated.
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
-        # Its own process group, so that stopping this run (SIGTERM, cancel) stops dvc *and*
-        # the stage it runs, instead of leaving an orphan writing outputs nobody records.
-        start_new_session=True,
-    )
-    ran = False
-    assert proc.stdout is not None
     try:
-        for line in proc.stdout:
-            line = line.rstrip()
-            if line:
-                logger.info(line)
-            ran |= line.startswith("Running stage")
-    except BaseException:  # SIGTERM (Prefect raises TerminationSignal here), cancel, Ctrl-C
-        _stop_group(proc)
-        raise
-    if proc.wait() != 0:
-        report = Layout(Path(root)).validate_markdown
-        if stage == "validate" and report.exists():
-            # The row-level report goes where the person looking at the failed run will see it.
-            create_markdown_artifact(key="data-validation", markdown=report.read_text(),
-                                     description="Why the data was refused (every rejected row is in data/quarantine/)")
-            raise DataRefused(f"the data failed validation; see the data-validation artifact and {report}")
-        raise RuntimeError(f"DVC stage {stage!r} failed (exit {proc.returncode}); see the log above")
-    return ran
-
-
-def _stop_group(proc: subprocess.Popen[str]) -> None:
-    """End dvc's process group: politely, then for good."""
-    for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        return procs.run_dvc_stage(Path(root), stage, get_run_logger().info)
+    except procs.DataRefused as exc:
+        # The row-level report goes where the person looking at the failed run will see it.
+        create_markdown_artifact(key="data-validation", markdown=exc.report.read_text(),
+                                 description="Why the data was refused (every rejected row is in data/quarantine/)")
+        raise procs.DataRefused(f"the data failed validation; see the data-validation artifact and {exc.report}",
+                                exc.report) from None
 
 
 @task
@@ -111,24 +62,11 @@ def stage_order(root: str) -> list[str]:
 # Within one flow run (a suspended run resumed) scoring production again would give the same
 # numbers; across runs never cached: production is registry state, not an input DVC hashes.
 @task(cache_policy=RUN_ID + INPUTS)
-def evaluate_production(root: str, cfg: config.Params) -> dict[str, Any] | None:
-    """Score the production model on this run's test split (never cached: registry state)."""
-    layout = Layout(Path(root))
-    prod = registry.Registry(layout, cfg.registry.artifact).production()
-    if prod is None:
-        layout.eval_production.unlink(missing_ok=True)
-        return None
-    return evaluate.production(cfg, layout, prod)
-
-
-@task(cache_policy=RUN_ID + INPUTS)
-def decide(root: str, cfg: config.Params, prod_eval: dict[str, Any] | None) -> gate.Decision:
-    layout = Layout(Path(root))
-    report = lineage.read_json(layout.eval_report)
-    decision = gate.decide(cfg.gate, report, evaluate.load_scores(layout), prod_eval)
-    gate.write(layout.gate_report, decision)
+def gate_candidate(root: str, cfg: config.Params) -> tuple[gate.Decision, dict[str, Any] | None]:
+    """Score the production model, then apply the gate (never cached across runs: registry state)."""
+    decision, prod_eval = candidate.evaluate_and_decide(cfg, Layout(Path(root)))
     get_run_logger().info(gate.explain(decision))
-    return decision
+    return decision, prod_eval
 
 
 def publish(report: dict[str, Any], prod_eval: dict[str, Any] | None) -> str:
@@ -238,15 +176,14 @@ def retrain(root: str = ".", params: str = "params.yaml", ask: str | None = None
 
     reg = registry.Registry(layout, cfg.registry.artifact)
     prod = reg.production()
-    if not ran and prod is not None and lineage.same_candidate(layout, prod):
+    unchanged = candidate.unchanged_production(layout, prod, ran)
+    if unchanged is not None:
         publish(report, None)
-        msg = f"nothing changed: every DVC stage was up to date and {prod['version']} is in production"
-        logger.info(msg)
-        return {"status": "unchanged", "production": prod["version"], "stages_run": [], "message": msg}
+        logger.info(unchanged.message)
+        return unchanged.result()
 
-    prod_eval = evaluate_production(root, cfg)
+    decision, prod_eval = gate_candidate(root, cfg)
     report_md = publish(report, prod_eval)
-    decision = decide(root, cfg, prod_eval)
     if not decision.passed:
         logger.warning(
             "candidate rejected; nothing was registered and production stays %s:\n%s",
@@ -254,24 +191,13 @@ def retrain(root: str = ".", params: str = "params.yaml", ask: str | None = None
         )
         return {"status": "rejected", "reasons": decision.reasons, "checks": decision.checks, "stages_run": ran,
                 "production": prod["version"] if prod else None}
-    known = reg.find(lineage.variant_dir(layout, decision.variant))
-    this_run = str(get_run_context().flow_run.id)
-    if not ran and known is not None and known.get("flow_run_id") != this_run:
-        # This candidate was decided, or waits for a decision, in another run: asking again
-        # would put the same version before a person twice.
-        a = known.get("approval") or {}
-        if a.get("approved") is False:
-            msg = (f"nothing changed: every DVC stage was up to date and this candidate is {known['version']}, "
-                   f"rejected by {a.get('approver')} ({a.get('reason')})")
-        elif a.get("approved") is None:
-            msg = (f"nothing changed: every DVC stage was up to date and this candidate, {known['version']}, "
-                   f"already waits for approval in flow run {known.get('flow_run_id')}")
-        else:  # approved once, then rolled back: re-proposing it every week would be noise
-            msg = (f"nothing changed: every DVC stage was up to date and this candidate, {known['version']}, was "
-                   f"approved before and is no longer in production; `phiops promote {known['version']}` restores it")
-        logger.info(msg)
-        return {"status": "unchanged", "production": prod["version"] if prod else None, "stages_run": [],
-                "candidate": known["version"], "message": msg}
+    # A candidate decided, or waiting for a decision, in another run: asking again would put
+    # the same version before a person twice.
+    unchanged = candidate.known_candidate(reg, layout, decision.variant, ran, str(get_run_context().flow_run.id),
+                                          prod["version"] if prod else None)
+    if unchanged is not None:
+        logger.info(unchanged.message)
+        return unchanged.result()
 
     record = stage_candidate(root, cfg, decision)
     approval = approve(cfg, report_md, decision, record["version"])

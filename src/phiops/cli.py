@@ -1,4 +1,20 @@
-"""The `phiops` command: it parses arguments and calls the library, nothing more."""
+"""The `phiops` command: it parses arguments and calls the library, nothing more.
+
+An expected failure (bad params, bad data, a refusal, a broken model or artifact) prints one
+`error: ...` message on stderr and exits with its code; only a bug prints a traceback.
+
+Exit codes (also in `phiops --help`):
+  0  done; `phiops run`: promoted, or nothing changed
+  1  unexpected crash (a bug): the traceback is printed
+  2  usage: unknown command or option, missing argument
+  3  config: the params file is invalid (every bad key is listed)
+  4  data: validate or format refused the data (every row and rule is named)
+  5  refused: the registry or the approval service refused (unknown version, tampered files,
+     auth), the gate rejected the candidate, the approver refused it, nothing to roll back,
+     no production model
+  6  model or artifact: a checkpoint, quantization, merge check, embedding model, LoRA target,
+     bento, DVC stage or the gate's input failed
+"""
 
 from __future__ import annotations
 
@@ -8,17 +24,66 @@ import logging
 import sys
 from pathlib import Path
 
-from phiops import config
+from phiops import __version__, config
 from phiops.approval import ApprovalError
 from phiops.bento import BentoError
+from phiops.candidate import CandidateError
 from phiops.data import DataError
-from phiops.registry import RegistryError
+from phiops.embeddings import EmbeddingError
+from phiops.lora import LoraTargetError
+from phiops.models import ModelError
 from phiops.paths import Layout
+from phiops.procs import StageError
+from phiops.registry import RegistryError
+from phiops.stages.merge import MergeMismatchError
+from phiops.stages.quantize import QuantizeError
 
 STAGES = ("validate", "format", "train", "merge", "quantize", "evaluate")
-EXIT_CONFIG = 2  # bad params: nothing ran
-EXIT_DATA = 3  # validate or format refused the data; the message names every row and rule
-EXIT_REFUSED = 4  # the registry, Prefect or BentoML refused (tampered files, unknown version, auth)
+# prefect.yaml's deployment runs the same entrypoint: `phiops run` and a scheduled run are one flow.
+FLOW_ENTRYPOINT = "flows/retrain.py:retrain"
+
+EXIT_OK = 0
+EXIT_CRASH = 1  # what Python exits with on an uncaught exception: kept for bugs
+EXIT_USAGE = 2  # argparse's own code for a bad command line
+EXIT_CONFIG = 3  # bad params: nothing ran
+EXIT_DATA = 4  # validate or format refused the data; the message names every row and rule
+EXIT_REFUSED = 5  # a refusal: registry, approval service, gate, approver, nothing to roll back or ask
+EXIT_ARTIFACT = 6  # a model or artifact is missing, unsafe or wrong: checkpoint, quantization, merge, bento
+
+# Every phiops error type, by exit code. A subclass takes its base's code (DataValidationError,
+# FormatError and procs.DataRefused are DataErrors). tests/unit/test_cli.py checks that every
+# `class ...Error` in src/phiops is listed.
+ERROR_CODES: tuple[tuple[int, tuple[type[Exception], ...]], ...] = (
+    (EXIT_CONFIG, (config.ConfigError,)),
+    (EXIT_DATA, (DataError,)),
+    (EXIT_REFUSED, (RegistryError, ApprovalError)),
+    (EXIT_ARTIFACT, (ModelError, QuantizeError, MergeMismatchError, EmbeddingError, LoraTargetError, BentoError,
+                     StageError, CandidateError)),
+)
+# The table of the module docstring, shown again by `phiops --help`: written once.
+_EXIT_TABLE = __doc__.split("Exit codes (also in `phiops --help`):\n", 1)[1]
+# `phiops run`'s outcomes (the flow's "status"); an unknown status is a bug, not a success.
+RUN_STATUS_CODES = {"promoted": EXIT_OK, "unchanged": EXIT_OK, "rejected": EXIT_REFUSED, "refused": EXIT_REFUSED}
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The documented exit code of an expected error, or None for anything else (a bug).
+
+    Args:
+        exc: the exception a command raised.
+
+    Returns:
+        The code from :data:`ERROR_CODES`, or None.
+    """
+    for code, types in ERROR_CODES:
+        if isinstance(exc, types):
+            return code
+    return None
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 def _load(args: argparse.Namespace) -> config.Params:
@@ -30,6 +95,11 @@ def _load(args: argparse.Namespace) -> config.Params:
 def cmd_stage(args: argparse.Namespace) -> int:
     import importlib
 
+    # Checked before the config loads: a usage error is the command line's fault, exit 2.
+    if args.name == "quantize" and not args.method:
+        args.usage_error("stage quantize needs --method gptq|awq")
+    if args.name != "quantize" and args.method:
+        args.usage_error(f"--method applies to stage quantize, not {args.name}")
     cfg = _load(args)
     layout = Layout(Path(args.root))
     mod = importlib.import_module(f"phiops.stages.{args.name}")
@@ -39,8 +109,6 @@ def cmd_stage(args: argparse.Namespace) -> int:
                 logging.getLogger("phiops").warning(
                     "%s is outside data/raw/: dvc.yaml tracks data/raw, so DVC will not see it change", given)
     if args.name == "quantize":
-        if not args.method:
-            raise SystemExit("phiops stage quantize needs --method gptq|awq")
         out = mod.run(cfg, layout, args.method)
     else:
         out = mod.run(cfg, layout)
@@ -49,13 +117,31 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config.load(args.params)  # fail fast, before Prefect starts, on a bad config
-    sys.path.insert(0, str(Path(args.root).resolve()))
-    from flows.retrain import retrain
+    from prefect.flows import load_flow_from_entrypoint
 
-    result = retrain(root=str(Path(args.root).resolve()), params=str(args.params), ask=args.ask)
+    root = Path(args.root).resolve()
+    path, name = FLOW_ENTRYPOINT.split(":")
+    if not (root / path).is_file():
+        args.usage_error(f"{root} is not a phiops project: it has no {path} (--root names the project)")
+    config.load(args.params)  # fail fast, before Prefect starts, on a bad config
+    saved = list(sys.path)
+    try:
+        # No placeholder flow: a flow file that does not import is a bug to see, not a no-op run.
+        retrain = load_flow_from_entrypoint(f"{root / path}:{name}", use_placeholder_flow=False)
+    finally:
+        # Prefect leaves the flow's folder and the cwd on sys.path; the flow imports only the
+        # installed package, and nothing else in this process should find the project's files.
+        sys.path[:] = saved
+    # Absolute: the flow joins params to root; this command read it relative to the cwd.
+    result = retrain(root=str(root), params=str(Path(args.params).resolve()), ask=args.ask)
     print(json.dumps(result, indent=2, default=str))
-    return 0 if result.get("status") in ("promoted", "unchanged") else 1
+    code = RUN_STATUS_CODES[result["status"]]
+    if result["status"] == "rejected":
+        return _fail(f"the gate rejected the candidate; production stays {result.get('production') or 'unset'}", code)
+    if result["status"] == "refused":
+        a = result["approval"]
+        return _fail(f"{result['version']} refused by {a['approver']} ({a['reason']})", code)
+    return code
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -90,18 +176,15 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_gate(args: argparse.Namespace) -> int:
-    from phiops import gate, registry
-    from phiops.stages import evaluate
+    from phiops import candidate, gate
 
     cfg = _load(args)
     layout = Layout(Path(args.root))
-    prod = registry.Registry(layout, cfg.registry.artifact).production()
-    prod_eval = evaluate.production(cfg, layout, prod) if prod is not None else None
-    report = json.loads(layout.eval_report.read_text())
-    decision = gate.decide(cfg.gate, report, evaluate.load_scores(layout), prod_eval)
-    gate.write(layout.gate_report, decision)
+    decision, _ = candidate.evaluate_and_decide(cfg, layout)
     print(gate.explain(decision))
-    return 0 if decision.passed else 1
+    if not decision.passed:
+        return _fail(f"the gate rejected the candidate (reasons above and in {layout.gate_report})", EXIT_REFUSED)
+    return EXIT_OK
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
@@ -113,8 +196,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
     if args.action == "show":
         rec = reg.record(args.version) if args.version else prod
         if rec is None:
-            print(f"{cfg.registry.artifact}: nothing in production yet (`phiops registry history` lists versions)")
-            return 1
+            return _fail(f"{cfg.registry.artifact}: nothing in production yet (`phiops registry history` lists versions)",
+                         EXIT_REFUSED)
         print(json.dumps(rec, indent=2) if args.json else registry.render_record(rec))
         return 0
     history = reg.history()
@@ -157,8 +240,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         return _promote(args, args.to)
     prev = reg.previous_production()
     if prev is None:
-        print("error: no earlier production version to roll back to (`phiops registry history`)", file=sys.stderr)
-        return 1
+        return _fail("no earlier production version to roll back to (`phiops registry history`)", EXIT_REFUSED)
     return _promote(args, prev["version"])
 
 
@@ -194,64 +276,82 @@ def cmd_ask(args: argparse.Namespace) -> int:
     reg = registry.Registry(Layout(Path(args.root)), cfg.registry.artifact)
     prod = reg.production()
     if prod is None or not prod.get("bento"):
-        print("no production model with a bento yet: run `phiops run` first", file=sys.stderr)
-        return 1
+        return _fail("no production model with a bento yet: run `phiops run` first", EXIT_REFUSED)
     print(client.ask(prod["bento"], args.prompt, port=args.port))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: `phiops [globals] COMMAND [args] [globals]`.
+
+    Returns:
+        The parser; each command's namespace carries `fn`, the function that runs it.
+    """
     p = argparse.ArgumentParser(
         prog="phiops",
         description="Fine-tune, quantize, gate, approve and serve Phi-family models (each command has --help).",
+        epilog="exit codes:\n" + _EXIT_TABLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the table's lines
     )
+    p.add_argument("--version", action="version", version=f"phiops {__version__}")
     p.add_argument("--params", default="params.yaml", help="config file (default: %(default)s)")
     p.add_argument("--root", default=".", help="project root holding dvc.yaml (default: %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true")
+    # The same options after the command (`phiops stage train --params x.yaml`). SUPPRESS: a
+    # subcommand sets only what it was given, so a value before the command still counts and
+    # one after it wins.
+    globals_ = argparse.ArgumentParser(add_help=False)
+    globals_.add_argument("--params", default=argparse.SUPPRESS, help="config file (as before the command)")
+    globals_.add_argument("--root", default=argparse.SUPPRESS, help="project root (as before the command)")
+    globals_.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+
+    def add(subparsers: argparse._SubParsersAction, name: str, **kw: str) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, parents=[globals_], **kw)
+
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("run", help="run the retraining chain (Prefect flow over the DVC stages)")
+    s = add(sub, "run", help="run the retraining chain (Prefect flow over the DVC stages)")
     s.add_argument("--ask", default=None, help="after promotion, ask the served model this and print the answer")
-    s.set_defaults(fn=cmd_run)
+    s.set_defaults(fn=cmd_run, usage_error=s.error)
 
-    s = sub.add_parser("stage", help="run one pipeline stage (what dvc.yaml calls)")
+    s = add(sub, "stage", help="run one pipeline stage (what dvc.yaml calls)")
     s.add_argument("name", choices=STAGES)
-    s.add_argument("--method", choices=("gptq", "awq"), help="quantization method (stage quantize)")
-    s.set_defaults(fn=cmd_stage)
+    s.add_argument("--method", choices=("gptq", "awq"), help="quantization method (stage quantize, required there)")
+    s.set_defaults(fn=cmd_stage, usage_error=s.error)
 
-    s = sub.add_parser("config", help="check a params file or switch to a preset")
+    s = add(sub, "config", help="check a params file or switch to a preset")
     csub = s.add_subparsers(dest="action", required=True)
-    c = csub.add_parser("check", help="validate a params file; lists every invalid key")
+    c = add(csub, "check", help="validate a params file; lists every invalid key")
     c.add_argument("file", nargs="?", default="params.yaml")
     c.add_argument("--show", action="store_true", help="print the resolved config")
     c.set_defaults(fn=cmd_config_check)
-    c = csub.add_parser("use", help="copy configs/<preset>.yaml to params.yaml")
+    c = add(csub, "use", help="copy configs/<preset>.yaml to params.yaml")
     c.add_argument("preset")
     c.set_defaults(fn=cmd_config_use)
 
-    s = sub.add_parser("model", help="the embedded default model")
+    s = add(sub, "model", help="the embedded default model")
     msub = s.add_subparsers(dest="action", required=True)
-    m = msub.add_parser("fetch", help="download and convert SmolLM2-135M-Instruct to safetensors (cached)")
+    m = add(msub, "fetch", help="download and convert SmolLM2-135M-Instruct to safetensors (cached)")
     m.set_defaults(fn=cmd_model_fetch)
 
-    s = sub.add_parser("data", help="sample data")
+    s = add(sub, "data", help="sample data")
     dsub = s.add_subparsers(dest="action", required=True)
-    d = dsub.add_parser("generate", help="write the deterministic support-ticket dataset")
+    d = add(dsub, "generate", help="write the deterministic support-ticket dataset")
     d.add_argument("--out", default="data/raw/tickets.jsonl")
     d.add_argument("-n", type=int, default=1200)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_data_generate)
 
-    s = sub.add_parser("gate", help="score production, then decide from reports/eval.json whether a candidate may be promoted")
+    s = add(sub, "gate", help="score production, then decide from reports/eval.json whether a candidate may be promoted")
     s.set_defaults(fn=cmd_gate)
 
-    s = sub.add_parser("registry", help="registered versions and their lineage")
+    s = add(sub, "registry", help="registered versions and their lineage")
     rsub = s.add_subparsers(dest="action", required=True)
-    r = rsub.add_parser("show", help="one version's lineage as a table (default: production)")
+    r = add(rsub, "show", help="one version's lineage as a table (default: production)")
     r.add_argument("version", nargs="?", default=None)
     r.add_argument("--json", action="store_true", help="the full record (resolved params, eval, gate) as JSON")
     r.set_defaults(fn=cmd_registry)
-    r = rsub.add_parser("history", help="every version, then every promotion and rollback")
+    r = add(rsub, "history", help="every version, then every promotion and rollback")
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_registry)
 
@@ -263,26 +363,26 @@ def build_parser() -> argparse.ArgumentParser:
         deciding(parser)
         parser.add_argument("--no-bento", action="store_true", help="only check the files and assign; build no bento")
 
-    s = sub.add_parser("promote", help="put a registered version in production and build its bento")
+    s = add(sub, "promote", help="put a registered version in production and build its bento")
     s.add_argument("version")
     promoting(s)
     s.set_defaults(fn=cmd_promote)
 
-    s = sub.add_parser("rollback", help="put the previous production version back (or --to VERSION)")
+    s = add(sub, "rollback", help="put the previous production version back (or --to VERSION)")
     s.add_argument("--to", default=None, metavar="VERSION")
     promoting(s)
     s.set_defaults(fn=cmd_rollback)
 
-    s = sub.add_parser("approvals", help="flow runs waiting for a person's decision (needs PREFECT_API_URL)")
+    s = add(sub, "approvals", help="flow runs waiting for a person's decision (needs PREFECT_API_URL)")
     s.set_defaults(fn=cmd_approvals)
     for name, text in (("approve", "approve the candidate of a waiting flow run"),
                        ("reject", "reject the candidate of a waiting flow run")):
-        s = sub.add_parser(name, help=text)
+        s = add(sub, name, help=text)
         s.add_argument("run_id", help="the flow run id (`phiops approvals`)")
         deciding(s)
         s.set_defaults(fn=cmd_decide)
 
-    s = sub.add_parser("ask", help="serve the production bento, ask one question, print the answer")
+    s = add(sub, "ask", help="serve the production bento, ask one question, print the answer")
     s.add_argument("prompt")
     s.add_argument("--port", type=int, default=None)
     s.set_defaults(fn=cmd_ask)
@@ -290,6 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `phiops` command.
+
+    Args:
+        argv: the arguments (default: the process's).
+
+    Returns:
+        The exit code (see the module docstring). A usage error exits 2 from argparse; an
+        unexpected exception propagates with its traceback (exit 1).
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -301,16 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     try:
         return args.fn(args)
-    except config.ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (RegistryError, ApprovalError, BentoError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
-    except DataError as exc:
-        # Bad data is the user's to fix, not a crash: the message names every row and rule.
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_DATA
+    except Exception as exc:
+        code = exit_code(exc)
+        if code is None:
+            raise  # a bug: the traceback is the report
+        # Expected: the message says what to fix (every bad key, row or file); a traceback would bury it.
+        return _fail(str(exc), code)
 
 
 if __name__ == "__main__":

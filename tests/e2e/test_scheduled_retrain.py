@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from phiops import cli
 from phiops.paths import Layout
 from phiops.registry import Registry
 
@@ -219,7 +220,7 @@ def test_run_suspends_for_approval_and_cli_approval_promotes(services):
 
     # Without the auth string the server refuses, and nothing changes.
     denied = services.phiops("approve", run_id, "--reason", "sneaky", auth=False)
-    assert denied.returncode == 4, denied
+    assert denied.returncode == cli.EXIT_REFUSED, denied
     assert "HTTP 401" in denied.stderr and "PREFECT_API_AUTH_STRING" in denied.stderr
     assert _run(run_id).state.name == "Suspended"
 

@@ -94,7 +94,7 @@ def test_flipped_byte_in_registered_model_is_refused_everywhere(project, capsys)
     with pytest.raises(RegistryError, match=r"does not match phiops-model@v1.0.0: changed: model.safetensors"):
         evaluate.production(config.parse({}), Layout(proj), v1)
 
-    # Promotion / rollback from the CLI: exit 4, the file named, production unchanged.
+    # Promotion / rollback from the CLI: refused (exit 5), the file named, production unchanged.
     rc = cli.main(["--root", str(proj), "--params", str(proj / "params.yaml"), "rollback",
                    "--reason", "v2 misroutes billing", "--no-bento"])
     err = capsys.readouterr().err

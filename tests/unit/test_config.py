@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from phiops import config
-from phiops.cli import main
+from phiops.cli import EXIT_CONFIG, main
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -68,10 +68,10 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
         config.load(bad)
 
 
-def test_cli_exit_code_2_and_nothing_runs(tmp_path, capsys):
+def test_cli_config_exit_code_and_nothing_runs(tmp_path, capsys):
     bad = tmp_path / "params.yaml"
     bad.write_text("train: {epochs: -1, bogus: 1}\n")
-    assert main(["--params", str(bad), "stage", "train"]) == 2
+    assert main(["--params", str(bad), "stage", "train"]) == EXIT_CONFIG == 3
     err = capsys.readouterr().err
     assert "train.epochs" in err and "train.bogus" in err
     assert not (tmp_path / "models").exists()

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 import socket
 import subprocess
 import tempfile
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from phiops.bento import BentoError, bentoml_cli, cli_env
+from phiops.procs import stop_group
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +35,6 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
     except OSError:
         return "<no server log>"
-
-
-def _stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
-    # The server runs in its own session (circus arbiter + worker processes): signal the whole
-    # group this call started, politely first.
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @contextlib.contextmanager
@@ -97,7 +81,9 @@ def serving(bento_tag: str, *, port: int | None = None, timeout: float = 300) ->
             log.info("%s ready at %s after %.1fs", bento_tag, base, time.perf_counter() - t0)
             yield base
         finally:
-            _stop(proc)
+            # The server runs in its own session (circus arbiter + worker processes): stop the
+            # whole group this call started, politely first.
+            stop_group(proc, grace=20.0)
 
 
 def chat(base_url: str, prompt: str, *, system: str | None = None, max_tokens: int | None = None,

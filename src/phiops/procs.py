@@ -1,0 +1,119 @@
+"""Child processes: run one DVC stage, and stop a process group for good.
+
+A DVC stage runs `phiops stage ...` under `dvc repro`, two processes deep. Each run gets its own
+process group so that stopping the run (SIGTERM from a worker, a cancel, Ctrl-C) stops dvc *and*
+the stage it runs, instead of leaving an orphan writing outputs nobody records.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from phiops.data import DataError
+from phiops.paths import Layout
+
+GRACE_S = 30.0  # a stage stopped mid-write gets this long to remove its temporary files
+KILL_WAIT_S = 10.0  # after SIGKILL the kernel only has to reap; longer means something is stuck
+
+
+class StageError(RuntimeError):
+    """A DVC stage failed; its own log (streamed before this) says why."""
+
+
+class DataRefused(DataError):
+    """The validate stage refused the data; nothing downstream may run.
+
+    Attributes:
+        report: the row-level markdown report the stage wrote before it exited.
+    """
+
+    def __init__(self, message: str, report: Path):
+        super().__init__(message)
+        self.report = report
+
+    def __reduce__(self) -> tuple[type, tuple[str, Path]]:
+        # Prefect persists a failed run's exception; the default (cls, args) would lose `report`.
+        return type(self), (str(self), self.report)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = GRACE_S, kill_wait: float = KILL_WAIT_S) -> None:
+    """End `proc`'s process group: SIGTERM, then SIGKILL if it is still there after `grace` s.
+
+    Args:
+        proc: a process started with ``start_new_session=True`` (it leads its own group).
+        grace: seconds between SIGTERM and SIGKILL.
+        kill_wait: seconds to wait for the group leader to be reaped after SIGKILL.
+    """
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, kill_wait)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except ProcessLookupError:  # the group is already gone
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def dvc_bin() -> str:
+    """The `dvc` beside this interpreter: the venv's, even when the venv is not activated."""
+    return str(Path(sys.executable).with_name("dvc"))
+
+
+def run_dvc_stage(root: Path, stage: str, on_line: Callable[[str], None], *,
+                  grace: float = GRACE_S, kill_wait: float = KILL_WAIT_S) -> bool:
+    """Reproduce one DVC stage (`dvc repro --single-item`), handing each log line to `on_line`.
+
+    DVC stays the one caching authority: a stage whose deps and params are unchanged does
+    nothing. If anything interrupts the streaming (a signal turned into an exception, Ctrl-C),
+    the stage's whole process group is stopped before the exception goes on.
+
+    Args:
+        root: the project root holding dvc.yaml.
+        stage: a DVC stage name (`quantize@gptq` for a foreach item).
+        on_line: called with each non-empty output line, as it arrives.
+        grace: seconds an interrupted stage gets between SIGTERM and SIGKILL.
+        kill_wait: seconds to wait for it to be reaped after SIGKILL.
+
+    Returns:
+        True if the stage executed, False if DVC found it unchanged.
+
+    Raises:
+        DataRefused: the validate stage failed and left its row-level report.
+        StageError: any other failure of the stage (or of dvc itself).
+    """
+    proc = subprocess.Popen(
+        [dvc_bin(), "repro", "--single-item", stage],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # dvc runs `phiops stage ...`: find it beside this interpreter even if the venv is not activated.
+        env={**os.environ, "PYTHONUNBUFFERED": "1",
+             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+        start_new_session=True,
+    )
+    ran = False
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                on_line(line)
+            ran |= line.startswith("Running stage")
+    except BaseException:  # SIGTERM (Prefect raises TerminationSignal here), cancel, Ctrl-C
+        stop_group(proc, grace, kill_wait)
+        raise
+    if proc.wait() != 0:
+        # reports/validate.md is an out of the validate stage: DVC deletes it before running the
+        # stage, so if it exists now, this run's validation wrote it, then refused the data.
+        report = Layout(root).validate_markdown
+        if stage == "validate" and report.exists():
+            raise DataRefused(f"the data failed validation; every rejected row and rule is in {report}", report)
+        raise StageError(f"DVC stage {stage!r} failed (exit {proc.returncode}); see the log above")
+    return ran

@@ -1,0 +1,134 @@
+"""Process groups and DVC stages: streamed, refused data told apart, stopped for good. No model."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from phiops import procs
+from phiops.data import DataError
+
+
+def _gone(pid: int, timeout: float = 5.0) -> bool:
+    """Dead: no such process, or a zombie nobody has reaped yet (it runs nothing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _group(script: str) -> tuple[subprocess.Popen[str], int]:
+    """Start `sh -c script` leading its own group; the script prints its child's pid first."""
+    proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
+
+
+def test_stop_group_ends_a_polite_group_with_sigterm():
+    proc, child = _group("sleep 60 & echo $!; wait")
+    t = time.monotonic()
+    procs.stop_group(proc, grace=10.0, kill_wait=5.0)
+    assert proc.returncode == -signal.SIGTERM and time.monotonic() - t < 5.0  # no need to wait for SIGKILL
+    assert _gone(child)
+
+
+def test_stop_group_kills_a_group_that_ignores_sigterm():
+    # `trap "" TERM`: the shell and its child (which inherits the ignored signal) survive SIGTERM.
+    proc, child = _group('trap "" TERM; sleep 60 & echo $!; wait')
+    procs.stop_group(proc, grace=0.5, kill_wait=5.0)
+    assert proc.returncode == -signal.SIGKILL
+    assert _gone(child)
+
+
+def test_stop_group_of_a_finished_process_is_a_no_op():
+    proc = subprocess.Popen(["true"], start_new_session=True)
+    proc.wait()
+    procs.stop_group(proc, grace=0.1, kill_wait=0.1)
+    assert proc.returncode == 0
+
+
+DVC_YAML = """\
+stages:
+  hello:
+    cmd: python -c "print('hello from the stage'); open('out.txt', 'w').write('x')"
+    outs: [out.txt]
+  boom:
+    cmd: python -c "import sys; print('about to fail'); sys.exit(3)"
+  validate:
+    cmd: python -c "import os, sys; os.makedirs('reports', exist_ok=True); open('reports/validate.md', 'w').write('row 3 is bad'); sys.exit(4)"
+    outs:
+      - reports/validate.md:
+          cache: false
+  slow:
+    cmd: python -c "import os, time; open('pid', 'w').write(str(os.getpid())); print('started', flush=True); time.sleep(60)"
+"""
+
+
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory):
+    proj = tmp_path_factory.mktemp("dvc")
+    subprocess.run([procs.dvc_bin(), "init", "--no-scm", "-q"], cwd=proj, check=True)
+    (proj / "dvc.yaml").write_text(DVC_YAML)
+    return proj
+
+
+def test_a_stage_runs_once_then_is_up_to_date(dvc_project):
+    lines: list[str] = []
+    assert procs.run_dvc_stage(dvc_project, "hello", lines.append) is True
+    assert "hello from the stage" in lines and all(line == line.rstrip() and line for line in lines)
+    assert (dvc_project / "out.txt").read_text() == "x"
+    lines.clear()
+    assert procs.run_dvc_stage(dvc_project, "hello", lines.append) is False
+    assert not any(line.startswith("Running stage") for line in lines)
+
+
+def test_a_failed_stage_raises_a_stage_error(dvc_project):
+    lines: list[str] = []
+    with pytest.raises(procs.StageError, match=r"DVC stage 'boom' failed"):
+        procs.run_dvc_stage(dvc_project, "boom", lines.append)
+    assert "about to fail" in lines
+
+
+def test_refused_data_is_told_apart_and_survives_pickling(dvc_project):
+    with pytest.raises(procs.DataRefused) as info:
+        procs.run_dvc_stage(dvc_project, "validate", lambda line: None)
+    exc = info.value
+    assert isinstance(exc, DataError) and not isinstance(exc, procs.StageError)
+    assert exc.report == dvc_project / "reports/validate.md" and exc.report.read_text() == "row 3 is bad"
+    # Prefect persists a failed run's exception: the report path must come back with it.
+    again = pickle.loads(pickle.dumps(exc))
+    assert type(again) is procs.DataRefused and again.report == exc.report and str(again) == str(exc)
+
+
+def test_an_interrupted_stage_is_stopped_with_its_group(dvc_project):
+    def interrupt(line: str) -> None:
+        if line == "started":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        procs.run_dvc_stage(dvc_project, "slow", interrupt, grace=10.0, kill_wait=5.0)
+    # The stage's own process (dvc's child), not only dvc, is gone.
+    assert _gone(int((dvc_project / "pid").read_text()))
+
+
+def test_the_stage_finds_executables_beside_this_interpreter(dvc_project, monkeypatch):
+    # dvc runs `phiops stage ...`: with a PATH that lacks the venv it must still find it.
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    (dvc_project / "dvc.yaml").write_text(DVC_YAML + "  which:\n    cmd: python -c \"import shutil; print(shutil.which('dvc'))\"\n")
+    lines: list[str] = []
+    procs.run_dvc_stage(dvc_project, "which", lines.append)
+    assert str(Path(sys.executable).parent / "dvc") in lines
+    assert os.environ["PATH"] == "/usr/bin:/bin"
