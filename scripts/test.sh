@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3.11 -m venv .venv
-.venv/bin/pip install --quiet -e '.[test]'
+.venv/bin/pip install --quiet -e '.[pipeline,test]'
 .venv/bin/python -m pytest -ra "$@"

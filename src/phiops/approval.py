@@ -33,7 +33,7 @@ def _api_url() -> str:
     if not url:
         raise ApprovalError(
             "PREFECT_API_URL is not set: approvals go to the Prefect server the run lives on "
-            "(`source infra/env.sh` after `infra/services.sh start`)"
+            "(`eval \"$(infra/services.sh env)\"` after `infra/services.sh start`)"
         )
     return str(url)
 

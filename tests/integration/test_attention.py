@@ -30,6 +30,7 @@ def test_fallback_without_cu_seq_lens_is_sdpa(kv_heads):
     assert torch.equal(got, want)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not attention.available(), reason="needs CUDA and torch.nn.attention.varlen (GPU only; CI has none)")
 @pytest.mark.parametrize("kv_heads", [4, 2])  # full attention (Phi-3) and grouped-query (Phi-4, Phi-4-mini)
 def test_packed_rows_match_separate_rows_on_cuda(kv_heads):

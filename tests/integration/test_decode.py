@@ -309,6 +309,7 @@ def test_w4a16_layers_run_on_the_int4_kernel_cpu(tmp_path: Path, arch: str) -> N
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the CUDA int4 kernel: needs a GPU (CI has none)")
 
 
+@pytest.mark.gpu
 @cuda
 def test_cuda_graph_decode_matches_the_eager_forward() -> None:
     # transformers' default init (0.02), with which this passed on an H100. With the CPU tests'
@@ -328,6 +329,7 @@ def test_cuda_graph_decode_matches_the_eager_forward() -> None:
         assert dec._graph is not None
 
 
+@pytest.mark.gpu
 @cuda
 def test_engine_with_the_cuda_graph_decoder_hands_over() -> None:
     # float32 (TF32 off, PyTorch's default for matmuls): the compiled graph and the eager
@@ -335,6 +337,7 @@ def test_engine_with_the_cuda_graph_decoder_hands_over() -> None:
     _engine_scenarios("cuda", 1e-3)
 
 
+@pytest.mark.gpu
 @cuda
 def test_w4a16_layers_run_on_the_int4_kernel_cuda(tmp_path: Path) -> None:
     _check_int4(_w4a16(tmp_path, "phi3"), "cuda")
