@@ -12,7 +12,7 @@ from phiops import config
 from phiops.approval import ApprovalError
 from phiops.bento import BentoError
 from phiops.data import DataError
-from phiops.registry import RegistryError
+from phiops.artifacts import RegistryError
 from phiops.paths import Layout
 
 STAGES = ("validate", "format", "train", "merge", "quantize", "evaluate")
@@ -105,7 +105,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
-    from phiops import registry
+    from phiops import registry, registry_view
 
     cfg = _load(args)
     reg = registry.Registry(Layout(Path(args.root)), cfg.registry.artifact)
@@ -115,16 +115,16 @@ def cmd_registry(args: argparse.Namespace) -> int:
         if rec is None:
             print(f"{cfg.registry.artifact}: nothing in production yet (`phiops registry history` lists versions)")
             return 1
-        print(json.dumps(rec, indent=2) if args.json else registry.render_record(rec))
+        print(json.dumps(rec, indent=2) if args.json else registry_view.render_record(rec))
         return 0
     history = reg.history()
     if args.json:
         print(json.dumps({"versions": history, "promotions": reg.promotions()}, indent=2))
         return 0
     print(f"{cfg.registry.artifact}: versions (* = production)")
-    print(registry.render_table(history, production=prod["version"] if prod else None))
+    print(registry_view.render_table(history, production=prod["version"] if prod else None))
     print("\nproduction assignments (promotions and rollbacks)")
-    print(registry.render_promotions(reg.promotions()))
+    print(registry_view.render_promotions(reg.promotions()))
     return 0
 
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from phiops import config, eval_report
+from phiops.artifacts import RegistryError
 from phiops.io import dir_manifest, write_jsonl
 from phiops.models import ModelError, load_tokenizer
 from phiops.paths import Layout
-from phiops.registry import Registry, RegistryError
+from phiops.registry import Registry
 from phiops.stages import evaluate
 from phiops.stages import format as format_stage
 

@@ -337,7 +337,7 @@ def production(cfg: Params, layout: Layout, record: dict[str, Any]) -> dict[str,
     Raises:
         RegistryError: production's files cannot be found or differ from the record.
     """
-    from phiops import registry
+    from phiops import artifacts
 
     version, path = record["version"], layout.root / record["model_path"]
     out: dict[str, Any] = {"version": version, "variant": record.get("variant"), "files_verified": True}
@@ -351,7 +351,7 @@ def production(cfg: Params, layout: Layout, record: dict[str, Any]) -> dict[str,
     else:
         # Files first: a tampered or missing production model is refused before anything
         # else is read or loaded.
-        with registry.verified_files(layout.root, record) as (src, out["source"]):
+        with artifacts.verified_files(layout.root, record) as (src, out["source"]):
             test = list(read_jsonl(layout.test_split))
             res = score_variant("production", src, cfg, test, _embedder(cfg))
         out["metrics"] = res.row
