@@ -30,7 +30,7 @@ from prefect.input import RunInput  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from phiops import approval as approval_cli  # noqa: E402
-from phiops import candidate, config, deploy, gate, lineage, procs, registry  # noqa: E402
+from phiops import candidate, config, deploy, eval_report, gate, lineage, procs, registry  # noqa: E402
 from phiops.paths import Layout  # noqa: E402
 from phiops.serve import client  # noqa: E402
 from phiops.stages import evaluate  # noqa: E402
@@ -71,9 +71,9 @@ def gate_candidate(root: str, cfg: config.Params) -> tuple[gate.Decision, dict[s
 
 def publish(report: dict[str, Any], prod_eval: dict[str, Any] | None) -> str:
     """The eval table as Prefect artifacts (markdown and table); returns the markdown."""
-    md = evaluate.render_markdown(report, prod_eval)
+    md = eval_report.render_markdown(report, prod_eval)
     create_markdown_artifact(key="eval-report", markdown=md, description="Evaluation of every variant")
-    create_table_artifact(key="eval-table", table=evaluate.table_rows(report, prod_eval), description="Evaluation of every variant")
+    create_table_artifact(key="eval-table", table=eval_report.table_rows(report, prod_eval), description="Evaluation of every variant")
     return md
 
 

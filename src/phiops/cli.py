@@ -26,6 +26,7 @@ from pathlib import Path
 
 from phiops import __version__, config
 from phiops.approval import ApprovalError
+from phiops.artifacts import RegistryError
 from phiops.bento import BentoError
 from phiops.candidate import CandidateError
 from phiops.data import DataError
@@ -34,7 +35,6 @@ from phiops.lora import LoraTargetError
 from phiops.models import ModelError
 from phiops.paths import Layout
 from phiops.procs import StageError
-from phiops.registry import RegistryError
 from phiops.stages.merge import MergeMismatchError
 from phiops.stages.quantize import QuantizeError
 
@@ -188,7 +188,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
 
 
 def cmd_registry(args: argparse.Namespace) -> int:
-    from phiops import registry
+    from phiops import registry, registry_view
 
     cfg = _load(args)
     reg = registry.Registry(Layout(Path(args.root)), cfg.registry.artifact)
@@ -198,16 +198,16 @@ def cmd_registry(args: argparse.Namespace) -> int:
         if rec is None:
             return _fail(f"{cfg.registry.artifact}: nothing in production yet (`phiops registry history` lists versions)",
                          EXIT_REFUSED)
-        print(json.dumps(rec, indent=2) if args.json else registry.render_record(rec))
+        print(json.dumps(rec, indent=2) if args.json else registry_view.render_record(rec))
         return 0
     history = reg.history()
     if args.json:
         print(json.dumps({"versions": history, "promotions": reg.promotions()}, indent=2))
         return 0
     print(f"{cfg.registry.artifact}: versions (* = production)")
-    print(registry.render_table(history, production=prod["version"] if prod else None))
+    print(registry_view.render_table(history, production=prod["version"] if prod else None))
     print("\nproduction assignments (promotions and rollbacks)")
-    print(registry.render_promotions(reg.promotions()))
+    print(registry_view.render_promotions(reg.promotions()))
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from phiops import bento, registry
+from phiops import artifacts, bento, registry
 from phiops.config import Params
 from phiops.paths import Layout
 
@@ -35,11 +35,11 @@ def build_bento(layout: Layout, cfg: Params, record: dict[str, Any], *, lock_pac
         BentoError: the model store or the build failed.
     """
     version = record["version"]
-    with registry.verified_files(layout.root, record) as (src, source):
+    with artifacts.verified_files(layout.root, record) as (src, source):
         model_tag = bento.save_model(
             src, cfg.registry.artifact, version,
             # /v1/models shows these: which version, from which data and code.
-            {"registry": {"artifact": record["artifact"], "version": version, "git_tag": registry.version_rev(record),
+            {"registry": {"artifact": record["artifact"], "version": version, "git_tag": artifacts.version_rev(record),
                           "data_hash": record.get("data_hash"), "git_rev": record.get("git_rev")}},
         )
     tag = bento.build(
@@ -69,7 +69,7 @@ def promote(layout: Layout, cfg: Params, version: str, *, approver: str, reason:
         RegistryError: unknown version, or its files fail the sha256 check.
     """
     if not reason.strip():
-        raise registry.RegistryError("a promotion needs a reason (--reason)")
+        raise artifacts.RegistryError("a promotion needs a reason (--reason)")
     reg = registry.Registry(layout, cfg.registry.artifact)
     record = reg.record(version)
     before = reg.production()
@@ -77,7 +77,7 @@ def promote(layout: Layout, cfg: Params, version: str, *, approver: str, reason:
     if bento_build:
         out.update(build_bento(layout, cfg, record, lock_packages=lock_packages))
     else:
-        with registry.verified_files(layout.root, record):
+        with artifacts.verified_files(layout.root, record):
             pass
     reg.set_production(version, approver=approver, reason=reason)
     out["changed"] = out["previous"] != version

@@ -8,20 +8,21 @@ waits for a person), `production` when it is approved (`<artifact>#production#N`
 person's decision is written into the record (one more commit); every production assignment
 carries its approver and reason in the GTO tag message, so a rollback (one more assignment of
 an older version) is recorded like any promotion. Registration and promotion are idempotent.
+
+A version's files are checked and restored by :mod:`phiops.artifacts`; `phiops registry` shows
+the records through :mod:`phiops.registry_view`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from phiops.artifacts import RegistryError, verify_files
 from phiops.io import dir_manifest, write_json
 from phiops.paths import Layout
 
@@ -29,10 +30,6 @@ PRODUCTION = "production"
 STAGING = "staging"  # passed the gate; waits for a person's decision
 # Used only when git has no identity configured (fresh CI machines): commits need an author.
 _FALLBACK_IDENTITY = {"GIT_AUTHOR_NAME": "phiops", "GIT_AUTHOR_EMAIL": "phiops@localhost"}
-
-
-class RegistryError(RuntimeError):
-    """The registry cannot do what was asked (no git repo, unknown version, tampered files)."""
 
 
 def _git(root: Path, *args: str) -> str:
@@ -250,166 +247,5 @@ class Registry:
             return []
 
 
-def verify_files(want: dict[str, str], model_dir: Path, label: str) -> None:
-    """Refuse `model_dir` unless its files are exactly `want` (relative path -> sha256).
-
-    Raises:
-        RegistryError: naming each missing, extra or changed file.
-    """
-    got = dir_manifest(model_dir)
-    bad = sorted(
-        [f"changed: {f}" for f in want if f in got and got[f] != want[f]]
-        + [f"missing: {f}" for f in want if f not in got]
-        + [f"unexpected: {f}" for f in got if f not in want]
-    )
-    if bad:
-        raise RegistryError(f"{model_dir} does not match {label}: " + "; ".join(bad))
-
-
-def version_rev(record: dict[str, Any]) -> str:
-    """The git revision of a registered version: GTO's tag on its registration commit."""
-    return f"{record['artifact']}@{record['version']}"
-
-
-def fetch_files(root: Path, record: dict[str, Any], dest: Path) -> Path:
-    """Restore a registered version's model files into `dest` and check them against the record.
-
-    The registration commit's dvc.lock pins the files by content hash; DVC reads them from its
-    cache (or the configured remote) at that revision, whatever the working tree holds now.
-
-    Returns:
-        `dest`, holding exactly the recorded files.
-
-    Raises:
-        RegistryError: DVC cannot provide them (cache pruned and no remote: `dvc pull`), or
-            their sha256 differ from the record.
-    """
-    from dvc.api import DVCFileSystem
-
-    rev = version_rev(record)
-    try:
-        fs = DVCFileSystem(str(root), rev=rev)
-        fs.get(record["model_path"], str(dest), recursive=True)
-    except Exception as exc:  # DVC raises many kinds; all mean the same here
-        raise RegistryError(
-            f"cannot restore {record['model_path']} of {rev} from DVC ({type(exc).__name__}: {exc}); "
-            "is the cache pruned? try `dvc pull`"
-        ) from exc
-    verify_files(record["files"], dest, rev)
-    return dest
-
-
-@contextlib.contextmanager
-def verified_files(root: Path, record: dict[str, Any]) -> Iterator[tuple[Path, str]]:
-    """A directory holding exactly a registered version's files, checked against its sha256.
-
-    The working tree's ``model_path`` when it matches the record byte for byte; otherwise the
-    files restored from DVC at the version's GTO tag into a temporary directory (removed when
-    the block ends). Whatever loads a registered model goes through here.
-
-    Yields:
-        ``(directory, where it came from)``.
-
-    Raises:
-        RegistryError: the files cannot be restored, or their sha256 differ from the record
-            (naming each changed, missing or unexpected file).
-    """
-    path = root / record["model_path"]
-    if path.is_dir() and dir_manifest(path) == record["files"]:
-        yield path, f"working tree {record['model_path']}"
-        return
-    with tempfile.TemporaryDirectory(prefix="phiops-restore-") as tmp:
-        yield fetch_files(root, record, Path(tmp) / "model"), f"DVC cache at {version_rev(record)}"
-
-
 def _has_commits(root: Path) -> bool:
     return subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=root, capture_output=True).returncode == 0
-
-
-def _grid(cols: tuple[str, ...], rows: list[list[str]]) -> str:
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    fmt = "  ".join(f"{{:{w}}}" for w in widths)
-    lines = [fmt.format(*cols), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)]
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _metric(r: dict[str, Any], key: str) -> str:
-    v = r.get("metrics", {}).get(key)
-    return f"{v:.4g}" if isinstance(v, (int, float)) else ""
-
-
-def _decision(r: dict[str, Any]) -> str:
-    a = r.get("approval") or {}
-    if "approved" not in a:
-        return "pending"
-    return "approved" if a["approved"] else "rejected"
-
-
-def render_table(records: list[dict[str, Any]], production: str | None = None) -> str:
-    """Versions as a plain-text table, one row each; `*` marks the one in production."""
-    if not records:
-        return "(no versions)"
-    cols = ("", "version", "variant", "task_metric", "perplexity", "data_hash", "git_rev", "decision",
-            "approver", "reason", "flow_run", "registered_at")
-    rows = [
-        [
-            "*" if r["version"] == production else "",
-            r["version"],
-            str(r.get("variant", "")),
-            _metric(r, "task_metric"),
-            _metric(r, "perplexity"),
-            str(r.get("data_hash") or "")[:12],
-            str(r.get("git_rev") or r.get("parent_commit") or "")[:10],
-            _decision(r),
-            str((r.get("approval") or {}).get("approver", "")),
-            str((r.get("approval") or {}).get("reason", ""))[:40],
-            str(r.get("flow_run_id") or "")[:8],
-            r.get("registered_at", ""),
-        ]
-        for r in records
-    ]
-    return _grid(cols, rows)
-
-
-def render_promotions(promotions: list[dict[str, Any]]) -> str:
-    """The production assignments (promotions and rollbacks), oldest first."""
-    if not promotions:
-        return "(never promoted)"
-    rows = [[str(p["n"]), p["version"], p["at"], str(p["approver"]), str(p["reason"]), p["tag"]] for p in promotions]
-    return _grid(("#", "version", "at", "approver", "reason", "gto tag"), rows)
-
-
-def render_record(r: dict[str, Any]) -> str:
-    """One version's lineage as a two-column table (field, value), then its files' sha256."""
-    import hashlib
-
-    a = r.get("approval") or {}
-    gate_ = r.get("gate") or {}
-    params = r.get("params")
-    fields = [
-        ("artifact", r.get("artifact")),
-        ("version", r["version"]),
-        ("variant", r.get("variant")),
-        ("model path", r.get("model_path")),
-        ("git tag", version_rev(r)),
-        ("git rev (code)", r.get("git_rev")),
-        ("data hash (dvc.lock)", r.get("data_hash")),
-        ("model hash (dvc.lock)", r.get("dvc_out_md5")),
-        ("params (sha256 of resolved)", hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-         if params is not None else None),
-        ("task metric", _metric(r, "task_metric")),
-        ("perplexity", _metric(r, "perplexity")),
-        ("size bytes", r.get("metrics", {}).get("size_bytes")),
-        ("gate", ("pass -> " + str(gate_.get("variant"))) if gate_.get("passed") else ("reject" if gate_ else None)),
-        ("gate vs production", gate_.get("production")),
-        ("decision", _decision(r)),
-        ("approver", a.get("approver")),
-        ("reason", a.get("reason")),
-        ("policy", a.get("policy")),
-        ("flow run id", r.get("flow_run_id")),
-        ("registered at", r.get("registered_at")),
-        ("bento", r.get("bento")),
-    ]
-    rows = [[k, str(v)] for k, v in fields if v not in (None, "")]
-    rows += [[f"sha256 {name}", digest] for name, digest in sorted(r.get("files", {}).items())]
-    return _grid(("field", "value"), rows)

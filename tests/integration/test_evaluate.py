@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from phiops import config
+from phiops import config, eval_report
+from phiops.artifacts import RegistryError
 from phiops.io import dir_manifest, write_jsonl
 from phiops.models import ModelError, load_tokenizer
 from phiops.paths import Layout
-from phiops.registry import Registry, RegistryError
+from phiops.registry import Registry
 from phiops.stages import evaluate
 from phiops.stages import format as format_stage
 
@@ -97,7 +98,7 @@ def test_run_writes_metrics_samples_table_plots_and_report(tmp_path, tiny_models
     scores = evaluate.load_scores(layout)
     assert set(scores) == {"base", "merged", "gptq", "awq"} and all(len(s) == 4 for s in scores.values())
     assert out.table.read_text().splitlines()[0].startswith("variant,task_metric,")
-    assert [p.name for p in out.plots] == [f"eval_{p}.png" for p in evaluate.PLOTS]
+    assert [p.name for p in out.plots] == [f"eval_{p}.png" for p in eval_report.PLOTS]
     for p in out.plots:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = out.markdown.read_text()

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from phiops import cli, config
+from phiops.artifacts import RegistryError
 from phiops.paths import Layout
-from phiops.registry import Registry, RegistryError
+from phiops.registry import Registry
 from phiops.stages import evaluate
 
 pytestmark = pytest.mark.integration

@@ -6,9 +6,9 @@ import yaml
 
 from phiops.cli import STAGES
 from phiops.config import QUANT_METHODS
+from phiops.eval_report import PLOTS
 from phiops.lineage import stage_order
 from phiops.paths import Layout
-from phiops.stages.evaluate import PLOTS
 
 ROOT = Path(__file__).resolve().parents[2]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]

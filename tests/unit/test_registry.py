@@ -5,8 +5,10 @@ import subprocess
 
 import pytest
 
+from phiops.artifacts import RegistryError
 from phiops.paths import Layout
-from phiops.registry import Registry, RegistryError, render_promotions, render_record, render_table
+from phiops.registry import Registry
+from phiops.registry_view import render_promotions, render_record, render_table
 
 
 @pytest.fixture

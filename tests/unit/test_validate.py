@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from phiops import config, datagen
+from phiops import config, datagen, expectations, jsonl
 from phiops import data as D
 from phiops.io import sha256_file
 from phiops.paths import Layout
@@ -366,13 +366,13 @@ def test_near_duplicates_fold_case_unicode_and_whitespace(tmp_path: Path) -> Non
 
 def test_streaming_bounds_rows_per_gx_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sizes: list[int] = []
-    real = v._Suites.run
+    real = expectations.Suites.run
 
     def spy(self: Any, fmt: str, df: Any) -> Any:
         sizes.append(len(df))
         return real(self, fmt, df)
 
-    monkeypatch.setattr(v._Suites, "run", spy)
+    monkeypatch.setattr(expectations.Suites, "run", spy)
     raw = write_lines(tmp_path / "data/raw/x.jsonl", [row(i) for i in range(25)])
     out = run(tmp_path, raw, chunk_rows=10)
     assert sizes == [10, 10, 5]
@@ -604,7 +604,7 @@ def test_stage_import_is_light() -> None:
 
 
 def test_overlong_line_is_refused_without_reading_it_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(v, "MAX_LINE_BYTES", 200)
+    monkeypatch.setattr(jsonl, "MAX_LINE_BYTES", 200)
     big = json.dumps(row(2, input="x" * 1000))
     raw = write_lines(tmp_path / "data/raw/x.jsonl", [row(1), big, row(3)])
     out = run(tmp_path, raw, on_invalid="quarantine", max_invalid_fraction=1.0)

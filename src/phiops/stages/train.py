@@ -148,7 +148,7 @@ def fingerprint(cfg: Params, layout: Layout) -> str:
     logged, not what is learnt.
     """
     train = cfg.train.model_dump(mode="json", exclude={"save_steps", "logging_steps"})
-    payload = {"train": train, "world_size": int(os.environ.get("WORLD_SIZE", "1")), "base": cfg.model.base,
+    payload = {"train": train, "world_size": _world_size(), "base": cfg.model.base,
                "template": cfg.model.chat_template, "train_split": sha256_file(layout.train_split)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -177,19 +177,92 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
     Raises:
         lora.LoraTargetError: an intended projection got no adapter.
     """
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import TrainerCallback, set_seed
-    from trl import SFTConfig, SFTTrainer
+    from transformers import set_seed
+    from trl import SFTTrainer
 
     t0 = time.time()
-    set_seed(cfg.train.seed)
+    set_seed(cfg.train.seed)  # before the adapters are built: their initial weights are random
+    device = _device(cfg)
+    world = _world_size()
+    built = _build_model(cfg, device)
+    train_ds, eval_ds = _datasets(layout)
+
+    ckpt_root = layout.checkpoints
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint(cfg, layout)
+    args = _sft_config(cfg, ckpts.staging(ckpt_root), device, world, nf4=built.nf4, padding_free=built.padding_free)
+    resume = _resume_point(args, ckpt_root, fp)
+    trainer = SFTTrainer(
+        model=built.model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=built.tok,
+        callbacks=[*_callbacks(ckpt_root, fp, world), *(callbacks or [])],
+    )
+    tokens_before = _tokens_seen(resume)
+    t_train = time.time()
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    train_s = time.time() - t_train
+    final_eval = trainer.evaluate()  # lands in log_history like the periodic ones
+    outputs = TrainOutputs(layout.adapter, layout.train_report, layout.train_curve)
+    if not trainer.is_world_process_zero():
+        return outputs
+
+    _save_adapter(layout, built, ckpt_root)
+    report = _report(cfg, built, args, trainer.state, device=device, world=world, resume=resume,
+                     final_eval=final_eval, train_s=train_s, tokens_before=tokens_before,
+                     wall_s=time.time() - t0)
+    write_json(layout.train_report, report)
+    write_text(layout.train_curve, _curve_csv(trainer.state.log_history))
+    log.info("train: %s", json.dumps(report))
+    return outputs
+
+
+@dataclass(frozen=True)
+class _Built:
+    """The model under training and what was decided while building it (the report shows it)."""
+
+    model: Any  # the base with LoRA adapters (a PeftModel)
+    tok: Any
+    nf4: bool  # base loaded in 4-bit NF4 (QLoRA)
+    padding_free: bool
+    liger: list[str]  # Liger kernels patched in
+    targets: list[str]  # the modules that got adapters
+    per_module: dict[str, int]  # trainable parameters by module
+
+
+def _world_size() -> int:
+    """Processes training together: more than one under `accelerate launch` / torchrun (DDP)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _device(cfg: Params) -> str:
+    """`train.device` resolved; on CUDA each process takes its own GPU (``LOCAL_RANK``)."""
+    import torch
+
     device = models.pick_device(cfg.train.device)
     # Under `accelerate launch` / torchrun (DDP) each process trains on its own GPU.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def _build_model(cfg: Params, device: str) -> _Built:
+    """The tokenizer (with the configured chat template) and the base with LoRA adapters.
+
+    Args:
+        cfg: the validated params (``model``, ``train``).
+        device: where the base is loaded (decides NF4, attention kernel and Liger on ``auto``).
+
+    Returns:
+        The adapter-wrapped model, its tokenizer and the choices made on the way.
+
+    Raises:
+        lora.LoraTargetError: an intended projection got no adapter.
+    """
+    from peft import LoraConfig, get_peft_model
+
     base_path = models.resolve(cfg.model.base)
     tok = models.load_tokenizer(base_path)
     templates.apply(tok, cfg.model.chat_template)  # saved with the adapter: serving renders the same
@@ -208,17 +281,29 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
     )
     model = get_peft_model(model, peft_cfg)
     per_module = lora.verify(model, targets)
-    trainable = sum(per_module.values())
-    log.info("trainable parameters by module: %s (total %d)", per_module, trainable)
+    log.info("trainable parameters by module: %s (total %d)", per_module, sum(per_module.values()))
+    return _Built(model, tok, nf4, padding_free, liger, targets, per_module)
+
+
+def _datasets(layout: Layout) -> tuple[Any, Any]:
+    """The train split and a fixed slice of the test split, as tokenized rows with labels.
+
+    Returns:
+        (train dataset, eval dataset).
+    """
+    from datasets import Dataset
 
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(layout.train_split)]
     train_ds = Dataset.from_list(rows)
     eval_rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(layout.test_split)]
     eval_ds = Dataset.from_list(eval_rows[:64])  # a fixed slice: eval loss for the curve, not a metric
+    return train_ds, eval_ds
 
-    ckpt_root = layout.checkpoints
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    fp = fingerprint(cfg, layout)
+
+def _callbacks(ckpt_root: Path, fp: str, world: int) -> list[Any]:
+    """Our `TrainerCallback`s: commit each checkpoint crash-safely; log progress as lines."""
+    import torch
+    from transformers import TrainerCallback
 
     class _Commit(TrainerCallback):
         """Trainer has written every file of checkpoint-N into staging: mark it and move it in."""
@@ -247,8 +332,28 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
             log.info("step %d/%d  loss %.4f  %.0f tok/s  eta %s", state.global_step, state.max_steps,
                      logs["loss"], (state.num_input_tokens_seen - self.tok0) / dt, _hms(eta))
 
-    args = SFTConfig(
-        output_dir=str(ckpts.staging(ckpt_root)),
+    return [_Commit(), _Progress()]
+
+
+def _sft_config(cfg: Params, output_dir: Path, device: str, world: int, *, nf4: bool, padding_free: bool) -> Any:
+    """TRL's training arguments from `train.*` and what was resolved at build time.
+
+    Args:
+        cfg: the validated params (``train``).
+        output_dir: where Trainer writes checkpoints (the staging dir; :mod:`phiops.checkpoints`
+            commits them).
+        device: the training device.
+        world: the number of processes (DDP).
+        nf4: whether the base is 4-bit (picks the paged 8-bit optimizer on ``auto``).
+        padding_free: whether batches are padding-free.
+
+    Returns:
+        The ``SFTConfig``.
+    """
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(output_dir),
         per_device_train_batch_size=cfg.train.batch_size,
         per_device_eval_batch_size=cfg.train.batch_size,
         gradient_accumulation_steps=cfg.train.grad_accum,
@@ -287,58 +392,84 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
         dataset_kwargs={"skip_prepare_dataset": True},
         ddp_find_unused_parameters=False if world > 1 else None,  # every adapter gets a gradient
     )
+
+
+def _resume_point(args: Any, ckpt_root: Path, fp: str) -> Path | None:
+    """The newest complete checkpoint of this config and data, or None (a fresh start)."""
     # Rank 0 first: it drops stale checkpoints; the others then find the same one to resume.
     with args.main_process_first(desc="find a resumable checkpoint"):
         resume = ckpts.resumable(ckpt_root, fp)
     if resume is not None:
         log.info("resuming from %s", resume)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tok,
-        callbacks=[_Commit(), _Progress(), *(callbacks or [])],
-    )
-    tokens_before = 0
-    if resume is not None:
-        tokens_before = json.loads((resume / "trainer_state.json").read_text())["num_input_tokens_seen"]
-    t_train = time.time()
-    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    train_s = time.time() - t_train
-    final_eval = trainer.evaluate()  # lands in log_history like the periodic ones
-    if not trainer.is_world_process_zero():
-        return TrainOutputs(layout.adapter, layout.train_report, layout.train_curve)
+    return resume
 
+
+def _tokens_seen(resume: Path | None) -> int:
+    """Tokens already trained on at the resumed checkpoint (0 on a fresh start)."""
+    if resume is None:
+        return 0
+    return json.loads((resume / "trainer_state.json").read_text())["num_input_tokens_seen"]
+
+
+def _save_adapter(layout: Layout, built: _Built, ckpt_root: Path) -> None:
+    """Write the adapter and tokenizer in one rename, then drop the checkpoints."""
     with atomic_dir(layout.adapter) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        built.model.save_pretrained(tmp, safe_serialization=True)
+        built.tok.save_pretrained(tmp)
     # The adapter is in place (and DVC caches it): the checkpoints have served their purpose.
     # A crash before this line resumes from the last checkpoint and only redoes the tail.
     shutil.rmtree(ckpt_root, ignore_errors=True)
     ckpt_root.mkdir(parents=True, exist_ok=True)
 
-    history = trainer.state.log_history  # restored from the checkpoint on resume: the whole run
-    seconds = time.time() - t0
-    tokens_seen = int(trainer.state.num_input_tokens_seen)
+
+def _peak_memory(device: str) -> int:
+    """Bytes: the CUDA allocator's peak on GPU, else the process's peak RSS."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux counts ru_maxrss in KiB
+
+
+def _report(cfg: Params, built: _Built, args: Any, state: Any, *, device: str, world: int, resume: Path | None,
+            final_eval: dict[str, float], train_s: float, tokens_before: int, wall_s: float) -> dict[str, Any]:
+    """The train metrics (DVC metrics): setup, losses, throughput and peak memory.
+
+    Args:
+        cfg: the validated params.
+        built: the trained model and its build choices.
+        args: the ``SFTConfig`` trained with.
+        state: Trainer's state after training (its log history covers a resumed run whole).
+        device: the training device.
+        world: the number of processes (DDP).
+        resume: the checkpoint resumed from, or None.
+        final_eval: Trainer's last evaluation.
+        train_s: seconds in ``trainer.train`` in this process.
+        tokens_before: tokens seen at the resumed checkpoint (tokens/s counts this session only).
+        wall_s: seconds since the stage started.
+
+    Returns:
+        The report, as written to ``reports/train.json``.
+    """
+    history = state.log_history  # restored from the checkpoint on resume: the whole run
+    tokens_seen = int(state.num_input_tokens_seen)
     session_tokens = tokens_seen - tokens_before
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    report = {
+    return {
         "device": device,
-        "base_4bit_nf4": nf4,
+        "base_4bit_nf4": built.nf4,
         "optim": args.optim.value if hasattr(args.optim, "value") else str(args.optim),
         "lr_scheduler": cfg.train.lr_scheduler,
-        "padding_free": padding_free,
-        "attention": model.config._attn_implementation,
-        "liger_kernels": liger,
+        "padding_free": built.padding_free,
+        "attention": built.model.config._attn_implementation,
+        "liger_kernels": built.liger,
         "gradient_checkpointing": cfg.train.gradient_checkpointing,
         "micro_batch_rows": cfg.train.batch_size,
         "grad_accum": cfg.train.grad_accum,
         "world_size": world,
-        "trainable_params": trainable,
-        "trainable_params_by_module": per_module,
-        "lora_targets": targets,
-        "steps": trainer.state.global_step,
+        "trainable_params": sum(built.per_module.values()),
+        "trainable_params_by_module": built.per_module,
+        "lora_targets": built.targets,
+        "steps": state.global_step,
         "resumed_from_step": int(resume.name.split("-")[1]) if resume is not None else None,
         "train_loss": _mean_train_loss(history),
         "final_train_loss": next((round(h["loss"], 4) for h in reversed(history) if "loss" in h), None),
@@ -346,14 +477,10 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
         "tokens_seen": tokens_seen,  # non-pad tokens over the whole run, resumed part included
         "train_runtime_s": round(train_s, 1),  # this process only
         "tokens_per_s": round(session_tokens / train_s, 1) if train_s > 0 else None,
-        "peak_memory_bytes": peak,
+        "peak_memory_bytes": _peak_memory(device),
         "peak_memory_kind": "cuda_max_allocated" if device == "cuda" else "process_max_rss",
-        "wall_s": round(seconds, 1),
+        "wall_s": round(wall_s, 1),
     }
-    write_json(layout.train_report, report)
-    write_text(layout.train_curve, _curve_csv(history))
-    log.info("train: %s", json.dumps(report))
-    return TrainOutputs(layout.adapter, layout.train_report, layout.train_curve)
 
 
 def _hms(seconds: float) -> str:

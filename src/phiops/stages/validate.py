@@ -7,17 +7,18 @@ Input is ``data.raw`` (a file, or a directory of ``*.jsonl`` files) and optional
 Files are streamed: parsed line by line, validated in chunks of ``validate.chunk_rows`` rows, and
 written out as they go, so memory is bounded by a chunk, not the file. Two layers of checks:
 
-1. **Parsing**, line by line in binary: invalid UTF-8, NUL bytes, invalid JSON, duplicate keys,
-   NaN/Infinity and values that are not JSON objects are reported as ``file:line:column:
-   reason``. A UTF-8 BOM at the start is stripped, CRLF endings are accepted, blank lines are
-   skipped (not rows). An empty file, a UTF-16 one, a line over 1 MiB, or a file whose format
-   cannot be detected is an error.
-2. **Great Expectations** (1.x, ephemeral context), one suite per format, on a DataFrame per
-   chunk: required fields present, of the right type, not blank; chat messages well formed and in
-   a valid role order; no control characters; token length within ``[min_tokens, max_tokens]``
-   by the base model's tokenizer; no exact or normalized duplicates; no train/test leakage (a
-   test prompt that is also a train prompt); optional PII patterns. Unexpected rows are mapped
-   back to ``file:line`` through the ``row`` column (``unexpected_index_column_names``).
+1. **Parsing** (:mod:`phiops.jsonl`), line by line in binary: invalid UTF-8, NUL bytes, invalid
+   JSON, duplicate keys, NaN/Infinity and values that are not JSON objects are reported as
+   ``file:line:column: reason``. A UTF-8 BOM at the start is stripped, CRLF endings are
+   accepted, blank lines are skipped (not rows). An empty file, a UTF-16 one, a line over 1 MiB,
+   or a file whose format cannot be detected is an error.
+2. **Great Expectations** (:mod:`phiops.expectations`; 1.x, ephemeral context), one suite per
+   format, on a DataFrame per chunk: required fields present, of the right type, not blank; chat
+   messages well formed and in a valid role order; no control characters; token length within
+   ``[min_tokens, max_tokens]`` by the base model's tokenizer; no exact or normalized duplicates;
+   no train/test leakage (a test prompt that is also a train prompt); optional PII patterns.
+   Unexpected rows are mapped back to ``file:line`` through the ``row`` column
+   (``unexpected_index_column_names``).
 
 Every rejected row gets reasons like
 ``data/raw/x.jsonl:17: output: missing; must be a non-empty string (rule required:output)``.
@@ -36,7 +37,6 @@ Accepted rows are written in the canonical form (``messages``, ``split``, ``sour
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import re
@@ -45,23 +45,20 @@ import shutil
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from phiops import data as D
 from phiops.config import Params
+from phiops.expectations import CONTROL_RE, Check, Suites
 from phiops.io import JsonlWriter, atomic_dir, sha256_file, write_json, write_text
+from phiops.jsonl import FileFacts, Line, iter_jsonl
 from phiops.paths import Layout
 
 log = logging.getLogger(__name__)
 
-# C0 controls except tab/LF/CR, DEL, and C1 controls: invisible, and they poison tokenizers.
-CONTROL_RE = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
-# A row of max_tokens (<= a few thousand) tokens is tens of KB; a multi-MB "line" is a broken
-# file (a missing newline, a binary blob), refused before it is read into memory whole.
-MAX_LINE_BYTES = 1 << 20
 # Problems listed in the exception message and in the report; the quarantine files have all.
 MESSAGE_PROBLEMS = 20
 REPORT_PROBLEMS = 200
@@ -105,148 +102,6 @@ class ValidateOutputs:
     report: Path
     quarantine: Path
     data_docs: Path | None
-
-
-# ----------------------------------------------------------------------------- parsing
-
-
-@dataclass
-class FileFacts:
-    """File-level facts gathered while a file streams through :func:`iter_jsonl`."""
-
-    bom: bool = False
-    crlf_lines: int = 0
-    blank_lines: int = 0
-    file_error: str | None = None
-
-
-@dataclass(frozen=True)
-class Line:
-    """One non-blank line: a parsed object, or (``obj is None``) a parse error at ``col``."""
-
-    line: int
-    raw: str
-    obj: dict[str, Any] | None = None
-    col: int = 0
-    reason: str = ""
-
-
-def _column(data: bytes, byte_offset: int) -> int:
-    """1-based character column of `byte_offset` within a line (editors count characters)."""
-    return len(data[:byte_offset].decode("utf-8", errors="replace")) + 1
-
-
-def _iter_lines(f: Any) -> Iterator[tuple[bytes, bool]]:
-    """Yield (line, too_long); an over-long line is skipped to its newline without keeping it."""
-    while True:
-        chunk = f.readline(MAX_LINE_BYTES + 1)
-        if not chunk:
-            return
-        if len(chunk) > MAX_LINE_BYTES and not chunk.endswith(b"\n"):
-            head = chunk
-            while chunk and not chunk.endswith(b"\n"):
-                chunk = f.readline(MAX_LINE_BYTES)
-            yield head, True
-        else:
-            yield chunk, False
-
-
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
-
-
-class _BadConstant(ValueError):
-    def __init__(self, name: str):
-        super().__init__(name)
-        self.name = name
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json.loads silently keeps the last of repeated keys; a row edited by concatenation
-    # would then validate with half of its content gone.
-    obj: dict[str, Any] = {}
-    for k, val in pairs:
-        if k in obj:
-            raise _DuplicateKey(k)
-        obj[k] = val
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise _BadConstant(name)
-
-
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
-_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
-          type(None): "null"}
-
-
-def _parse_line(lineno: int, data: bytes) -> Line:
-    raw = data.decode("utf-8", errors="backslashreplace")
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        return Line(lineno, raw, col=_column(data, nul), reason="NUL byte")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return Line(lineno, raw, col=_column(data, exc.start), reason=f"invalid UTF-8 (byte 0x{data[exc.start]:02x})")
-    if text.startswith("\ufeff"):  # two files concatenated: the second one's BOM lands mid-file
-        return Line(lineno, raw, col=1, reason="UTF-8 BOM in the middle of the file")
-    try:
-        obj = _DECODER.decode(text)
-    except json.JSONDecodeError as exc:
-        return Line(lineno, raw, col=exc.colno, reason=f"invalid JSON: {exc.msg}")
-    except _DuplicateKey as exc:
-        return Line(lineno, raw, col=text.rfind(json.dumps(exc.key)) + 1 or 1,
-                    reason=f"duplicate key {exc.key!r} in one object")
-    except _BadConstant as exc:
-        return Line(lineno, raw, col=text.find(exc.name) + 1 or 1, reason=f"{exc.name} is not valid JSON")
-    if not isinstance(obj, dict):
-        kind = _KINDS.get(type(obj), type(obj).__name__)
-        return Line(lineno, raw, col=1, reason=f"expected a JSON object, got {kind}")
-    return Line(lineno, raw, obj=obj)
-
-
-def iter_jsonl(path: Path, facts: FileFacts) -> Iterator[Line]:
-    """Stream a JSONL file: one :class:`Line` per non-blank line; never raises for bad content.
-
-    Args:
-        path: the file (opened read-only, binary; read one line at a time).
-        facts: filled in as the file is read (BOM, CRLF and blank line counts, a file-level
-            error such as UTF-16 or an empty file, set when the stream ends).
-
-    Raises:
-        OSError: the file cannot be opened or read.
-    """
-    seen = False
-    with open(path, "rb") as f:
-        for lineno, (data, too_long) in enumerate(_iter_lines(f), start=1):
-            if lineno == 1:
-                if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-                    facts.file_error = "file is UTF-16 encoded; expected UTF-8 JSON lines"
-                    return
-                if data.startswith(b"\xef\xbb\xbf"):
-                    facts.bom = True
-                    data = data[3:]
-            if too_long:
-                raw = data[:4096].decode("utf-8", errors="backslashreplace") + "..."
-                seen = True
-                yield Line(lineno, raw, col=MAX_LINE_BYTES + 1, reason=f"line longer than {MAX_LINE_BYTES} bytes")
-                continue
-            if data.endswith(b"\r\n"):
-                facts.crlf_lines += 1
-                data = data[:-2]
-            elif data.endswith(b"\n"):
-                data = data[:-1]
-            if not data.strip():
-                facts.blank_lines += 1
-                continue
-            seen = True
-            yield _parse_line(lineno, data)
-    if not seen:
-        facts.file_error = "file is empty (no JSON lines)"
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -295,119 +150,6 @@ def token_text(messages: list[dict[str, str]]) -> str:
     The chat template adds a few dozen tokens on top; ``format.max_length`` bounds that.
     """
     return "\n\n".join(m["content"] for m in messages)
-
-
-# ----------------------------------------------------------------------------- GX suites
-
-
-@dataclass(frozen=True)
-class _Check:
-    key: str  # the rule name in messages and the report
-    expectation: Any
-    warning: bool = False  # recorded and counted, the row is kept
-
-    @property
-    def gx_type(self) -> str:
-        return self.expectation.expectation_type
-
-
-def _checks(fmt: D.Format, cfg: Params, specials: Sequence[str]) -> list[_Check]:
-    """The expectation suite of one format, under the configured policies."""
-    import great_expectations as gx
-
-    E = gx.expectations
-    vcfg = cfg.validate_
-    checks: list[_Check] = []
-
-    def add(key: str, exp_cls: Any, description: str, warning: bool = False, **kw: Any) -> None:
-        checks.append(_Check(key, exp_cls(meta={"phiops_check": key}, description=description, **kw), warning))
-
-    if fmt == "chat":
-        add("required:messages", E.ExpectColumnValuesToNotBeNull, "`messages` is present and not null", column="messages")
-        add("type:messages", E.ExpectColumnValuesToBeOfType, "`messages` is a list", column="messages", type_="list")
-        add("structure", E.ExpectColumnValuesToBeNull,
-            "every message is an object with a known `role` and a non-empty string `content`", column="messages_error")
-        add("role_order", E.ExpectColumnValuesToMatchRegex,
-            "optional system message, then user/assistant alternating, ending with assistant",
-            column="roles", regex=D.ROLE_ORDER_RE)
-    else:
-        for col in D.FIELDS[fmt] + D.OPTIONAL[fmt]:
-            required = col in D.FIELDS[fmt]
-            add(f"required:{col}", E.ExpectColumnValuesToNotBeNull,
-                f"`{col}` is present and not null" if required else f"`{col}`, when present, is not null", column=col)
-            add(f"type:{col}", E.ExpectColumnValuesToBeOfType, f"`{col}` is a string", column=col, type_="str")
-            if required:
-                add(f"blank:{col}", E.ExpectColumnValuesToMatchRegex, f"`{col}` is not empty or only whitespace",
-                    column=col, regex=r"\S")
-    add("control", E.ExpectColumnValuesToNotMatchRegex, "no control characters (tab and newlines allowed)",
-        column="text", regex=CONTROL_RE)
-    special = D.special_token_pattern(specials)
-    if special:
-        add("special_tokens", E.ExpectColumnValuesToNotMatchRegex,
-            "no special token of the tokenizer written as text (it would end a turn mid-answer)",
-            column="text", regex=special)
-    if vcfg.over_length == "reject":
-        add("tokens", E.ExpectColumnValuesToBeBetween, f"content is {vcfg.min_tokens}..{vcfg.max_tokens} tokens",
-            column="n_tokens", min_value=vcfg.min_tokens, max_value=vcfg.max_tokens)
-    else:
-        add("tokens", E.ExpectColumnValuesToBeBetween, f"content is at least {vcfg.min_tokens} tokens",
-            column="n_tokens", min_value=vcfg.min_tokens)
-        add("over_length", E.ExpectColumnValuesToBeBetween,
-            f"content is at most {vcfg.max_tokens} tokens (longer rows are kept and truncated by format)",
-            warning=True, column="n_tokens", max_value=vcfg.max_tokens)
-    add("duplicate", E.ExpectColumnValuesToBeNull, "no exact duplicate of an earlier row", column="duplicate_of")
-    add("near_duplicate", E.ExpectColumnValuesToBeNull,
-        "no duplicate after folding case, Unicode form and whitespace", column="near_duplicate_of")
-    add("leakage", E.ExpectColumnValuesToBeNull, "no prompt in both the train and the test split", column="leak_of")
-    if vcfg.pii != "off":
-        for kind, pattern in vcfg.pii_patterns.items():
-            add(f"pii:{kind}", E.ExpectColumnValuesToNotMatchRegex, f"no {kind}-like string (PII policy {vcfg.pii})",
-                warning=vcfg.pii == "warn", column="text", regex=pattern)
-    return checks
-
-
-class _Suites:
-    """One ephemeral GX context; a suite and validation definition per format, run per chunk."""
-
-    def __init__(self, cfg: Params, specials: Sequence[str]):
-        import great_expectations as gx
-        from great_expectations.data_context.types.base import ProgressBarsConfig
-
-        self.cfg, self.specials = cfg, specials
-        self.ctx = gx.get_context(mode="ephemeral")
-        self.ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-        self.source = self.ctx.data_sources.add_pandas("phiops")
-        self.by_format: dict[str, tuple[Any, dict[str, _Check]]] = {}
-
-    def run(self, fmt: D.Format, df: Any) -> tuple[Any, dict[str, _Check]]:
-        import great_expectations as gx
-
-        if fmt not in self.by_format:
-            checks = _checks(fmt, self.cfg, self.specials)
-            batch = self.source.add_dataframe_asset(fmt).add_batch_definition_whole_dataframe("chunk")
-            suite = self.ctx.suites.add(gx.ExpectationSuite(name=f"phiops_validate_{fmt}"))
-            for c in checks:
-                suite.add_expectation(c.expectation)
-            vd = self.ctx.validation_definitions.add(gx.ValidationDefinition(name=fmt, data=batch, suite=suite))
-            self.by_format[fmt] = (vd, {c.key: c for c in checks})
-        vd, checks_by_key = self.by_format[fmt]
-        result = vd.run(batch_parameters={"dataframe": df},
-                        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["row"]})
-        return result, checks_by_key
-
-    def build_docs(self, docs_dir: Path) -> None:
-        """Render the suites and every chunk's validation result as a Data Docs site."""
-        # The ephemeral context ships a default site under a fresh temp dir; point one site at
-        # ours instead so nothing is left behind in /tmp.
-        for name in list(self.ctx.get_site_names()):
-            self.ctx.delete_data_docs_site(name)
-        self.ctx.add_data_docs_site("phiops", {
-            "class_name": "SiteBuilder",
-            "show_how_to_buttons": False,
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        })
-        self.ctx.build_data_docs(site_names=["phiops"])
 
 
 # ----------------------------------------------------------------------------- sources
@@ -464,6 +206,56 @@ def _mask(text: str) -> str:
     return text[0] + "*" * max(len(text) - 2, 1) + text[-1] if len(text) > 2 else "**"
 
 
+@dataclass
+class _Keys:
+    """Per row of a chunk: what it duplicates or leaks into (``file:line``), its split, its prompt key."""
+
+    dup: list[str | None]  # exact duplicate of an earlier row
+    near: list[str | None]  # duplicate after normalization
+    leak: list[str | None]  # its prompt is already in the other split
+    split: list[str]
+    prompt: list[bytes | None]
+
+
+def _frame(fmt: D.Format, lines: list[Line], base: int, errors: list[str | None], roles: list[str | None],
+           n_tokens: list[float], keys: _Keys) -> Any:
+    """A chunk as the DataFrame the suites run on: a column per rule's input, ``row`` to map results back.
+
+    Args:
+        fmt: the chunk's format (decides the field columns).
+        lines: the chunk's parsed lines.
+        base: the ``row`` number of the first line (row numbers are unique over the run).
+        errors: per line, the chat structure problem (chat only).
+        roles: per line, the role sequence (chat only).
+        n_tokens: per line, the token count (NaN: not countable).
+        keys: per line, the duplicate and leakage findings.
+
+    Returns:
+        A pandas DataFrame, one row per line.
+    """
+    import pandas as pd
+
+    n = len(lines)
+    cols: dict[str, Any] = {"row": pd.Series(range(base, base + n), dtype="int64")}
+    if fmt == "chat":
+        cols["messages"] = pd.Series([ln.obj.get("messages") for ln in lines], dtype=object)  # type: ignore[union-attr]
+        cols["messages_error"] = pd.Series(errors, dtype=object)
+        cols["roles"] = pd.Series(roles, dtype=object)
+    else:
+        for col in D.FIELDS[fmt]:
+            # object dtype keeps values as parsed (42 stays an int for the type rule).
+            cols[col] = pd.Series([ln.obj.get(col) for ln in lines], dtype=object)  # type: ignore[union-attr]
+        for col in D.OPTIONAL[fmt]:
+            cols[col] = pd.Series([ln.obj.get(col, "") for ln in lines], dtype=object)  # type: ignore[union-attr]
+    cols["text"] = pd.Series(
+        ["\n".join(t for _, t in D.fields_text(ln.obj, fmt)) for ln in lines], dtype=object)  # type: ignore[arg-type]
+    cols["n_tokens"] = pd.Series(n_tokens, dtype="float64")
+    cols["duplicate_of"] = pd.Series(keys.dup, dtype=object)
+    cols["near_duplicate_of"] = pd.Series(keys.near, dtype=object)
+    cols["leak_of"] = pd.Series(keys.leak, dtype=object)
+    return pd.DataFrame(cols)
+
+
 class _Validation:
     """State of one stage run across files and chunks (dedup and leakage keys are global)."""
 
@@ -474,7 +266,7 @@ class _Validation:
         self.validated = validated
         self.quarantine_dir = quarantine_dir
         self.quarantine: dict[int, JsonlWriter] = {}
-        self.suites: _Suites | None = None
+        self.suites: Suites | None = None
         self.sources: list[_Source] = []
         self.exact: dict[bytes, int] = {}  # key -> packed (source, line) of the first copy
         self.normalized: dict[bytes, int] = {}
@@ -578,83 +370,84 @@ class _Validation:
 
     def run_chunk(self, si: int, fmt: D.Format, all_lines: list[Line]) -> None:
         """Validate one chunk: parse errors as they are, parsed rows through GX; write in line order."""
-        import pandas as pd
-
         src = self.sources[si]
         self.rows_in += len(all_lines)
         src.counts["rows_in"] += len(all_lines)
         lines = [ln for ln in all_lines if ln.obj is not None]
-        n = len(lines)
-        if not n:
+        if not lines:
             self._write(si, fmt, all_lines, {}, {}, [], [], [])
             return
         base = self.next_row
-        self.next_row += n
+        self.next_row += len(lines)
         self.chunks += 1
-        explicit_test = self.cfg.data.test is not None
 
-        msgs: list[list[dict[str, str]] | None] = [None] * n
-        errors: list[str | None] = [None] * n
-        roles: list[str | None] = [None] * n
-        for i, ln in enumerate(lines):
-            msgs[i], errors[i], roles[i] = self._messages(fmt, ln.obj)  # type: ignore[arg-type]
-        ok = [i for i in range(n) if msgs[i] is not None]
+        convs = [self._messages(fmt, ln.obj) for ln in lines]  # type: ignore[arg-type]
+        msgs = [m for m, _, _ in convs]
         t = time.perf_counter()
-        counts = self.count_tokens([token_text(msgs[i]) for i in ok])  # type: ignore[arg-type]
-        n_tokens = [math.nan] * n  # NaN = not countable; the structure rules say why
-        for i, c in zip(ok, counts):
-            n_tokens[i] = float(c)
+        n_tokens = self._count_tokens(msgs)
         self.timings["tokens_s"] += time.perf_counter() - t
         t = time.perf_counter()
-
-        dup: list[str | None] = [None] * n
-        near: list[str | None] = [None] * n
-        leak: list[str | None] = [None] * n
-        split: list[str] = ["train"] * n
-        pkeys: list[bytes | None] = [None] * n
-        for i in ok:
-            m = msgs[i]
-            ref = (si << 40) | lines[i].line
-            first = self.exact.setdefault(D.exact_key(m), ref)  # type: ignore[arg-type]
-            if first != ref:
-                dup[i] = self.where(first)
-            else:
-                first = self.normalized.setdefault(D.normalized_key(m), ref)  # type: ignore[arg-type]
-                if first != ref:
-                    near[i] = self.where(first)
-            if src.split == "test" or (not explicit_test and D.is_test(m, self.cfg.data.test_fraction)):  # type: ignore[arg-type]
-                split[i] = "test"
-            pkeys[i] = D.prompt_key(m)  # type: ignore[arg-type]
-            seen = self.prompts.get(pkeys[i])  # type: ignore[arg-type]
-            if seen is not None and seen[0] != split[i]:
-                leak[i] = f"{seen[0]} split at {self.where(seen[1])}"
-
-        cols: dict[str, Any] = {"row": pd.Series(range(base, base + n), dtype="int64")}
-        if fmt == "chat":
-            cols["messages"] = pd.Series([ln.obj.get("messages") for ln in lines], dtype=object)  # type: ignore[union-attr]
-            cols["messages_error"] = pd.Series(errors, dtype=object)
-            cols["roles"] = pd.Series(roles, dtype=object)
-        else:
-            for col in D.FIELDS[fmt]:
-                # object dtype keeps values as parsed (42 stays an int for the type rule).
-                cols[col] = pd.Series([ln.obj.get(col) for ln in lines], dtype=object)  # type: ignore[union-attr]
-            for col in D.OPTIONAL[fmt]:
-                cols[col] = pd.Series([ln.obj.get(col, "") for ln in lines], dtype=object)  # type: ignore[union-attr]
-        cols["text"] = pd.Series(
-            ["\n".join(t for _, t in D.fields_text(ln.obj, fmt)) for ln in lines], dtype=object)  # type: ignore[arg-type]
-        cols["n_tokens"] = pd.Series(n_tokens, dtype="float64")
-        cols["duplicate_of"] = pd.Series(dup, dtype=object)
-        cols["near_duplicate_of"] = pd.Series(near, dtype=object)
-        cols["leak_of"] = pd.Series(leak, dtype=object)
-        df = pd.DataFrame(cols)
-
+        keys = self._keys(si, lines, msgs)
+        df = _frame(fmt, lines, base, [e for _, e, _ in convs], [r for _, _, r in convs], n_tokens, keys)
         self.timings["keys_and_frame_s"] += time.perf_counter() - t
         t = time.perf_counter()
         if self.suites is None:
-            self.suites = _Suites(self.cfg, self.specials)
+            self.suites = Suites(self.cfg, self.specials)
         result, checks = self.suites.run(fmt, df)
         self.timings["gx_s"] += time.perf_counter() - t
 
+        reasons = self._reasons(si, fmt, lines, base, result, checks, n_tokens, keys)
+        self._write(si, fmt, all_lines, {id(ln): i for i, ln in enumerate(lines)}, reasons, msgs, keys.split,
+                    list(zip(keys.prompt, n_tokens)))
+
+    def _count_tokens(self, msgs: list[list[dict[str, str]] | None]) -> list[float]:
+        """Tokens of each well-formed row's content; NaN for the rest (the structure rules say why)."""
+        ok = [i for i, m in enumerate(msgs) if m is not None]
+        counts = self.count_tokens([token_text(msgs[i]) for i in ok])  # type: ignore[arg-type]
+        n_tokens = [math.nan] * len(msgs)
+        for i, c in zip(ok, counts):
+            n_tokens[i] = float(c)
+        return n_tokens
+
+    def _keys(self, si: int, lines: list[Line], msgs: list[list[dict[str, str]] | None]) -> _Keys:
+        """Split, duplicate and leakage facts of a chunk's well-formed rows, against every row before.
+
+        The first copy of a conversation is remembered here (dedup is global across files);
+        prompts are remembered only when a row is accepted (:meth:`_write`).
+        """
+        src = self.sources[si]
+        explicit_test = self.cfg.data.test is not None
+        n = len(lines)
+        keys = _Keys(dup=[None] * n, near=[None] * n, leak=[None] * n, split=["train"] * n, prompt=[None] * n)
+        for i, m in enumerate(msgs):
+            if m is None:
+                continue
+            ref = (si << 40) | lines[i].line
+            first = self.exact.setdefault(D.exact_key(m), ref)
+            if first != ref:
+                keys.dup[i] = self.where(first)
+            else:
+                first = self.normalized.setdefault(D.normalized_key(m), ref)
+                if first != ref:
+                    keys.near[i] = self.where(first)
+            if src.split == "test" or (not explicit_test and D.is_test(m, self.cfg.data.test_fraction)):
+                keys.split[i] = "test"
+            keys.prompt[i] = D.prompt_key(m)
+            seen = self.prompts.get(keys.prompt[i])  # type: ignore[arg-type]
+            if seen is not None and seen[0] != keys.split[i]:
+                keys.leak[i] = f"{seen[0]} split at {self.where(seen[1])}"
+        return keys
+
+    def _reasons(self, si: int, fmt: D.Format, lines: list[Line], base: int, result: Any, checks: dict[str, Check],
+                 n_tokens: list[float], keys: _Keys) -> dict[int, list[tuple[str, str, int]]]:
+        """Fold a chunk's GX result into the run's totals; the reasons to reject, by row of the chunk.
+
+        A warning check records its rows here and keeps them, so they get no reason.
+
+        Raises:
+            RuntimeError: an expectation itself errored (a bug here, not bad data).
+        """
+        src = self.sources[si]
         reasons: dict[int, list[tuple[str, str, int]]] = {}
         for res in result.results:
             check = checks[res.expectation_config.meta["phiops_check"]]
@@ -669,15 +462,13 @@ class _Validation:
                 continue
             for d in res.result.get("unexpected_index_list") or []:
                 i = int(d["row"]) - base
-                what = self._describe(check, lines[i], fmt, n_tokens[i], dup[i], near[i], leak[i])
+                what = self._describe(check, lines[i], fmt, n_tokens[i], keys.dup[i], keys.near[i], keys.leak[i])
                 if check.warning:
                     self.warnings_by_rule[check.key] += 1
                     self._problem(si, lines[i].line, f"{src.shown}:{lines[i].line}: {what} (rule {check.key})", warning=True)
                 else:
                     reasons.setdefault(i, []).append((what, check.key, 0))
-
-        self._write(si, fmt, all_lines, {id(ln): i for i, ln in enumerate(lines)}, reasons, msgs, split,
-                    list(zip(pkeys, n_tokens)))
+        return reasons
 
     def _write(self, si: int, fmt: D.Format, all_lines: list[Line], index: dict[int, int],
                reasons: dict[int, list[tuple[str, str, int]]], msgs: list[Any], split: list[str],
@@ -706,7 +497,7 @@ class _Validation:
             self.accepted += 1
             src.counts["accepted"] += 1
 
-    def _describe(self, check: _Check, ln: Line, fmt: D.Format, n_tok: float, dup: str | None, near: str | None,
+    def _describe(self, check: Check, ln: Line, fmt: D.Format, n_tok: float, dup: str | None, near: str | None,
                   leak: str | None) -> str:
         obj = ln.obj or {}
         kind, _, col = check.key.partition(":")
