@@ -70,18 +70,22 @@ def main() -> int:
     ap.add_argument("--head", default="HEAD")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--only", choices=[b[0] for b in BENCHES], action="append")
+    ap.add_argument("--head-first", action="store_true",
+                    help="run head before base (a second run in the other order cancels load drift)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="phiops-revs-"))
     trees = [_worktree(args.base, tmp), _worktree(args.head, tmp)]
     result: dict[str, Any] = {"benchmark": "bench/compare_revs.py", "command": " ".join(["python", *sys.argv]),
-                              "cpu": _cpu(), "base": trees[0][0], "head": trees[1][0], "loadavg_before": os.getloadavg(),
+                              "cpu": _cpu(), "base": trees[0][0], "head": trees[1][0],
+                              "order": "head, base" if args.head_first else "base, head", "loadavg_before": os.getloadavg(),
                               "benches": {}}
     try:
         for name, argv, figures in BENCHES:
             if args.only and name not in args.only:
                 continue
             runs = {}
-            for label, (sha, tree) in zip(("base", "head"), trees):
+            order = list(zip(("base", "head"), trees))
+            for label, (sha, tree) in (order[::-1] if args.head_first else order):
                 data, wall = _run(tree, argv, tmp / f"{name}_{sha}.json")
                 runs[label] = {"rev": sha, "wall_s": round(wall, 1), "figures": {f: _get(data, f) for f in figures}}
                 print(f"{name} @ {sha}: {runs[label]['figures']}", flush=True)
