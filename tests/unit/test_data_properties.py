@@ -55,7 +55,8 @@ def _validate(root: Path, files: dict[str, list[dict[str, Any]]], **data: Any) -
         p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     cfg = config.parse({"data": {"raw": "data/raw", **data}, "validate": {"min_tokens": 1}})
     out = v.run(cfg, Layout(root), count_tokens=words, special_tokens=["<|im_end|>"], data_docs=False)
-    return [json.loads(x) for x in out.validated.read_text(encoding="utf-8").splitlines()]
+    # Split on "\n" only: str.splitlines also splits on U+2028/U+2029, which JSON strings may hold raw.
+    return [json.loads(x) for x in out.validated.read_text(encoding="utf-8").split("\n") if x]
 
 
 # Each example runs the stage (a GX context: ~1 s), so few examples; hypothesis still varies formats,
