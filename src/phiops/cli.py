@@ -10,8 +10,9 @@ Exit codes (also in `phiops --help`):
   3  config: the params file is invalid (every bad key is listed)
   4  data: validate or format refused the data (every row and rule is named)
   5  refused: the registry or the approval service refused (unknown version, tampered files,
-     auth), the gate rejected the candidate, the approver refused it, nothing to roll back,
-     no production model
+     auth), the registry or a lineage record (dvc.lock, git) could not be read, the gate
+     rejected the candidate, the approver refused it, nothing to roll back, no production
+     model, another `phiops run` holds this checkout
   6  model or artifact: a checkpoint, quantization, merge check, embedding model, LoRA target,
      bento, DVC stage or the gate's input failed
 """
@@ -35,6 +36,7 @@ from phiops.lora import LoraTargetError
 from phiops.models import ModelError
 from phiops.paths import Layout
 from phiops.procs import StageError
+from phiops.runlock import RunLockedError
 from phiops.stages.merge import MergeMismatchError
 from phiops.stages.quantize import QuantizeError
 
@@ -56,7 +58,7 @@ EXIT_ARTIFACT = 6  # a model or artifact is missing, unsafe or wrong: checkpoint
 ERROR_CODES: tuple[tuple[int, tuple[type[Exception], ...]], ...] = (
     (EXIT_CONFIG, (config.ConfigError,)),
     (EXIT_DATA, (DataError,)),
-    (EXIT_REFUSED, (RegistryError, ApprovalError)),
+    (EXIT_REFUSED, (RegistryError, ApprovalError, RunLockedError)),
     (EXIT_ARTIFACT, (ModelError, QuantizeError, MergeMismatchError, EmbeddingError, LoraTargetError, BentoError,
                      StageError, CandidateError)),
 )
@@ -123,7 +125,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     path, name = FLOW_ENTRYPOINT.split(":")
     if not (root / path).is_file():
         args.usage_error(f"{root} is not a phiops project: it has no {path} (--root names the project)")
-    config.load(args.params)  # fail fast, before Prefect starts, on a bad config
+    # Fail fast, before Prefect starts, on a bad config or one the DVC stages would not run with.
+    config.require_dvc_params(root, args.params)
+    _quiet_expected_tracebacks()
     saved = list(sys.path)
     try:
         # No placeholder flow: a flow file that does not import is a bug to see, not a no-op run.
@@ -142,6 +146,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         a = result["approval"]
         return _fail(f"{result['version']} refused by {a['approver']} ({a['reason']})", code)
     return code
+
+
+class _ExpectedErrorsInOneLine(logging.Filter):
+    """Prefect logs a failed task's and flow's exception with its traceback (twice, then again as
+    the flow's final state). For an expected error (one with an exit code) the message says what
+    to fix and the traceback only buries it; a bug keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and exit_code(record.exc_info[1]) is not None:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_expected_tracebacks() -> None:
+    # Logger-level filters see records logged on that very logger, which is where Prefect's
+    # engines log a run's failure.
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ExpectedErrorsInOneLine) for f in logger.filters):
+            logger.addFilter(_ExpectedErrorsInOneLine())
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
