@@ -25,7 +25,7 @@ import logging
 import sys
 from pathlib import Path
 
-from phiops import __version__, config
+from phiops import __version__, config, runlock
 from phiops.approval import ApprovalError
 from phiops.artifacts import RegistryError
 from phiops.bento import BentoError
@@ -127,6 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.usage_error(f"{root} is not a phiops project: it has no {path} (--root names the project)")
     # Fail fast, before Prefect starts, on a bad config or one the DVC stages would not run with.
     config.require_dvc_params(root, args.params)
+    runlock.check_free(root)  # another run in this checkout: say so now, not after Prefect starts
     _quiet_expected_tracebacks()
     saved = list(sys.path)
     try:
@@ -150,22 +151,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 class _ExpectedErrorsInOneLine(logging.Filter):
     """Prefect logs a failed task's and flow's exception with its traceback (twice, then again as
-    the flow's final state). For an expected error (one with an exit code) the message says what
-    to fix and the traceback only buries it; a bug keeps its traceback."""
+    the flow's final state; under load its event worker may log one more while shutting down).
+    For an expected error (one with an exit code, anywhere in the exception's chain) the message
+    says what to fix and a traceback only buries it; a bug keeps its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None and exit_code(record.exc_info[1]) is not None:
-            record.exc_info, record.exc_text = None, None
+        exc = record.exc_info[1] if record.exc_info else None
+        seen = 0
+        while exc is not None and seen < 10:
+            if exit_code(exc) is not None:
+                record.exc_info, record.exc_text = None, None
+                break
+            exc, seen = exc.__cause__ or exc.__context__, seen + 1
         return True
 
 
 def _quiet_expected_tracebacks() -> None:
-    # Logger-level filters see records logged on that very logger, which is where Prefect's
-    # engines log a run's failure.
-    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _ExpectedErrorsInOneLine) for f in logger.filters):
-            logger.addFilter(_ExpectedErrorsInOneLine())
+    # On the handlers (a handler's filters see every record it is about to write, from any
+    # logger), of the root logger and of Prefect's loggers, which Prefect configured on import.
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                                       if name.startswith("prefect")]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(f, _ExpectedErrorsInOneLine) for f in handler.filters):
+                handler.addFilter(_ExpectedErrorsInOneLine())
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

@@ -49,6 +49,19 @@ def _holder(path: Path) -> str:
     return f"{info.get('owner', 'another phiops run')} (pid {info.get('pid')}, since {info.get('since')})"
 
 
+def check_free(root: Path) -> None:
+    """Refuse now if another run holds the checkout (before a run starts its Prefect server).
+
+    Only a fast answer for the command line: the flow takes the lock itself with :func:`hold`.
+
+    Raises:
+        RunLockedError: another run holds it (named).
+    """
+    if (Path(root) / LOCK).exists():
+        with hold(root, owner="phiops run (checking)"):
+            pass
+
+
 @contextlib.contextmanager
 def hold(root: Path, owner: str, *, wait: bool = False, on_wait: Callable[[str], None] | None = None,
          poll_s: float = POLL_S) -> Iterator[Path]:

@@ -172,6 +172,8 @@ def commit_or_die(written, root, step, fp, keep=1):
         os.kill(os.getpid(), signal.SIGKILL)
     return commit(written, root, step, fp, keep)
 checkpoints.commit = commit_or_die
+import torch
+assert torch.get_num_threads() == int(os.environ["OMP_NUM_THREADS"]), torch.get_num_threads()
 from phiops.cli import main
 sys.exit(main(["stage", "train"]))
 """
@@ -218,7 +220,14 @@ def _killed_project(tiny_models, tmp_path: Path, env: dict[str, str], wait_for_c
     cfg, layout = _project(tmp_path, tiny_models["phi3"], **RESUME_KW)
     format_stage.run(cfg, layout)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(cfg.dump()))
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=tmp_path, env={**os.environ, **env},
+    # The killed run's steps are compared with the uninterrupted run of this process, so both must
+    # use the same number of CPU threads: CPU training is not bit-identical across thread counts
+    # (1 vs 2 threads moved this adapter by 2.8e-5, far past the 1e-6 compared below). A fresh
+    # process picks its own count (OMP_NUM_THREADS, the CPUs it may run on when it starts); left
+    # unpinned, whatever made that count differ from pytest's made this test flaky.
+    threads = str(torch.get_num_threads())
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if wait_for_checkpoint:
         deadline = time.time() + 300

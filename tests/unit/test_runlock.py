@@ -20,7 +20,7 @@ from pathlib import Path
 from phiops import runlock
 with runlock.hold(Path(sys.argv[1]), owner="flow run brave-otter (1234)"):
     print("held", flush=True)
-    time.sleep(60)
+    time.sleep(3600)  # the test kills it; importing Prefect alone can take a minute on a loaded machine
 """
 
 
@@ -78,3 +78,17 @@ def test_the_lock_file_is_git_ignored():
     root = Path(__file__).resolve().parents[2]
     res = subprocess.run(["git", "check-ignore", "-q", str(runlock.LOCK)], cwd=root)
     assert res.returncode == 0, f"{runlock.LOCK} must be in .gitignore: a run would leave the tree dirty"
+
+
+def test_phiops_run_refuses_before_starting_prefect(tmp_path, capsys):
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows/retrain.py").write_text("raise SystemExit('the flow must not even load')\n")
+    (tmp_path / "params.yaml").write_text("{}\n")
+    proc = _holder(tmp_path)
+    try:
+        rc = cli.main(["--root", str(tmp_path), "--params", str(tmp_path / "params.yaml"), "run"])
+        err = capsys.readouterr().err
+        assert rc == cli.EXIT_REFUSED and "error: flow run brave-otter (1234)" in err and "Traceback" not in err
+    finally:
+        proc.kill()
+        proc.wait()

@@ -164,7 +164,9 @@ def test_fail_policy_raises_after_writing_report(tmp_path: Path, broken: Path) -
         "tokens": 1, "type:output": 1, "duplicate": 1, "blank:instruction": 1, "required:output": 1, "control": 1,
         "jsonl_parse": 2,
     }
-    assert not layout.validated.exists(), "a failed first run has no accepted set to leave behind"
+    # The accepted set of the earlier, passing run is the last good output: kept as it was.
+    assert layout.validated.read_text() == '{"stale": true}\n'
+    assert [p.name for p in layout.validated.parent.iterdir()] == [layout.validated.name]  # no temp file left
     # Written under `fail` too: dvc.yaml declares it, and it shows what failed the run.
     assert [r["line"] for r in read_jsonl(layout.quarantine / "broken.rejected.jsonl")] == sorted(BROKEN_DEFECTS)
     assert rep["quarantined"] == 0
