@@ -95,6 +95,7 @@ def project(tmp_path):
     (proj / ".gitignore").write_text((ROOT / ".gitignore").read_text())
     # The default config (embedded model: auto approval is allowed) and a gate this candidate passes.
     (proj / "params.yaml").write_text(yaml.safe_dump({"data": {"raw": "data/raw/tickets.jsonl"},
+                                                      "approval": {"mode": "auto"},
                                                       "gate": {"bootstrap_samples": 200}}))
     _git(proj, "init", "-q")
     subprocess.run([procs.dvc_bin(), "init", "-q"], cwd=proj, check=True)
@@ -115,8 +116,9 @@ def _env(tmp_path: Path, name: str) -> dict[str, str]:
 def test_a_second_run_in_the_same_checkout_refuses_and_state_stays_consistent(project, tmp_path):
     proj = project
     (proj / "hold").write_text("")  # the stage waits; removed before the git status check below
+    # Its own process group: if the test fails, the run and its Prefect server are stopped together.
     first = subprocess.Popen([sys.executable, "-c", DRIVER, str(proj)], cwd=proj, env=_env(tmp_path, "a"),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 1500  # Prefect's temporary server starts slowly on a loaded machine
         while not (proj / "started").exists():
@@ -134,7 +136,11 @@ def test_a_second_run_in_the_same_checkout_refuses_and_state_stays_consistent(pr
         assert f"(pid {first.pid}, since " in last
     finally:
         (proj / "go").write_text("")
-        out, err = first.communicate(timeout=1500)
+        try:
+            out, err = first.communicate(timeout=1500)
+        except BaseException:
+            procs.stop_group(first, grace=10)
+            raise
     assert first.returncode == 0, err[-3000:]
     result = json.loads(out[out.index("{"):])
     assert result["status"] == "promoted" and result["version"] == "v1.0.0", result
