@@ -30,7 +30,7 @@ from prefect.input import RunInput  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from phiops import approval as approval_cli  # noqa: E402
-from phiops import candidate, config, deploy, eval_report, gate, lineage, procs, registry  # noqa: E402
+from phiops import candidate, config, deploy, eval_report, gate, lineage, procs, registry, runlock  # noqa: E402
 from phiops.paths import Layout  # noqa: E402
 from phiops.serve import client  # noqa: E402
 from phiops.stages import evaluate  # noqa: E402
@@ -164,10 +164,25 @@ def build_bento(root: str, cfg: config.Params, record: dict[str, Any]) -> dict[s
 # finished tasks stand in for them (Prefect requires it for suspend_flow_run).
 @flow(name="retrain", log_prints=True, retries=0, persist_result=True)
 def retrain(root: str = ".", params: str = "params.yaml", ask: str | None = None) -> dict[str, Any]:
-    """Run the chain; returns {"status": promoted|unchanged|rejected|refused, ...}."""
+    """Run the chain; returns {"status": promoted|unchanged|rejected|refused, ...}.
+
+    `params` must be what the DVC stages read (params.yaml, or the same config): the registry
+    records it. One run per checkout at a time (:mod:`phiops.runlock`).
+    """
     logger = get_run_logger()
     root = str(Path(root).resolve())
-    cfg = config.load(Path(root) / params)
+    cfg = config.require_dvc_params(Path(root), Path(root) / params)
+    run = get_run_context().flow_run
+    # A deployment run resumed after its approval already registered its candidate; it carries
+    # a person's decision, so it waits for the checkout instead of failing and losing it.
+    resumed = any(r.get("flow_run_id") == str(run.id)
+                  for r in registry.Registry(Layout(Path(root)), cfg.registry.artifact).history())
+    with runlock.hold(Path(root), owner=f"flow run {run.name} ({run.id})", wait=resumed, on_wait=logger.info):
+        return _retrain(root, cfg, ask)
+
+
+def _retrain(root: str, cfg: config.Params, ask: str | None) -> dict[str, Any]:
+    logger = get_run_logger()
     layout = Layout(Path(root))
     reconcile_approvals(root, cfg)
 

@@ -10,8 +10,9 @@ Exit codes (also in `phiops --help`):
   3  config: the params file is invalid (every bad key is listed)
   4  data: validate or format refused the data (every row and rule is named)
   5  refused: the registry or the approval service refused (unknown version, tampered files,
-     auth), the gate rejected the candidate, the approver refused it, nothing to roll back,
-     no production model
+     auth), the registry or a lineage record (dvc.lock, git) could not be read, the gate
+     rejected the candidate, the approver refused it, nothing to roll back, no production
+     model, another `phiops run` holds this checkout
   6  model or artifact: a checkpoint, quantization, merge check, embedding model, LoRA target,
      bento, DVC stage or the gate's input failed
 """
@@ -24,7 +25,7 @@ import logging
 import sys
 from pathlib import Path
 
-from phiops import __version__, config
+from phiops import __version__, config, runlock
 from phiops.approval import ApprovalError
 from phiops.artifacts import RegistryError
 from phiops.bento import BentoError
@@ -35,6 +36,7 @@ from phiops.lora import LoraTargetError
 from phiops.models import ModelError
 from phiops.paths import Layout
 from phiops.procs import StageError
+from phiops.runlock import RunLockedError
 from phiops.stages.merge import MergeMismatchError
 from phiops.stages.quantize import QuantizeError
 
@@ -56,7 +58,7 @@ EXIT_ARTIFACT = 6  # a model or artifact is missing, unsafe or wrong: checkpoint
 ERROR_CODES: tuple[tuple[int, tuple[type[Exception], ...]], ...] = (
     (EXIT_CONFIG, (config.ConfigError,)),
     (EXIT_DATA, (DataError,)),
-    (EXIT_REFUSED, (RegistryError, ApprovalError)),
+    (EXIT_REFUSED, (RegistryError, ApprovalError, RunLockedError)),
     (EXIT_ARTIFACT, (ModelError, QuantizeError, MergeMismatchError, EmbeddingError, LoraTargetError, BentoError,
                      StageError, CandidateError)),
 )
@@ -123,7 +125,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     path, name = FLOW_ENTRYPOINT.split(":")
     if not (root / path).is_file():
         args.usage_error(f"{root} is not a phiops project: it has no {path} (--root names the project)")
-    config.load(args.params)  # fail fast, before Prefect starts, on a bad config
+    # Fail fast, before Prefect starts, on a bad config or one the DVC stages would not run with.
+    config.require_dvc_params(root, args.params)
+    runlock.check_free(root)  # another run in this checkout: say so now, not after Prefect starts
+    _quiet_expected_tracebacks()
     saved = list(sys.path)
     try:
         # No placeholder flow: a flow file that does not import is a bug to see, not a no-op run.
@@ -142,6 +147,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         a = result["approval"]
         return _fail(f"{result['version']} refused by {a['approver']} ({a['reason']})", code)
     return code
+
+
+class _ExpectedErrorsInOneLine(logging.Filter):
+    """Prefect logs a failed task's and flow's exception with its traceback (twice, then again as
+    the flow's final state; under load its event worker may log one more while shutting down).
+    For an expected error (one with an exit code, anywhere in the exception's chain) the message
+    says what to fix and a traceback only buries it; a bug keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        seen = 0
+        while exc is not None and seen < 10:
+            if exit_code(exc) is not None:
+                record.exc_info, record.exc_text = None, None
+                break
+            exc, seen = exc.__cause__ or exc.__context__, seen + 1
+        return True
+
+
+def _quiet_expected_tracebacks() -> None:
+    # On the handlers (a handler's filters see every record it is about to write, from any
+    # logger), of the root logger and of Prefect's loggers, which Prefect configured on import.
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                                       if name.startswith("prefect")]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(f, _ExpectedErrorsInOneLine) for f in handler.filters):
+                handler.addFilter(_ExpectedErrorsInOneLine())
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

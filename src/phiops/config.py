@@ -312,3 +312,64 @@ def load(path: str | Path = "params.yaml") -> Params:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(str(path), [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
     return parse(data, str(path))
+
+
+# dvc.yaml's `params:` lists name no file, so every DVC stage reads this one (and dvc.lock
+# records its values). A run that loaded other params would record settings that did not run.
+DVC_PARAMS = "params.yaml"
+
+
+class DvcParamsError(ConfigError):
+    """`phiops --params X run` names params that DVC's stages would not run with."""
+
+    def __init__(self, given: Path, dvc_file: Path, differences: list[str]):
+        self.source = str(given)
+        self.problems = differences
+        shown = "; ".join(differences[:10]) + (f"; and {len(differences) - 10} more" if len(differences) > 10 else "")
+        ValueError.__init__(
+            self,
+            f"{given} differs from {dvc_file} ({shown}). The DVC stages read {dvc_file.name} (dvc.yaml's params) "
+            f"and dvc.lock records its values, so running with {given.name} would train on one config and record "
+            f"another. Copy it first (`cp {given} {dvc_file}`, or `phiops config use <preset>`), then `phiops run`.")
+
+
+def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two parsed configs differ, with both values: ``key: a -> b``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in a or k not in b:
+                out.append(f"{key}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}")
+            else:
+                out += differences(a[k], b[k], key)
+        return out
+    return [] if a == b else [f"{prefix or '<root>'}: {a!r} -> {b!r}"]
+
+
+def require_dvc_params(root: Path, path: str | Path) -> Params:
+    """Load `path` for a pipeline run, refusing params the DVC stages would not run with.
+
+    `path` is fine when it is the project's params.yaml or resolves to the same config.
+
+    Args:
+        root: the project root (holding dvc.yaml and params.yaml).
+        path: the params file the run was given.
+
+    Returns:
+        The validated config (what the stages run with and the registry records).
+
+    Raises:
+        ConfigError: `path` (or params.yaml) is invalid.
+        DvcParamsError: it differs from params.yaml (every differing key listed).
+    """
+    given = Path(path)
+    dvc_file = Path(root) / DVC_PARAMS
+    cfg = load(given)
+    if given.resolve() == dvc_file.resolve():
+        return cfg
+    ran = load(dvc_file)
+    diff = differences(cfg.dump(), ran.dump())
+    if diff:
+        raise DvcParamsError(given, dvc_file, [d.replace(" -> ", f" here, {DVC_PARAMS} has ", 1) for d in diff])
+    return cfg

@@ -99,6 +99,7 @@ def run_dvc_stage(root: Path, stage: str, on_line: Callable[[str], None], *,
         start_new_session=True,
     )
     ran = False
+    errors: list[str] = []  # DVC's own `ERROR: ...` lines: the cause, for the message
     assert proc.stdout is not None
     try:
         for line in proc.stdout:
@@ -106,6 +107,8 @@ def run_dvc_stage(root: Path, stage: str, on_line: Callable[[str], None], *,
             if line:
                 on_line(line)
             ran |= line.startswith("Running stage")
+            if line.startswith("ERROR"):
+                errors.append(line)
     except BaseException:  # SIGTERM (Prefect raises TerminationSignal here), cancel, Ctrl-C
         stop_group(proc, grace, kill_wait)
         raise
@@ -115,5 +118,6 @@ def run_dvc_stage(root: Path, stage: str, on_line: Callable[[str], None], *,
         report = Layout(root).validate_markdown
         if stage == "validate" and report.exists():
             raise DataRefused(f"the data failed validation; every rejected row and rule is in {report}", report)
-        raise StageError(f"DVC stage {stage!r} failed (exit {proc.returncode}); see the log above")
+        cause = f": {' / '.join(errors[-3:])}" if errors else ""
+        raise StageError(f"DVC stage {stage!r} failed (exit {proc.returncode}){cause}; see the log above")
     return ran

@@ -15,9 +15,11 @@ the records through :mod:`phiops.registry_view`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -69,13 +71,18 @@ class Registry:
         if not path.exists():
             known = ", ".join(r["version"] for r in self.history()) or "none"
             raise RegistryError(f"{self.artifact} has no version {version!r} (registered: {known})")
-        return json.loads(path.read_text())
+        return _read_record(path)
 
     def history(self) -> list[dict[str, Any]]:
-        """Every registered version, oldest first."""
+        """Every registered version, oldest first.
+
+        Raises:
+            RegistryError: a record cannot be read or parsed (named), so nothing reads a
+                damaged registry as a shorter one.
+        """
         if not self.dir.exists():
             return []
-        recs = [json.loads(p.read_text()) for p in self.dir.glob("v*.json")]
+        recs = [_read_record(p) for p in self.dir.glob("v*.json")]
         return sorted(recs, key=lambda r: r["number"])
 
     def production(self) -> dict[str, Any] | None:
@@ -88,7 +95,7 @@ class Registry:
         assigned = [e for e in self.events() if e.get("event") == "assignment" and e.get("stage") == PRODUCTION]
         if not assigned:
             return None
-        latest = max(assigned, key=lambda e: int(str(e["ref"]).rsplit("#", 1)[-1]))
+        latest = max(assigned, key=_assignment_number)
         return self.record(latest["version"])
 
     def verify(self, version: str, model_dir: Path) -> None:
@@ -151,14 +158,16 @@ class Registry:
         _git(self.root, "add", "--", *paths)
         _git(self.root, "commit", "--quiet", "-m", f"phiops: register {self.artifact} {version}", "--", *paths)
         name, email = _identity(self.root)
-        gto.api.register(
-            str(self.root), self.artifact, "HEAD", version=version,
-            message=f"registered by phiops ({lineage.get('variant')})", author=name, author_email=email,
-        )
+        with _gto(f"register {self.artifact} {version}"):
+            gto.api.register(
+                str(self.root), self.artifact, "HEAD", version=version,
+                message=f"registered by phiops ({lineage.get('variant')})", author=name, author_email=email,
+            )
         if stage:
-            gto.api.assign(str(self.root), self.artifact, stage, version=version, force=True,
-                           message=json.dumps({"approver": "policy:gate", "reason": "passed the gate"}),
-                           author=name, author_email=email)
+            with _gto(f"assign {self.artifact} {version} to {stage}"):
+                gto.api.assign(str(self.root), self.artifact, stage, version=version, force=True,
+                               message=json.dumps({"approver": "policy:gate", "reason": "passed the gate"}),
+                               author=name, author_email=email)
         return record
 
     def record_decision(self, version: str, approval: dict[str, Any]) -> dict[str, Any]:
@@ -199,16 +208,17 @@ class Registry:
         if current and current["version"] == version:
             return record
         name, email = _identity(self.root)
-        gto.api.assign(
-            str(self.root),
-            self.artifact,
-            PRODUCTION,
-            version=version,
-            message=json.dumps({"approver": approver, "reason": reason}),
-            force=True,  # re-assigning a version that was in production before (rollback)
-            author=name,
-            author_email=email,
-        )
+        with _gto(f"assign {self.artifact} {version} to {PRODUCTION}"):
+            gto.api.assign(
+                str(self.root),
+                self.artifact,
+                PRODUCTION,
+                version=version,
+                message=json.dumps({"approver": approver, "reason": reason}),
+                force=True,  # re-assigning a version that was in production before (rollback)
+                author=name,
+                author_email=email,
+            )
         return record
 
     def promotions(self) -> list[dict[str, Any]]:
@@ -221,7 +231,7 @@ class Registry:
                 msg = json.loads(e.get("message") or "{}")
             except ValueError:  # assigned by hand with `gto assign -m "..."`
                 msg = {"reason": e.get("message")}
-            out.append({"n": int(str(e["ref"]).rsplit("#", 1)[-1]), "version": e["version"],
+            out.append({"n": _assignment_number(e), "version": e["version"],
                         "at": str(e.get("timestamp", "")), "approver": msg.get("approver") or e.get("author"),
                         "reason": msg.get("reason", ""), "tag": e["ref"]})
         return sorted(out, key=lambda p: p["n"])
@@ -238,13 +248,63 @@ class Registry:
         return None
 
     def events(self) -> list[dict[str, Any]]:
-        """GTO's journal: registrations and stage assignments with author and message."""
+        """GTO's journal: registrations and stage assignments with author and message.
+
+        Fails closed: production, the gate's comparison and rollbacks are decided from this
+        journal, so "could not read it" must never read as "nothing there". GTO itself skips
+        tags it cannot parse (a hand-made `<artifact>#production#x`, a lightweight tag), which
+        would silently hide an assignment; every git tag of this artifact must therefore be
+        one GTO understood.
+
+        Raises:
+            RegistryError: GTO or git failed (the cause is in the message), or a tag of this
+                artifact is not a valid GTO tag (named).
+        """
         import gto.api
 
-        try:
-            return [dict(e) for e in gto.api.history(str(self.root), self.artifact)]
-        except Exception:
-            return []
+        with _gto(f"read the registry of {self.artifact} from the git tags in {self.root} "
+                  "(nothing is decided from an unread registry)"):
+            events = [dict(e) for e in gto.api.history(str(self.root), self.artifact)]
+        if not _has_commits(self.root):
+            return events
+        tags = _git(self.root, "tag", "--list", f"{self.artifact}@*", f"{self.artifact}#*").splitlines()
+        unread = sorted(set(tags) - {str(e.get("ref")) for e in events})
+        if unread:
+            raise RegistryError(
+                f"git tag(s) {', '.join(unread)} of {self.artifact} are not valid GTO tags (GTO skips them, so "
+                "production or a promotion could be missed); delete or fix them (`git tag -d ...`) and retry"
+            )
+        return events
+
+
+@contextlib.contextmanager
+def _gto(what: str) -> Iterator[None]:
+    """GTO's (and git's) failures as a RegistryError that says what was being done."""
+    try:
+        yield
+    except RegistryError:
+        raise
+    except Exception as exc:  # GTO raises scmrepo, git and its own errors; each means "not done"
+        raise RegistryError(f"GTO could not {what}: {type(exc).__name__}: {exc}") from exc
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"cannot read registry record {path} ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("number"), int) or "version" not in record:
+        raise RegistryError(f"registry record {path} is damaged: no version/number")
+    return record
+
+
+def _assignment_number(event: dict[str, Any]) -> int:
+    """N of a `<artifact>#<stage>#N` assignment tag (strictly increasing per artifact)."""
+    ref = str(event.get("ref"))
+    try:
+        return int(ref.rsplit("#", 1)[1])
+    except (IndexError, ValueError):
+        raise RegistryError(f"GTO assignment tag {ref!r} has no number: the order of assignments is unknown") from None
 
 
 def _has_commits(root: Path) -> bool:

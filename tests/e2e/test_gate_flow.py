@@ -33,7 +33,10 @@ def project(tmp_path, monkeypatch):
     layout = Layout(proj)
     (proj / "models/merged").mkdir(parents=True)
     (proj / "models/merged/model.safetensors").write_bytes(b"production weights")
-    (proj / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    # As DVC leaves it: the raw data and the candidate pinned (a registration records both).
+    (proj / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "validate": {"cmd": "phiops stage validate", "deps": [{"path": "data/raw", "md5": "raw.dir"}]},
+        "merge": {"cmd": "phiops stage merge", "outs": [{"path": "models/merged", "md5": "merged.dir"}]}}}))
     # Manual approval with a short timeout: if the gate wrongly passed, the flow fails fast instead of waiting.
     (proj / "params.yaml").write_text(yaml.safe_dump({"approval": {"mode": "manual", "timeout_hours": 0.001}}))
     _git(proj, "init", "-q")
@@ -125,3 +128,52 @@ def test_no_decision_within_the_timeout_is_a_rejection(project, monkeypatch):
     assert reg.production()["version"] == "v1.0.0"  # staged, never promoted
     staged = [e["version"] for e in reg.events() if e.get("event") == "assignment" and e.get("stage") == "staging"]
     assert "v2.0.0" in staged
+
+
+def _stub_stages(monkeypatch, flow) -> None:
+    monkeypatch.setattr(flow, "stage_order", lambda root: ["evaluate"])
+    monkeypatch.setattr(flow, "dvc_stage", lambda root, stage: True)
+
+
+def test_a_registry_that_cannot_be_read_stops_the_run(project, monkeypatch):
+    """GTO fails: the run stops naming the cause, instead of reading "no production" and skipping that rule."""
+    import gto.api
+
+    import flows.retrain as flow
+    from prefect import get_client
+
+    from phiops.artifacts import RegistryError
+
+    proj, reg = project
+    tags_before, head_before = _git(proj, "tag"), _git(proj, "rev-parse", "HEAD")
+    (proj / "models/merged/model.safetensors").write_bytes(b"candidate weights")
+    _stub_stages(monkeypatch, flow)
+    real = gto.api.history
+    monkeypatch.setattr(gto.api, "history", lambda *a, **k: (_ for _ in ()).throw(OSError("refs/tags: Input/output error")))
+    with get_client(sync_client=True) as client:
+        client.hello()
+    with pytest.raises(RegistryError, match="refs/tags: Input/output error"):
+        flow.retrain(root=str(proj))
+    monkeypatch.setattr(gto.api, "history", real)
+    assert reg.production()["version"] == "v1.0.0" and len(reg.history()) == 1
+    assert _git(proj, "tag") == tags_before and _git(proj, "rev-parse", "HEAD") == head_before
+    assert not (proj / "reports/gate.json").exists()  # no decision was taken
+
+
+def test_params_the_dvc_stages_did_not_run_with_are_refused(project, monkeypatch):
+    """`params` other than params.yaml: the stages would run params.yaml, the record would say X."""
+    import flows.retrain as flow
+    from prefect import get_client
+
+    from phiops.config import DvcParamsError
+
+    proj, reg = project
+    (proj / "other.yaml").write_text(yaml.safe_dump({"approval": {"mode": "manual", "timeout_hours": 0.001},
+                                                     "train": {"max_steps": 7}}))
+    ran = []
+    monkeypatch.setattr(flow, "stage_order", lambda root: ran.append(root) or ["evaluate"])
+    with get_client(sync_client=True) as client:
+        client.hello()
+    with pytest.raises(DvcParamsError, match="train.max_steps: 7 here, params.yaml has -1"):
+        flow.retrain(root=str(proj), params="other.yaml")
+    assert ran == [] and len(reg.history()) == 1  # nothing ran, nothing registered

@@ -41,3 +41,30 @@ def test_bad_data_fails_the_run_once_with_the_report_attached(tiny_models, make_
     assert "data/raw/tickets.jsonl:161: output: must be a string, got int 42 (rule type:output)" in art.data
     assert not (proj / "data/processed").exists() and not (proj / "models").exists()  # nothing downstream ran
     assert json.loads((proj / "data/quarantine/tickets.rejected.jsonl").read_text())["line"] == 161
+
+
+def test_phiops_run_refusing_data_exits_4_without_traceback_and_keeps_the_last_good_rows(
+        tiny_models, make_project, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from phiops import cli, procs
+
+    proj = make_project(tmp_path, tiny_models["llama"])
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
+    subprocess.run([procs.dvc_bin(), "repro", "validate"], cwd=proj, env=env, check=True, capture_output=True)
+    rows = proj / "data/validated/rows.jsonl"
+    good, lock = rows.read_bytes(), (proj / "dvc.lock").read_text()
+
+    raw = proj / "data/raw/tickets.jsonl"
+    raw.write_bytes(raw.read_bytes() + b'{"instruction": "a\x00b", "input": "", "output": "x"}\n')
+    res = subprocess.run([sys.executable, "-m", "phiops.cli", "run"], cwd=proj, env=env, capture_output=True, text=True)
+    assert res.returncode == cli.EXIT_DATA, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-5000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("error: the data failed validation")
+    assert "data/raw/tickets.jsonl:161:" in res.stderr and "NUL byte" in res.stderr  # the row, as the stage said it
+    # The last good accepted set stays, still the one dvc.lock pins; nothing downstream ran.
+    assert rows.read_bytes() == good and (proj / "dvc.lock").read_text() == lock
+    assert not (proj / "data/processed").exists()

@@ -124,3 +124,143 @@ def test_evaluate_and_decide_compares_with_production(proj):
     assert json.loads(layout.eval_production.read_text())["version"] == v1
     gate = json.loads(layout.gate_report.read_text())
     assert gate["production"] == v1 and gate["passed"] is True
+
+
+# -- fail closed: a state read that fails stops the decision, naming the cause --------------------
+
+def _production(proj) -> tuple[Layout, Registry]:
+    layout = Layout(proj)
+    reg = Registry(layout, "phiops-model")
+    reg.register(proj / "models/merged", {"variant": "merged"})
+    reg.set_production("v1.0.0", approver="ana", reason="first")
+    return layout, reg
+
+
+def _tags(proj) -> str:
+    return subprocess.run(["git", "tag"], cwd=proj, capture_output=True, text=True, check=True).stdout
+
+
+def test_a_gto_failure_stops_the_gate_instead_of_skipping_the_production_rule(proj, monkeypatch):
+    import gto.api
+
+    from phiops.artifacts import RegistryError
+
+    layout, reg = _production(proj)
+    _evaluation(proj, merged_right=18)
+    tags = _tags(proj)
+    real = gto.api.history
+    monkeypatch.setattr(gto.api, "history", lambda *a, **k: (_ for _ in ()).throw(OSError("packed-refs: I/O error")))
+    with pytest.raises(RegistryError, match="packed-refs: I/O error"):
+        candidate.evaluate_and_decide(config.parse({}), layout)
+    assert not layout.gate_report.exists()  # no decision was written
+    monkeypatch.setattr(gto.api, "history", real)
+    assert reg.production()["version"] == "v1.0.0" and _tags(proj) == tags
+
+
+def test_a_corrupt_production_tag_stops_the_gate(proj):
+    from phiops.artifacts import RegistryError
+
+    layout, reg = _production(proj)
+    _evaluation(proj, merged_right=18)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "tag", "-a", "phiops-model#production#x",
+                    "-m", "{}"], cwd=proj, check=True)
+    with pytest.raises(RegistryError, match="phiops-model#production#x"):
+        candidate.evaluate_and_decide(config.parse({}), layout)
+    assert not layout.gate_report.exists()
+
+
+def test_production_files_behind_a_missing_dvc_remote_stop_the_gate(proj):
+    from phiops import procs
+    from phiops.artifacts import RegistryError
+
+    layout, reg = _production(proj)
+    # Production's files are gone from the working tree and DVC's cache; the remote is not there.
+    subprocess.run([procs.dvc_bin(), "init", "-q"], cwd=proj, check=True)
+    subprocess.run([procs.dvc_bin(), "remote", "add", "-d", "gone", str(proj / "no-such-remote")], cwd=proj, check=True)
+    (proj / "models/merged/model.safetensors").write_bytes(b"candidate weights")
+    _evaluation(proj, merged_right=18)
+    with pytest.raises(RegistryError, match="cannot restore models/merged of phiops-model@v1.0.0 from DVC"):
+        candidate.evaluate_and_decide(config.parse({}), layout)
+    assert not layout.gate_report.exists()
+    assert reg.production()["version"] == "v1.0.0"
+
+
+@pytest.mark.parametrize("damage", ["half-written", "a directory"])
+def test_an_unreadable_dvc_lock_is_not_an_empty_one(proj, damage):
+    from phiops import lineage
+
+    layout = Layout(proj)
+    lock = proj / "dvc.lock"
+    if damage == "half-written":
+        lock.write_text("schema: '2.0'\nstages:\n  merge:\n    outs: [{path: models/merged, md5: ab")
+    else:
+        lock.unlink()
+        lock.mkdir()
+    prod = {"version": "v1.0.0", "model_path": "models/merged", "dvc_out_md5": "abc.dir"}
+    with pytest.raises(lineage.LineageError, match="dvc.lock"):
+        candidate.unchanged_production(layout, prod, ran=[])
+    with pytest.raises(lineage.LineageError, match="dvc.lock"):
+        lineage.out_hash(layout, "models/merged")
+
+
+def test_two_unknown_hashes_are_not_the_same_candidate(proj):
+    # A record without a hash and a dvc.lock without the out must not read as "production is current".
+    layout = Layout(proj)
+    prod = {"version": "v1.0.0", "model_path": "models/merged", "dvc_out_md5": None}
+    assert candidate.unchanged_production(layout, prod, ran=[]) is None
+
+
+def _lineage_project(proj, raw_params: dict, ran: dict) -> Layout:
+    """dvc.lock as DVC writes it after validate and merge ran with `ran`'s param values."""
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    (proj / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "validate": {"cmd": "phiops stage validate", "deps": [{"path": "data/raw", "md5": "raw.dir"}],
+                     "params": {"params.yaml": {"data.raw": ran["data.raw"]}}},
+        "train": {"cmd": "phiops stage train", "params": {"params.yaml": {"train": ran["train"]}}},
+        "merge": {"cmd": "phiops stage merge", "outs": [{"path": "models/merged", "md5": "m.dir"}]}}}))
+    _evaluation(proj, merged_right=18)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "code"],
+                   cwd=proj, check=True)
+    return Layout(proj)
+
+
+def test_lineage_records_only_what_ran(proj):
+    from phiops import gate, lineage
+
+    raw = {"data": {"raw": "data/raw/tickets.jsonl"}, "train": {"max_steps": 40}}
+    layout = _lineage_project(proj, raw, {"data.raw": "data/raw/tickets.jsonl", "train": {"max_steps": 40}})
+    cfg = config.parse(raw)
+    decision = gate.Decision(True, "merged", ["ok"])
+    rec = lineage.collect(layout, cfg, decision, {"status": "pending"}, "run-1")
+    assert (rec["dvc_out_md5"], rec["data_hash"], rec["params"]["train"]["max_steps"]) == ("m.dir", "raw.dir", 40)
+
+    # params.yaml edited after the stages ran: dvc.lock says train ran with 40 steps.
+    (proj / "params.yaml").write_text(yaml.safe_dump({**raw, "train": {"max_steps": 2}}))
+    with pytest.raises(lineage.LineageError, match=r"params.yaml is not the params this run loaded \(train.max_steps"):
+        lineage.collect(layout, cfg, decision, {}, "run-1")
+    cfg2 = config.parse({**raw, "train": {"max_steps": 2}})
+    with pytest.raises(lineage.LineageError, match=r"train: train ran with \{'max_steps': 40\}, params.yaml holds"):
+        lineage.collect(layout, cfg2, decision, {}, "run-1")
+
+    # The candidate's files are not pinned by dvc.lock: nothing says what produced them.
+    (proj / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(lineage.LineageError, match="dvc.lock pins no models/gptq"):
+        lineage.collect(layout, cfg, gate.Decision(True, "gptq", ["ok"]), {}, "run-1")
+
+
+def test_lineage_without_a_commit_is_refused(tmp_path):
+    from phiops import lineage
+
+    with pytest.raises(lineage.LineageError, match="git cannot name the commit"):
+        lineage.git_rev(tmp_path)
+
+
+def test_reconcile_refuses_a_damaged_flow_run_id(proj):
+    from phiops import approval
+    from phiops.artifacts import RegistryError
+
+    reg = Registry(Layout(proj), "phiops-model")
+    reg.register(proj / "models/merged", {"variant": "merged", "flow_run_id": "not-a-uuid",
+                                          "approval": {"status": "pending"}})
+    with pytest.raises(RegistryError, match="v1.0.0: its record names flow run 'not-a-uuid'"):
+        approval.reconcile(Layout(proj), "phiops-model")

@@ -215,3 +215,26 @@ def test_flow_entrypoint_is_prefect_yamls():
 def test_run_outside_a_project_is_a_usage_error(capsys, project):
     rc, _, err = _main(capsys, *_args(project, "run"))
     assert rc == cli.EXIT_USAGE and "has no flows/retrain.py" in err
+
+
+# -- phiops run: --params must be what the DVC stages read -----------------------------------------
+
+def test_run_refuses_params_the_dvc_stages_would_not_read(project, capsys):
+    (project / "flows").mkdir()
+    (project / "flows/retrain.py").write_text("raise SystemExit('the flow must not even load')\n")
+    other = project / "other.yaml"
+    other.write_text("registry: {artifact: phiops-model}\ntrain: {max_steps: 2}\ndata: {raw: data/raw/bad.jsonl}\n")
+    rc, out, err = _main(capsys, "--root", str(project), "--params", str(other), "run")
+    _expected_error(err, cli.EXIT_CONFIG, rc)
+    assert "train.max_steps: 2 here, params.yaml has -1" in err
+    assert "data.raw: 'data/raw/bad.jsonl' here, params.yaml has 'data/raw/tickets.jsonl'" in err
+    assert f"cp {other} {project / 'params.yaml'}" in err
+
+
+def test_run_accepts_a_copy_of_params_yaml(project):
+    from phiops import config
+
+    copy = project / "copy.yaml"
+    copy.write_text("registry:\n  artifact: phiops-model\ntrain: {max_steps: -1}\n")  # the default: same config
+    assert config.require_dvc_params(project, copy).train.max_steps == -1
+    assert config.require_dvc_params(project, project / "params.yaml").registry.artifact == "phiops-model"

@@ -132,3 +132,59 @@ def test_the_stage_finds_executables_beside_this_interpreter(dvc_project, monkey
     procs.run_dvc_stage(dvc_project, "which", lines.append)
     assert str(Path(sys.executable).parent / "dvc") in lines
     assert os.environ["PATH"] == "/usr/bin:/bin"
+
+
+PERSIST_YAML = """\
+stages:
+  kept:
+    cmd: python stage.py kept.txt
+    deps: [in.txt, stage.py]
+    outs:
+      - kept.txt:
+          persist: true
+  plain:
+    cmd: python stage.py plain.txt
+    deps: [in.txt, stage.py]
+    outs: [plain.txt]
+"""
+# Like the validate stage: refuse bad input without touching the output, else replace it in one rename.
+PERSIST_STAGE = """\
+import os, sys
+data = open("in.txt").read()
+if data == "bad":
+    print("refused"); sys.exit(4)
+open(sys.argv[1] + ".tmp", "w").write(data)
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+"""
+
+
+def test_dvc_keeps_a_persist_output_and_dvc_lock_when_its_stage_fails(tmp_path):
+    # What dvc.yaml's `persist: true` on data/validated/rows.jsonl relies on, checked on DVC itself.
+    subprocess.run([procs.dvc_bin(), "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.yaml").write_text(PERSIST_YAML)
+    (tmp_path / "stage.py").write_text(PERSIST_STAGE)
+    (tmp_path / "in.txt").write_text("good rows")
+    for stage in ("kept", "plain"):
+        assert procs.run_dvc_stage(tmp_path, stage, lambda line: None)
+    lock = (tmp_path / "dvc.lock").read_text()
+
+    (tmp_path / "in.txt").write_text("bad")
+    for stage in ("kept", "plain"):
+        with pytest.raises(procs.StageError, match=rf"DVC stage '{stage}' failed \(exit \d+\): ERROR: failed to reproduce"):
+            procs.run_dvc_stage(tmp_path, stage, lambda line: None)
+    assert (tmp_path / "kept.txt").read_text() == "good rows"  # the last good output
+    assert not (tmp_path / "plain.txt").exists()  # DVC's default: deleted before the stage ran
+    assert (tmp_path / "dvc.lock").read_text() == lock  # a failed stage records nothing
+
+
+def test_a_held_dvc_lock_fails_the_stage_naming_it(dvc_project):
+    # Another DVC process holds the repo lock: the stage fails, and the message says so.
+    from dvc.lock import make_lock
+
+    lock = make_lock(str(dvc_project / ".dvc" / "tmp" / "lock"), tmp_dir=str(dvc_project / ".dvc" / "tmp"))
+    lock.lock()
+    try:
+        with pytest.raises(procs.StageError, match="ERROR: Unable to acquire lock"):
+            procs.run_dvc_stage(dvc_project, "hello", lambda line: None)
+    finally:
+        lock.unlock()

@@ -114,3 +114,73 @@ def test_tables_show_lineage(reg):
     assert re.search(rf"^sha256 model.safetensors +{digest}$", shown, re.M)
     for field in ("data hash (dvc.lock)", "git rev (code)", "flow run id", "approver", "gate", "params"):
         assert field in shown, field
+
+
+# -- fail closed: "could not read" is never "nothing there" --------------------------------------
+
+def _promoted(reg):
+    r, model = reg
+    r.register(model, {"variant": "merged"})
+    r.set_production("v1.0.0", approver="ana", reason="first")
+    return r
+
+
+def test_a_gto_failure_stops_instead_of_reading_as_no_production(reg, monkeypatch):
+    import gto.api
+
+    r = _promoted(reg)
+
+    def broken(*a, **k):
+        raise RuntimeError("tag storage unreadable")
+
+    monkeypatch.setattr(gto.api, "history", broken)
+    for read in (r.production, r.promotions, r.previous_production, r.events):
+        with pytest.raises(RegistryError, match="could not read the registry of phiops-model.*tag storage unreadable"):
+            read()
+
+
+@pytest.mark.parametrize("tag", ["phiops-model#production#x", "phiops-model@vbad"])
+def test_a_tag_gto_cannot_parse_is_named_not_skipped(reg, tag):
+    # GTO itself skips tags it cannot parse: a corrupt production tag would silently vanish.
+    r = _promoted(reg)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "tag", "-a", tag, "-m", "{}"], cwd=r.root, check=True)
+    with pytest.raises(RegistryError, match=re.escape(tag) + ".*not valid GTO tags"):
+        r.production()
+
+
+def test_a_lightweight_assignment_tag_is_refused(reg):
+    r = _promoted(reg)
+    subprocess.run(["git", "tag", "phiops-model#production#9"], cwd=r.root, check=True)
+    with pytest.raises(RegistryError, match="phiops-model#production#9"):
+        r.production()
+
+
+def test_a_damaged_record_is_named(reg):
+    r = _promoted(reg)
+    (r.dir / "v1.0.0.json").write_text("{half a rec")
+    with pytest.raises(RegistryError, match="v1.0.0.json"):
+        r.history()
+    with pytest.raises(RegistryError, match="v1.0.0.json"):
+        r.production()
+
+
+def test_no_git_repository_is_an_error_not_an_empty_registry(tmp_path):
+    r = Registry(Layout(tmp_path), "phiops-model")
+    with pytest.raises(RegistryError, match="could not read the registry.*not a git repository"):
+        r.production()
+
+
+def test_a_gto_write_failure_is_a_registry_error(reg, monkeypatch):
+    import gto.api
+
+    r = _promoted(reg)
+    (r.root / "models/merged/model.safetensors").write_bytes(b"weights-v2")
+    r.register(r.root / "models/merged", {"variant": "merged"})
+
+    def refuse(*a, **k):
+        raise ValueError("cannot create tag")
+
+    monkeypatch.setattr(gto.api, "assign", refuse)
+    with pytest.raises(RegistryError, match="GTO could not assign phiops-model v2.0.0 to production: .*cannot create tag"):
+        r.set_production("v2.0.0", approver="ana", reason="better")
+    assert r.production()["version"] == "v1.0.0"

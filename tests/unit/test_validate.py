@@ -164,7 +164,9 @@ def test_fail_policy_raises_after_writing_report(tmp_path: Path, broken: Path) -
         "tokens": 1, "type:output": 1, "duplicate": 1, "blank:instruction": 1, "required:output": 1, "control": 1,
         "jsonl_parse": 2,
     }
-    assert not layout.validated.exists(), "a failed run must not leave an accepted set behind"
+    # The accepted set of the earlier, passing run is the last good output: kept as it was.
+    assert layout.validated.read_text() == '{"stale": true}\n'
+    assert [p.name for p in layout.validated.parent.iterdir()] == [layout.validated.name]  # no temp file left
     # Written under `fail` too: dvc.yaml declares it, and it shows what failed the run.
     assert [r["line"] for r in read_jsonl(layout.quarantine / "broken.rejected.jsonl")] == sorted(BROKEN_DEFECTS)
     assert rep["quarantined"] == 0
@@ -613,14 +615,19 @@ def test_overlong_line_is_refused_without_reading_it_whole(tmp_path: Path, monke
     assert [r["source_line"] for r in read_jsonl(out.validated)] == [1, 3]
 
 
-def test_failure_before_gx_removes_stale_outputs(tmp_path: Path) -> None:
+def test_failure_keeps_the_last_good_accepted_set_and_drops_stale_docs(tmp_path: Path) -> None:
     raw = write_lines(tmp_path / "data/raw/x.jsonl", [row(1)])
     run(tmp_path, "data/raw/x.jsonl", docs=True)
     layout = Layout(tmp_path)
     assert layout.validated.exists() and (layout.data_docs / "index.html").exists()
+    good = layout.validated.read_bytes()
     raw.write_text("{not json\n")
     with pytest.raises(v.DataValidationError, match="1 of 1 rows invalid"):
         run(tmp_path, "data/raw/x.jsonl", docs=True)
-    assert not layout.validated.exists() and not layout.data_docs.exists()
+    # The accepted set is the last good output (dvc.lock still pins it): untouched, and no
+    # temporary file beside it. The Data Docs describe a run, and this run built none.
+    assert layout.validated.read_bytes() == good
+    assert [p.name for p in layout.validated.parent.iterdir()] == [layout.validated.name]
+    assert not layout.data_docs.exists()
     assert report(tmp_path)["problems"] == ["data/raw/x.jsonl:1:2: invalid JSON: "
                                             "Expecting property name enclosed in double quotes (rule jsonl_parse)"]

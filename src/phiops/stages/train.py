@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phiops import attention, lora, models, templates
+from phiops import attention, lora, models, templates, torch_state
 from phiops import checkpoints as ckpts
 from phiops.config import Params
 from phiops.io import atomic_dir, read_jsonl, sha256_file, write_json, write_text
@@ -177,12 +177,22 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
     Raises:
         lora.LoraTargetError: an intended projection got no adapter.
     """
+    t0 = time.time()
+    device = models.pick_device(cfg.train.device)
+    # TF32 for what fp32 matmuls are left on CUDA (the upcast lm_head); set here and undone on
+    # the way out, like every other process-wide torch flag the Trainer sets (and the current
+    # GPU): evaluation, decoding and tests that run later in this process get the precision
+    # they asked for.
+    with torch_state.scoped(tf32=device == "cuda"):
+        _bind_gpu(device)
+        return _run(cfg, layout, device, t0, callbacks)
+
+
+def _run(cfg: Params, layout: Layout, device: str, t0: float, callbacks: list[Any] | None) -> TrainOutputs:
     from transformers import set_seed
     from trl import SFTTrainer
 
-    t0 = time.time()
     set_seed(cfg.train.seed)  # before the adapters are built: their initial weights are random
-    device = _device(cfg)
     world = _world_size()
     built = _build_model(cfg, device)
     train_ds, eval_ds = _datasets(layout)
@@ -191,6 +201,7 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
     ckpt_root.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg, layout)
     args = _sft_config(cfg, ckpts.staging(ckpt_root), device, world, nf4=built.nf4, padding_free=built.padding_free)
+    _one_device_per_process(args, visible_gpus(device), world)
     resume = _resume_point(args, ckpt_root, fp)
     trainer = SFTTrainer(
         model=built.model,
@@ -237,15 +248,54 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _device(cfg: Params) -> str:
-    """`train.device` resolved; on CUDA each process takes its own GPU (``LOCAL_RANK``)."""
+def visible_gpus(device: str) -> int:
+    """CUDA devices this process can see (0 off CUDA)."""
     import torch
 
-    device = models.pick_device(cfg.train.device)
-    # Under `accelerate launch` / torchrun (DDP) each process trains on its own GPU.
+    return torch.cuda.device_count() if device == "cuda" else 0
+
+
+def gpus_per_process(visible: int, world: int) -> int:
+    """How many GPUs one training process drives: at most one.
+
+    Several GPUs visible to a single process (no launcher) would make Trainer wrap the model in
+    `nn.DataParallel`, which TRL's SFTTrainer refuses ("does not support nn.DataParallel"). The
+    stage then trains on the first one rather than launching data parallelism itself: the same
+    params give the same run on any host (data parallelism multiplies the effective batch and
+    the fingerprint's world size), which is what DVC's cache and a resume after a crash assume.
+    Data parallelism stays one command away and is taken as it is:
+    ``torchrun --nproc_per_node N $(which phiops) stage train`` (or ``accelerate launch``), one
+    process per GPU (``WORLD_SIZE`` > 1).
+
+    Args:
+        visible: CUDA devices visible to this process.
+        world: processes training together (``WORLD_SIZE``).
+
+    Returns:
+        0 off CUDA, else 1.
+    """
+    return min(visible, 1)
+
+
+def _one_device_per_process(args: Any, visible: int, world: int) -> None:
+    """Apply :func:`gpus_per_process` to the Trainer's arguments (its `n_gpu`), and say so."""
+    n = gpus_per_process(visible, world)
+    if world == 1 and visible > n:
+        log.warning("%d GPUs visible to one process: training on cuda:0 only. For data parallelism run "
+                    "`torchrun --nproc_per_node %d $(which phiops) stage train` (a different run: "
+                    "the effective batch is %d times larger)", visible, visible, visible)
+    if args.n_gpu > n:
+        # TrainingArguments counts every visible GPU when no launcher is used; `_n_gpu` is the
+        # one place it is kept (Trainer itself lowers it the same way for model parallelism).
+        args._n_gpu = n
+
+
+def _bind_gpu(device: str) -> None:
+    """On CUDA each process takes its own GPU: ``LOCAL_RANK`` under `torchrun` (DDP), else the first."""
+    import torch
+
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return device
 
 
 def _build_model(cfg: Params, device: str) -> _Built:
@@ -377,7 +427,9 @@ def _sft_config(cfg: Params, output_dir: Path, device: str, world: int, *, nf4: 
         # Non-reentrant: recomputation that works with frozen inputs and keyword arguments
         # (the varlen kernel's cu_seq_lens), the one PyTorch recommends.
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        tf32=device == "cuda" or None,  # any fp32 matmul left (upcast lm_head) on tensor cores
+        # TF32 is set by run() in a scope it restores: Trainer's own switch is process-wide and
+        # never undone (and cached, so a second run in the process would not even set it).
+        tf32=None,
         use_cpu=device == "cpu",
         dataloader_num_workers=0,
         disable_tqdm=True,  # _Progress logs step, loss, tokens/s and ETA instead (DVC runs capture logs)

@@ -612,7 +612,8 @@ def run(
         DataValidationError: under ``fail``, any invalid row; under ``quarantine``, a rejected
             fraction above ``validate.max_invalid_fraction``; under either, an unreadable, empty,
             UTF-16 or undetectable file, or no accepted row. The report and the quarantine are
-            written first, and a stale accepted set / Data Docs from an earlier run are removed.
+            written first; the last accepted set is left untouched (the last good output) and
+            stale Data Docs from an earlier run are removed.
         RuntimeError: an expectation itself errored (a bug here, not bad data).
     """
     t0 = time.perf_counter()
@@ -711,8 +712,9 @@ def run(
         report["outputs"]["validated"] = str(layout.validated)
     else:
         validated.discard()
-        # Outputs of an earlier run must not pass for this run's.
-        layout.validated.unlink(missing_ok=True)
+        # The last accepted set stays as it was: it is the last good output, still the one
+        # dvc.lock pins (DVC records nothing for a failed stage, and dvc.yaml marks it
+        # `persist` so DVC does not delete it first). Nothing downstream runs after a refusal.
         if data_docs and not docs_built:
             shutil.rmtree(layout.data_docs, ignore_errors=True)
     write_json(layout.validate_report, report)
