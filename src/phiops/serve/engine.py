@@ -249,10 +249,27 @@ class Engine:
         _TRIM(0)
         self._trimmed, self._idle_trimmed = now, not self.rows
 
+    def _expire_waiting(self) -> None:
+        """Refuse now the waiting requests past their queue deadline (or cancelled): not when a row frees."""
+        now, gone = time.perf_counter(), []
+        with self._queue.mutex:
+            waiting = self._queue.queue
+            for r in list(waiting):
+                if r is not None and (r.cancelled.is_set() or (r.queue_deadline is not None and now > r.queue_deadline)):
+                    waiting.remove(r)
+                    gone.append(r)
+        for r in gone:
+            if r.cancelled.is_set():
+                r.emit(Event(finish_reason="cancelled"))
+            else:
+                self._fail([r], "the request waited past this service's queue-wait budget", code="queue_timeout")
+
     def _admit(self) -> list[Request]:
         room = self.max_batch_size - len(self.rows)
         new: list[Request] = []
         if room <= 0:
+            self._expire_waiting()
+            self.stats.waiting = self._queue.qsize()
             return new
         if not self.rows:  # idle: block for the first request, then wait briefly for company
             first = self._queue.get()
@@ -536,7 +553,8 @@ class Engine:
     def _ended(self, r: Request, ev: Event) -> None:
         """The row's final event; its lifetime feeds the admission estimate."""
         if r.admitted:
-            self.stats.row_seconds = 0.8 * self.stats.row_seconds + 0.2 * (time.perf_counter() - r.admitted)
+            took, avg = time.perf_counter() - r.admitted, self.stats.row_seconds
+            self.stats.row_seconds = took if avg == 0 else 0.8 * avg + 0.2 * took
         self._emit(r, ev)
 
 
