@@ -4,7 +4,8 @@ Routes (a FastAPI app mounted at ``/v1``; BentoML adds ``/livez``, ``/readyz``, 
 
 - ``POST /v1/chat/completions`` and ``POST /v1/completions``: JSON, or server-sent events with
   ``stream: true`` (``phiops.serve.openai_serving``; the accepted fields: ``phiops.serve.protocol``).
-- ``GET /v1/models``: the served model with its lineage (registry version, data hash, git rev).
+- ``GET /v1/models`` and ``GET /v1/models/{id}``: the served model with its lineage (registry
+  version, data hash, git rev).
 - ``GET /readyz``: 200 only after the checkpoint matched its sha256 manifest, the model loaded
   and one warm-up generation ran through the batching engine (``phiops.serve.engine``).
 - ``GET /metrics``: BentoML's request metrics plus ``phiops_*`` (``phiops.serve.observability``).
@@ -12,7 +13,9 @@ Routes (a FastAPI app mounted at ``/v1``; BentoML adds ``/livez``, ``/readyz``, 
 The model and the limits are bento arguments baked by ``phiops.bento.build`` from
 ``params.yaml``'s ``serve`` section, and ``PHIOPS_*`` variables retune a built bento
 (``phiops.serve.settings``). A request beyond ``max_concurrency`` in flight is a 429 (BentoML's
-concurrency middleware, which leaves the health routes and ``/metrics`` alone).
+concurrency middleware, which leaves the health routes and ``/metrics`` alone), in OpenAI's error
+shape with ``Retry-After`` (``phiops.serve.bentoml_compat``). The server listens on ``serve.host``
+(127.0.0.1 unless configured); ``PHIOPS_API_KEY`` set, the ``/v1`` routes want it as a bearer token.
 
 Importing this module loads no torch (``bentoml build`` imports it to find the service); the
 model loads when the service starts. The bento carries ``phiops`` as a wheel.
@@ -21,21 +24,25 @@ model loads when the service starts. The bento carries ``phiops`` as a wheel.
 from typing import Any
 
 import bentoml
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from phiops.serve import bentoml_compat
+from phiops.serve.auth import ApiKeyMiddleware
+from phiops.serve.checkpoint import IntegrityError
 from phiops.serve.loader import cap_kernel_caches, load_stored
 from phiops.serve.observability import DurationMiddleware, Metrics
 from phiops.serve.openai_serving import OpenAIServing
-from phiops.serve.protocol import ChatCompletionRequest, CompletionRequest, add_error_handlers
+from phiops.serve.protocol import ChatCompletionRequest, CompletionRequest, add_error_handlers, add_fallback_route
 from phiops.serve.settings import ServiceArgs, resolve
 
 cap_kernel_caches()  # before torch's first bf16 matmul
 bentoml_compat.cancel_request_timers()
+bentoml_compat.openai_shaped_overload()
 SETTINGS = resolve(bentoml.use_arguments(ServiceArgs))
 
 app = FastAPI(title="phiops OpenAI-compatible API", version="1")
 add_error_handlers(app)
+app.add_middleware(ApiKeyMiddleware)  # inside DurationMiddleware: a 401 is timed too
 app.add_middleware(DurationMiddleware)
 
 
@@ -43,6 +50,7 @@ app.add_middleware(DurationMiddleware)
     name="PhiOpsLLM",
     description="OpenAI-compatible completions over one phiops causal LM, continuously batched.",
     workers=1,  # one model copy per replica; its engine batches every request of the replica
+    http={"host": SETTINGS.host},
     traffic={
         "max_concurrency": SETTINGS.max_concurrency,
         # The route answers 504 itself at request_timeout_s (OpenAI-shaped, generation cancelled);
@@ -61,7 +69,12 @@ class PhiOpsLLM:
         self._ready = False
         self.metrics = Metrics()
         DurationMiddleware.metrics = self.metrics
-        self.serving = OpenAIServing(load_stored(self.model_ref, SETTINGS), SETTINGS, self.metrics)
+        try:
+            loaded = load_stored(self.model_ref, SETTINGS)
+        except IntegrityError as exc:
+            bentoml_compat.stop_server(str(exc))  # no restart loop: a restart cannot repair the files
+            raise
+        self.serving = OpenAIServing(loaded, SETTINGS, self.metrics)
         self._ready = True
 
     def __is_ready__(self) -> bool:
@@ -75,10 +88,17 @@ class PhiOpsLLM:
     async def list_models(self) -> dict[str, Any]:
         return self.serving.models()
 
+    @app.get("/models/{model_id:path}")
+    async def get_model(self, model_id: str) -> dict[str, Any]:
+        return self.serving.model(model_id)
+
     @app.post("/chat/completions", response_model=None)
-    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
-        return await self.serving.chat(body)
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
+        return await self.serving.chat(body, request)
 
     @app.post("/completions", response_model=None)
-    async def completions(self, body: CompletionRequest) -> Any:
-        return await self.serving.completion(body)
+    async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        return await self.serving.completion(body, request)
+
+
+add_fallback_route(app)  # after the routes above: any other /v1 path is an OpenAI-shaped 404

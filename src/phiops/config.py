@@ -218,6 +218,13 @@ class ServeCfg(_Section):
     max_batch_wait_ms: int = Field(10, ge=0)  # an idle engine's wait for company before prefill
     # auto: bf16 on CUDA and on CPUs with AMX (batched passes 1.5-3.3x faster than fp32), else fp32
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    max_n: int = Field(4, ge=1)  # choices per request (`n`); each is one more batch row
+    # A request that cannot get a batch row within this is refused (429/503 with Retry-After)
+    # instead of waiting for request_timeout_s; refused at once when the engine's own estimate
+    # of the wait (rows ahead x average row time / batch size) is already past it.
+    queue_wait_budget_s: float = Field(10.0, gt=0)
+    # Where `bentoml serve` listens: loopback unless an operator opens it (0.0.0.0 in a container).
+    host: str = "127.0.0.1"
 
 
 class Params(_Section):

@@ -1,11 +1,73 @@
-"""The one patch phiops applies to BentoML (1.4.40), with the measurement that justifies it."""
+"""What phiops changes in BentoML (1.4.40), each with the reason.
+
+- ``cancel_request_timers``: the request-timeout middleware cancels its timer (memory, measured);
+  its 504 backstop answers in OpenAI's error shape.
+- ``openai_shaped_overload``: the concurrency middleware's 429 answers in OpenAI's error shape,
+  with ``Retry-After`` (clients such as ``openai`` back off by it).
+- ``stop_server``: a worker that can never start (a damaged model) stops the server instead of
+  being restarted by circus every ~20 s forever.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import signal
 from typing import Any
 
 from fastapi.responses import JSONResponse
+
+from phiops.serve.protocol import error_body
+
+log = logging.getLogger("bentoml.phiops")
+RETRY_AFTER_S = 1  # a slot frees when any request ends: retrying soon is right
+
+
+def openai_shaped_overload() -> None:
+    """BentoML's 429 (``traffic.max_concurrency``) as an OpenAI error with ``Retry-After``."""
+    from bentoml._internal.server.http import traffic
+
+    if getattr(traffic.MaxConcurrencyMiddleware, "phiops_openai_shape", False):
+        return
+    upstream = traffic.MaxConcurrencyMiddleware
+
+    class MaxConcurrencyMiddleware(upstream):  # type: ignore[misc,valid-type]
+        phiops_openai_shape = True
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] not in ("http", "websocket") or scope["path"] in self.skip_paths:
+                return await self.app(scope, receive, send)
+            if self._semaphore.locked():
+                resp = JSONResponse(
+                    error_body("too many requests in flight on this replica; retry later",
+                               code="too_many_requests", kind="rate_limit_error"),
+                    status_code=429, headers={"Retry-After": str(RETRY_AFTER_S)})
+                await resp(scope, receive, send)
+                return
+            async with self._semaphore:
+                await self.app(scope, receive, send)
+
+    traffic.MaxConcurrencyMiddleware = MaxConcurrencyMiddleware
+
+
+def stop_server(reason: str) -> bool:
+    """Inside a ``bentoml serve`` worker: log why, and stop the server (its arbiter, our parent).
+
+    Circus restarts a worker whose service ``__init__`` raises, every ~20 s, forever, and
+    ``/readyz`` never answers; for a fault that a restart cannot fix, stopping is the clear answer
+    (``phiops ask`` then fails within seconds with this message in the server log).
+
+    Returns:
+        True if a server was told to stop; False outside one (tests load the class in process).
+    """
+    from bentoml._internal.context import server_context
+
+    if server_context.worker_index is None:
+        return False
+    log.critical("%s\nstopping the server: restarting the worker cannot fix this", reason)
+    os.kill(os.getppid(), signal.SIGTERM)
+    return True
 
 
 def cancel_request_timers() -> None:
@@ -48,7 +110,8 @@ def cancel_request_timers() -> None:
                     await waiter
                 except TimeoutError:
                     if fut.cancel():
-                        resp = JSONResponse({"error": f"Not able to process the request in {self.timeout} seconds"},
+                        resp = JSONResponse(error_body(f"not able to process the request in {self.timeout} "
+                                                       "seconds", code="timeout", kind="timeout_error"),
                                             status_code=504)
                         await resp(scope, receive, send)
                 else:

@@ -11,14 +11,18 @@ from phiops.io import sha256_file
 CHECKPOINT_SUBDIR = "checkpoint"
 
 
+class IntegrityError(RuntimeError):
+    """The stored model is not the one saved: restarting the worker cannot fix it."""
+
+
 def verify_checkpoint(path: str, manifest: dict[str, str] | None, tag: str) -> None:
     """Check every checkpoint file against the sha256 manifest saved with the model.
 
     Raises:
-        RuntimeError: no manifest, or a file is missing, unrecorded or differs (names the files).
+        IntegrityError: no manifest, or a file is missing, unrecorded or differs (names the files).
     """
     if not manifest:
-        raise RuntimeError(f"{tag}: the stored model has no sha256 manifest (metadata phiops.files); "
+        raise IntegrityError(f"{tag}: the stored model has no sha256 manifest (metadata phiops.files); "
                            "save it with phiops.bento.save_model")
     found = {os.path.relpath(os.path.join(d, n), path) for d, _, names in os.walk(path) for n in names}
     problems = [f"{rel}: missing" for rel in sorted(set(manifest) - found)]
@@ -28,7 +32,7 @@ def verify_checkpoint(path: str, manifest: dict[str, str] | None, tag: str) -> N
         if actual != manifest[rel]:
             problems.append(f"{rel}: sha256 {actual[:16]}... but the manifest says {manifest[rel][:16]}...")
     if problems:
-        raise RuntimeError(
+        raise IntegrityError(
             f"{tag}: checkpoint files differ from the sha256 manifest saved with the model; refusing to "
             "serve a damaged or altered model (save it again from the registry):\n  - " + "\n  - ".join(problems)
         )

@@ -7,9 +7,16 @@ One background thread owns the model. Each iteration it
    (both left-padded to the longer length, concatenated on the batch dimension);
 2. runs one decode step for every running row: input ``[B, 1]``, a 2-D padding mask and
    per-row position ids over the shared ``DynamicCache``;
-3. samples each row with its own settings (greedy, or temperature/top-p from the row's own
-   ``torch.Generator``, so a seeded request draws the same numbers whoever shares its batch),
-   checks EOS / stop strings / length, and drops finished or cancelled rows from the cache.
+3. samples each row with its own settings (``phiops.serve.sampling``: greedy, or temperature /
+   top-p / penalties from the row's own ``torch.Generator``, so a seeded request draws the same
+   numbers whoever shares its batch), checks EOS / stop strings / length / its response-format
+   grammar, and drops finished, failed or cancelled rows from the cache.
+
+Isolation: a row whose sampling fails (no finite logit, a grammar with no way on) fails alone,
+with an error event, and the batch continues; a prefill that fails fails the requests it was
+prefilling, not the running batch. Only a failed decode pass (shared by every row) fails the
+running rows, and the engine keeps serving. Every request submitted gets exactly one final event
+(finished, failed, cancelled, or refused for waiting past its queue deadline).
 
 A request never waits for another to finish (iteration-level scheduling, as in Orca/vLLM),
 only for the next step. When the engine is idle the first arrival waits at most
@@ -42,6 +49,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from phiops.serve.sampling import RowError, SamplingParams, TokenLogprob, logprobs_of, pick
+
 log = logging.getLogger("bentoml.phiops.engine")
 TRIM_EVERY_S = 5.0
 
@@ -66,28 +75,46 @@ class Event:
     """What the engine reports for one request: new text, and at the end why it stopped."""
 
     text: str = ""
-    finish_reason: str | None = None  # "stop" | "length" once finished; None while running
+    # "stop" | "length" once finished, "cancelled" once cancelled; None while running
+    finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
+    code: str | None = None  # with an error: "queue_timeout" (never started) or None (failed)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens new in this event
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first event only, when asked
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two equal-looking requests are two rows
 class Request:
-    """One generation: prompt ids in, events out through ``emit`` (called on the engine thread)."""
+    """One generation: prompt ids in, events out through ``emit`` (called on the engine thread).
+
+    ``grammar``, when set, constrains the tokens: an object with ``allowed() -> bool [vocab]``,
+    ``accept(token) -> bool`` and ``finished`` (``phiops.serve.grammar``).
+    """
 
     prompt: list[int]
     max_new_tokens: int
     emit: Callable[[Event], None]
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     stops: list[str] = field(default_factory=list)
+    prompt_logprobs: int | None = None  # echo: the prompt's own log-probabilities, top k
+    grammar: Any = None
+    queue_deadline: float | None = None  # perf_counter time; not admitted by then: refused
     cancelled: threading.Event = field(default_factory=threading.Event)
     # engine-side state
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already emitted
     generator: Any = None
     enqueued: float = field(default_factory=time.perf_counter)
+    admitted: float = 0.0
+    error: str | None = None  # set when this row failed; it leaves at the next _advance
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    lp_sent: int = 0
+    first_sent: bool = False
+    prompt_lp: list[TokenLogprob | None] | None = None
+
+    def __post_init__(self) -> None:
+        self.sampling = self.sampling.clamped()
 
     def cancel(self) -> None:
         """Stop generating for this request (client gone, timeout); its row leaves the batch."""
@@ -103,8 +130,11 @@ class Stats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     finished: int = 0
+    failed: int = 0  # rows failed alone (sampling) or with their prefill/decode pass
     active: int = 0
     waiting: int = 0
+    kv_tokens: int = 0  # KV-cache positions held (rows x cached length, padding included)
+    row_seconds: float = 0.0  # moving average of admission-to-end time of a row (admission estimates)
 
 
 class Engine:
@@ -179,14 +209,35 @@ class Engine:
                     if self.rows:
                         self._decode()
                     self._maybe_trim()
-                except Exception as exc:  # an OOM or a kernel error: fail those rows, keep serving
+                except Exception as exc:  # a decode pass (OOM, kernel error): its rows fail, serving goes on
                     log.exception("generation step failed; failing %d running request(s)", len(self.rows))
-                    for r in self.rows:
-                        r.emit(Event(error=f"generation failed: {type(exc).__name__}"))
+                    self._fail(self.rows, f"generation failed: {type(exc).__name__}")
                     self._reset()
-        for r in self.rows:
-            r.emit(Event(error="the engine stopped"))
+        self._fail(self.rows, "the engine stopped")
         self._reset()
+        while True:  # whatever still waits is told, never left hanging
+            try:
+                r = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if r is not None:
+                self._fail([r], "the engine stopped")
+
+    def _fail(self, rows: list[Request], message: str, code: str | None = None) -> None:
+        for r in rows:
+            self.stats.failed += 1
+            r.emit(Event(error=message, code=code, completion_tokens=len(r.tokens)))
+
+    def queue_wait_estimate(self) -> float:
+        """Seconds a request submitted now would wait for a batch row (0 when one is free).
+
+        Rows free at about ``max_batch_size / row_seconds`` a second (the moving average of how
+        long a row stays); with no measurement yet it is 0, and the queue deadline bounds the wait.
+        """
+        ahead = len(self.rows) + self._queue.qsize() + 1 - self.max_batch_size
+        if ahead <= 0:
+            return 0.0
+        return ahead * self.stats.row_seconds / self.max_batch_size
 
     def _maybe_trim(self) -> None:
         # The KV cache is re-allocated at every step with a new shape; glibc keeps the freed
@@ -198,10 +249,27 @@ class Engine:
         _TRIM(0)
         self._trimmed, self._idle_trimmed = now, not self.rows
 
+    def _expire_waiting(self) -> None:
+        """Refuse now the waiting requests past their queue deadline (or cancelled): not when a row frees."""
+        now, gone = time.perf_counter(), []
+        with self._queue.mutex:
+            waiting = self._queue.queue
+            for r in list(waiting):
+                if r is not None and (r.cancelled.is_set() or (r.queue_deadline is not None and now > r.queue_deadline)):
+                    waiting.remove(r)
+                    gone.append(r)
+        for r in gone:
+            if r.cancelled.is_set():
+                r.emit(Event(finish_reason="cancelled"))
+            else:
+                self._fail([r], "the request waited past this service's queue-wait budget", code="queue_timeout")
+
     def _admit(self) -> list[Request]:
         room = self.max_batch_size - len(self.rows)
         new: list[Request] = []
         if room <= 0:
+            self._expire_waiting()
+            self.stats.waiting = self._queue.qsize()
             return new
         if not self.rows:  # idle: block for the first request, then wait briefly for company
             first = self._queue.get()
@@ -229,12 +297,23 @@ class Engine:
                 break
             new.append(nxt)
         self.stats.waiting = self._queue.qsize()
-        return [r for r in new if not r.cancelled.is_set()]
+        now, admitted = time.perf_counter(), []
+        for r in new:
+            if r.cancelled.is_set():
+                r.emit(Event(finish_reason="cancelled"))
+            elif r.queue_deadline is not None and now > r.queue_deadline:
+                self._fail([r], "the request waited past this service's queue-wait budget", code="queue_timeout")
+            else:
+                r.admitted = now
+                admitted.append(r)
+        return admitted
 
     def _seed(self, r: Request) -> None:
-        if r.temperature > 0:
+        if not r.sampling.greedy:
             r.generator = self._torch.Generator(device=self.device)
-            r.generator.manual_seed(r.seed if r.seed is not None else int.from_bytes(_urandom(8), "little") >> 1)
+            # clamped: the seed is already within the generator's 64 bits
+            r.generator.manual_seed(r.sampling.seed if r.sampling.seed is not None
+                                    else int.from_bytes(_urandom(8), "little") >> 1)
 
     def _counted(self, phase: str, rows: int, prompt_tokens: int = 0) -> None:
         self.stats.forward_passes += 1
@@ -245,13 +324,26 @@ class Engine:
             self.on_step(phase, rows, rows)
 
     def _prefill(self, new: list[Request]) -> None:
+        """Prefill the admitted requests; a failure fails the requests of that pass alone."""
+        if self._solo_on:  # company has come: the solo row joins the shared cache first
+            self._leave_solo()
+        # A request asking for its prompt's log-probabilities needs logits at every position:
+        # prefilled on its own, so the [T, vocab] logits are one row's, not the group's.
+        echo = [[r] for r in new if r.prompt_logprobs is not None]
+        plain = [r for r in new if r.prompt_logprobs is None]
+        for group in echo + ([plain] if plain else []):
+            try:
+                self._prefill_group(group)
+            except Exception as exc:
+                log.exception("prefill failed; failing its %d request(s)", len(group))
+                self._fail([r for r in group if all(r is not x for x in self.rows)], f"generation failed: {type(exc).__name__}")
+
+    def _prefill_group(self, new: list[Request]) -> None:
         torch = self._torch
         from transformers import DynamicCache
 
-        if self._solo_on:  # company has come: the solo row joins the shared cache first
-            self._leave_solo()
         r = new[0]
-        if (self.solo is not None and not self.rows and len(new) == 1
+        if (self.solo is not None and not self.rows and len(new) == 1 and r.prompt_logprobs is None
                 and self.solo.fits(len(r.prompt) + r.max_new_tokens)):
             self._seed(r)
             logits = self.solo.prefill(r.prompt)
@@ -259,7 +351,7 @@ class Engine:
             last = self._sample(logits, new)
             if self._advance(new, last):
                 self.rows, self.last, self._solo_on = [r], last, True
-            self.stats.active = len(self.rows)
+            self._track()
             return
         width = max(len(r.prompt) for r in new)
         ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
@@ -271,9 +363,12 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
+        every = new[0].prompt_logprobs is not None  # a group of one (see _prefill)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=0 if every else 1)
         self._counted("prefill", len(new), int(mask.sum()))
+        if every:
+            new[0].prompt_lp = self._prompt_logprobs(out.logits[0], new[0])
         last = self._sample(out.logits[:, -1, :], new)
         keep = self._advance(new, last)  # a row may finish at its first token
         if not keep:
@@ -284,7 +379,20 @@ class Engine:
             cache.batch_select_indices(idx)
             mask, positions, last = mask[idx], positions[idx], last[idx]
         self._merge([new[i] for i in keep], cache, mask, positions, last)
-        self.stats.active = len(self.rows)
+        self._track()
+
+    def _prompt_logprobs(self, logits: Any, r: Request) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it (None for the first)."""
+        torch = self._torch
+        lp = logits[:-1].float().nan_to_num(nan=float("-inf")).log_softmax(-1)
+        target = torch.tensor(r.prompt[1:], device=lp.device)
+        chosen = lp.gather(-1, target[:, None])[:, 0].tolist()
+        k = int(r.prompt_logprobs or 0)
+        tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+        if k > 0:
+            values, ids = lp.topk(k, dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        return [None] + [TokenLogprob(t, c, top) for t, c, top in zip(r.prompt[1:], chosen, tops)]
 
     def _leave_solo(self) -> None:
         """Move the solo row into the batched state: its cache copied out, mask and position set."""
@@ -302,7 +410,7 @@ class Engine:
             self.last = self._sample(logits, self.rows)
             if not self._advance(self.rows, self.last):
                 self._reset()
-            self.stats.active = len(self.rows)
+            self._track()
             return
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=-1)
         out = self.model(input_ids=self.last[:, None], attention_mask=self.mask,
@@ -312,7 +420,7 @@ class Engine:
         self._counted("decode", len(self.rows))
         self.last = self._sample(out.logits[:, -1, :], self.rows)
         self._keep(self._advance(self.rows, self.last))
-        self.stats.active = len(self.rows)
+        self._track()
 
     # ---- batch bookkeeping --------------------------------------------------------------------
 
@@ -359,28 +467,38 @@ class Engine:
     def _reset(self) -> None:
         self.rows, self.cache, self.mask, self.positions, self.last = [], None, None, None, None
         self._solo_on = False
-        self.stats.active = 0
+        self.stats.active = self.stats.kv_tokens = 0
+
+    def _track(self) -> None:
+        self.stats.active = len(self.rows)
+        if self._solo_on:
+            self.stats.kv_tokens = int(self.solo.length)
+        else:
+            self.stats.kv_tokens = int(self.mask.numel()) if self.rows and self.mask is not None else 0
 
     # ---- sampling and stopping ----------------------------------------------------------------
 
     def _sample(self, logits: Any, rows: list[Request]) -> Any:
+        """One token per row (``phiops.serve.sampling``); a row that cannot sample fails alone."""
         torch = self._torch
-        logits = logits.float()
         out = logits.argmax(-1)
+        finite = torch.isfinite(logits).all(-1).tolist()  # one check for the whole batch
         for i, r in enumerate(rows):
-            if r.temperature <= 0:
-                continue
-            scores = logits[i] / r.temperature
-            if r.top_p < 1.0:
-                sorted_scores, order = scores.sort(descending=True)
-                probs = sorted_scores.softmax(-1)
-                # Keep the smallest prefix whose mass reaches top_p (always the first token).
-                drop = (probs.cumsum(-1) - probs) >= r.top_p
-                sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-                pick = torch.multinomial(sorted_scores.softmax(-1), 1, generator=r.generator)
-                out[i] = order[pick[0]]
-            else:
-                out[i] = torch.multinomial(scores.softmax(-1), 1, generator=r.generator)[0]
+            p = r.sampling
+            try:
+                if not (p.greedy and not p.penalized and r.grammar is None and finite[i]):
+                    allowed = r.grammar.allowed() if r.grammar is not None else None
+                    out[i] = pick(logits[i], p, r.generator, r.tokens, allowed)
+                tok = int(out[i])
+                if r.grammar is not None and not r.grammar.accept(tok):
+                    raise RowError("the response format grammar refused the sampled token")
+                if p.logprobs is not None:
+                    r.logprobs.append(logprobs_of(logits[i], tok, p.logprobs))
+            except Exception as exc:  # this row alone: the others keep their tokens
+                if not isinstance(exc, RowError):
+                    log.exception("sampling failed for one request")
+                r.error = str(exc) if isinstance(exc, RowError) else f"sampling failed: {type(exc).__name__}"
+                out[i] = self.pad_id
         return out
 
     def _advance(self, rows: list[Request], tokens: Any) -> list[int]:
@@ -389,6 +507,11 @@ class Engine:
         ids = tokens.tolist()
         for i, (r, tok) in enumerate(zip(rows, ids)):
             if r.cancelled.is_set():
+                self._ended(r, Event(finish_reason="cancelled", completion_tokens=len(r.tokens)))
+                continue
+            if r.error is not None:
+                self.stats.failed += 1
+                self._ended(r, Event(error=r.error, completion_tokens=len(r.tokens)))
                 continue
             self.stats.generated_tokens += 1
             finish = None
@@ -396,6 +519,8 @@ class Engine:
                 finish = "stop"
             else:
                 r.tokens.append(tok)
+                if r.grammar is not None and r.grammar.finished:
+                    finish = "stop"  # the response format is complete
             text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
             if r.stops:
                 cut = min((j for j in (text.find(s) for s in r.stops) if j >= 0), default=-1)
@@ -409,15 +534,28 @@ class Engine:
                 safe = len(text) - hold
                 if text.endswith("\ufffd"):
                     safe = min(safe, len(text) - 1)
-                if safe > r.sent:
-                    r.emit(Event(text=text[r.sent:safe], completion_tokens=len(r.tokens)))
-                    r.sent = safe
+                if safe > r.sent or (not r.first_sent and r.prompt_logprobs is not None):
+                    self._emit(r, Event(text=text[r.sent:safe], completion_tokens=len(r.tokens)))
+                    r.sent = max(r.sent, safe)
                 keep.append(i)
                 continue
             n_out = len(r.tokens) + (1 if tok in self.eos else 0)
-            r.emit(Event(text=text[r.sent:], finish_reason=finish, completion_tokens=n_out))
             self.stats.finished += 1
+            self._ended(r, Event(text=text[r.sent:], finish_reason=finish, completion_tokens=n_out))
         return keep
+
+    def _emit(self, r: Request, ev: Event) -> None:
+        ev.logprobs, r.lp_sent = r.logprobs[r.lp_sent:], len(r.logprobs)
+        if not r.first_sent:
+            ev.prompt_logprobs, r.first_sent = r.prompt_lp, True
+        r.emit(ev)
+
+    def _ended(self, r: Request, ev: Event) -> None:
+        """The row's final event; its lifetime feeds the admission estimate."""
+        if r.admitted:
+            took, avg = time.perf_counter() - r.admitted, self.stats.row_seconds
+            self.stats.row_seconds = took if avg == 0 else 0.8 * avg + 0.2 * took
+        self._emit(r, ev)
 
 
 def _urandom(n: int) -> bytes:

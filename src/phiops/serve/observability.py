@@ -1,7 +1,16 @@
-"""The service's ``phiops_*`` Prometheus series, and the middleware that times each request."""
+"""The service's ``phiops_*`` Prometheus series, and the middleware that times each request.
+
+Latency as a client feels it: ``phiops_time_to_first_token_seconds`` (request admitted to its
+first generated token) and ``phiops_inter_token_latency_seconds`` (between tokens of one choice),
+both histograms. Load: ``phiops_queue_depth`` (requests waiting for a batch row),
+``phiops_batch_rows_active`` and ``phiops_kv_cache_tokens`` (KV positions held, padding included),
+sampled from the engine's counters twice a second (BentoML's multiprocess registry cannot call
+back into the engine at scrape time).
+"""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,9 +40,39 @@ class Metrics:
         self.batch = get(prom.Histogram, "phiops_batch_rows", "Rows (requests) per forward pass, by phase.",
                          labelnames=["phase"], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.running = get(prom.Gauge, "phiops_requests_running",
-                           "Requests in a route handler (a stream counts until its first token is in).", multiprocess_mode="livesum")
+                           "Requests in a route handler (a stream counts until its last byte is sent).",
+                           multiprocess_mode="livesum")
+        self.ttft = get(prom.Histogram, "phiops_time_to_first_token_seconds",
+                        "From submitting a request's rows to its first generated token.",
+                        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.itl = get(prom.Histogram, "phiops_inter_token_latency_seconds",
+                       "Time between two generated tokens of one choice.",
+                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+        self.queue = get(prom.Gauge, "phiops_queue_depth", "Requests waiting for a batch row.",
+                         multiprocess_mode="livesum")
+        self.active = get(prom.Gauge, "phiops_batch_rows_active", "Rows in the running batch.",
+                          multiprocess_mode="livesum")
+        self.kv = get(prom.Gauge, "phiops_kv_cache_tokens",
+                      "KV-cache positions held by the running batch (rows x cached length, padding included).",
+                      multiprocess_mode="livesum")
         self.rejected = get(prom.Counter, "phiops_requests_rejected",
                             "Requests refused before any model compute, by reason.", labelnames=["reason"])
+        self._watching = False
+
+    def watch_engine(self, stats: Any, every_s: float = 0.5) -> None:
+        """Copy the engine's queue depth, active rows and KV use into their gauges, ``every_s``."""
+        if self._watching:
+            return
+        self._watching = True
+
+        def loop() -> None:
+            while True:
+                self.queue.set(stats.waiting)
+                self.active.set(stats.active)
+                self.kv.set(stats.kv_tokens)
+                time.sleep(every_s)
+
+        threading.Thread(target=loop, name="phiops-metrics", daemon=True).start()
 
 
 class DurationMiddleware:

@@ -1,0 +1,177 @@
+"""The batching engine's isolation, driven directly (no HTTP) on a tiny random Llama in float32.
+
+- Extreme but accepted sampling values (the issue's ``top_p: 1e-300``, a seed of 2**70, a
+  temperature of 1e-300) do not fail their own row, nor any row batched with it.
+- A row that fails (here: its grammar raises) fails alone; its batch-mates' tokens are unchanged.
+- Property (hypothesis): random valid sampling parameters, random arrivals and cancellations.
+  Every request gets exactly one final event, a deterministic row (greedy, or seeded) gets the
+  same tokens alone and batched, and nothing is left running.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phiops import models
+from phiops.serve.engine import Engine, Event, Request
+from phiops.serve.sampling import SamplingParams
+
+pytestmark = pytest.mark.integration
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+TINY_ARCH = {"model_type": "llama", "vocab_size": 49152, "num_hidden_layers": 2, "hidden_size": 64,
+             "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "max_position_embeddings": 2048}
+PROMPTS = ["Hello there", "My router drops wifi every hour", "Hi", "Ticket 7: the laptop will not boot at all"]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = models.tiny_random(TINY_ARCH, tmp_path_factory.mktemp("tiny") / "llama",
+                              tokenizer_from=models.ensure_builtin())
+    tok = AutoTokenizer.from_pretrained(Path(path))
+    model = AutoModelForCausalLM.from_pretrained(Path(path), dtype=torch.float32).eval()
+    # EOS = an id that never comes, so each request runs to its length (comparable token counts).
+    eng = Engine(model, tok, [49151], "cpu", max_batch_size=4, max_wait_ms=2)
+    eng.tok = tok
+    yield eng
+    eng.close()
+
+
+class Run:
+    """One request's events, collected on the engine thread."""
+
+    def __init__(self, engine: Engine, prompt: str, n: int, sampling: SamplingParams, grammar: Any = None,
+                 cancel_after: int | None = None) -> None:
+        self.events: list[Event] = []
+        self.done = threading.Event()
+        self.cancel_after = cancel_after
+        self.request = Request(prompt=engine.tok(prompt)["input_ids"], max_new_tokens=n, emit=self.emit,
+                               sampling=sampling, grammar=grammar)
+
+    def emit(self, ev: Event) -> None:
+        self.events.append(ev)
+        if self.cancel_after is not None and ev.completion_tokens >= self.cancel_after:
+            self.request.cancel()
+        if ev.finish_reason or ev.error:
+            self.done.set()
+
+    @property
+    def final(self) -> Event:
+        ends = [e for e in self.events if e.finish_reason or e.error]
+        assert len(ends) == 1, f"{len(ends)} final events"
+        return ends[0]
+
+
+def _idle(engine: Engine) -> None:
+    deadline = time.monotonic() + 10
+    while engine.rows or engine._queue.qsize() or engine.stats.active:
+        assert time.monotonic() < deadline, "rows left running"
+        time.sleep(0.01)
+    assert engine.alive()
+
+
+def _alone(engine: Engine, prompt: str, n: int, sampling: SamplingParams) -> list[int]:
+    run = Run(engine, prompt, n, sampling)
+    engine.submit(run.request)
+    assert run.done.wait(30)
+    assert run.final.error is None, run.final.error
+    _idle(engine)
+    return run.request.tokens
+
+
+POISON = [SamplingParams(temperature=1.0, top_p=1e-300), SamplingParams(temperature=1.0, seed=2**70),
+          SamplingParams(temperature=1e-300), SamplingParams(temperature=1e-4, top_p=1e-30, seed=-1),
+          SamplingParams(temperature=2.0, top_p=5e-324, seed=2**64 - 1, presence_penalty=2.0, frequency_penalty=-2.0,
+                         logprobs=20)]
+
+
+@pytest.mark.parametrize("poison", POISON, ids=lambda p: repr(p))
+def test_extreme_sampling_values_hurt_no_row(engine: Engine, poison: SamplingParams) -> None:
+    normal = SamplingParams(temperature=0.8, top_p=0.9, seed=11)
+    want = _alone(engine, PROMPTS[1], 6, normal)
+    runs = [Run(engine, PROMPTS[1], 6, normal), Run(engine, PROMPTS[0], 6, poison)]
+    for r in runs:
+        engine.submit(r.request)
+    for r in runs:
+        assert r.done.wait(30), "a request never ended"
+        assert r.final.error is None and r.final.finish_reason == "length"
+    assert runs[0].request.tokens == want
+    _idle(engine)
+
+
+class FailingGrammar:
+    """Allows every token, then raises inside the sampler at the row's 3rd token."""
+
+    def __init__(self) -> None:
+        self.calls, self.finished = 0, False
+
+    def allowed(self) -> Any:
+        import torch
+
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("boom")
+        return torch.ones(49152, dtype=torch.bool)
+
+    def accept(self, token: int) -> bool:
+        return True
+
+
+def test_a_failing_row_fails_alone(engine: Engine) -> None:
+    normal = SamplingParams(temperature=0.0)
+    want = _alone(engine, PROMPTS[3], 8, normal)
+    runs = [Run(engine, PROMPTS[3], 8, normal), Run(engine, PROMPTS[0], 8, normal, grammar=FailingGrammar())]
+    for r in runs:
+        engine.submit(r.request)
+    for r in runs:
+        assert r.done.wait(30)
+    assert runs[1].final.error == "sampling failed: RuntimeError"  # the type only, never the text
+    assert runs[0].final.error is None and runs[0].request.tokens == want
+    _idle(engine)
+    assert _alone(engine, PROMPTS[0], 3, normal)  # and the engine serves on
+
+
+sampling = st.builds(
+    SamplingParams,
+    temperature=st.one_of(st.just(0.0), st.floats(0.0, 2.0), st.sampled_from([1e-300, 1e-6, 2.0])),
+    top_p=st.one_of(st.floats(5e-324, 1.0), st.sampled_from([1e-300, 1e-8, 1.0])),
+    seed=st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), st.just(2**70)),
+    presence_penalty=st.floats(-2.0, 2.0),
+    frequency_penalty=st.floats(-2.0, 2.0),
+    logprobs=st.one_of(st.none(), st.integers(0, 20)),
+)
+spec = st.tuples(sampling, st.sampled_from(PROMPTS), st.integers(1, 6),  # max tokens
+                 st.floats(0.0, 0.02),  # arrival delay (s)
+                 st.one_of(st.none(), st.integers(0, 5)))  # cancel after this many tokens
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs=st.lists(spec, min_size=1, max_size=6))
+def test_random_concurrent_requests_are_isolated(engine: Engine, specs: list[Any]) -> None:
+    runs = [Run(engine, prompt, n, p, cancel_after=cancel) for p, prompt, n, _, cancel in specs]
+    timers = [threading.Timer(delay, engine.submit, (r.request,)) for r, (_, _, _, delay, _) in zip(runs, specs)]
+    for t in timers:
+        t.start()
+    for t in timers:
+        t.join()
+    for r in runs:
+        assert r.done.wait(60), "a request never ended"
+        final = r.final  # exactly one final event
+        assert final.error is None, final.error
+        assert final.finish_reason in ("length", "stop", "cancelled")
+    _idle(engine)
+    for r, (p, prompt, n, _, cancel) in zip(runs, specs):
+        c = p.clamped()
+        if r.final.finish_reason != "cancelled" and (c.greedy or c.seed is not None):
+            assert r.request.tokens == _alone(engine, prompt, n, p), "batched tokens differ from alone"
