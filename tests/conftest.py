@@ -16,6 +16,11 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # Prefect's temporary server logs its shutdown at interpreter exit, after pytest has closed the
 # streams ("I/O operation on closed file"); tests read no Prefect INFO logs.
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# Tests that talk to Prefect without a server start its temporary one; under CI's load its start
+# took longer than Prefect's 20 s default (the same default `phiops run` raises, see cli.py).
+from phiops.cli import EPHEMERAL_STARTUP_TIMEOUT_S  # noqa: E402
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_TIMEOUT_S)
 
 # Without a GPU the Triton kernels (phiops/serve/kernels.py) run under Triton's interpreter.
 # It must be chosen before anything imports triton (torch.compile does, in other tests).

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -118,7 +119,14 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+# Without PREFECT_API_URL, Prefect starts a temporary server per process and gives it 20 s to
+# answer; on a loaded 2-core CPU its start (imports, database migration) took longer and the run
+# died before its first stage. A slow start is not an error: wait up to 2 minutes unless told.
+EPHEMERAL_STARTUP_TIMEOUT_S = "120"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_TIMEOUT_S)
     from prefect.flows import load_flow_from_entrypoint
 
     root = Path(args.root).resolve()

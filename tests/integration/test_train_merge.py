@@ -183,19 +183,40 @@ def _adapter(layout: Layout) -> dict[str, torch.Tensor]:
     return load_file(layout.adapter / "adapter_model.safetensors")
 
 
+# How close a resumed run must come to the uninterrupted one. Not bit-identical: the two run in
+# processes with different histories, and MKL's fp32 GEMM may take another path for differently
+# aligned buffers (the resumed adapter moved by up to 2.8e-5, once, in CI). A resume that gets
+# anything wrong (a batch skipped or seen twice, the optimizer or scheduler state lost, another
+# RNG state) is at least one step off, and one step more (12 vs 11 here, lr = 1e-2) moved every
+# adapter tensor by 6.6e-3 to 1.0e-2 at its largest: 6.6x this bound or more.
+WEIGHT_ATOL = 1e-3
+LOSS_ABS = 1e-4
+
+
+def _curve(layout: Layout) -> list[tuple[str, float | None, float | None]]:
+    rows = layout.train_curve.read_text().splitlines()
+    assert rows[0] == "step,train_loss,eval_loss"
+    return [(step, float(t) if t else None, float(e) if e else None)
+            for step, t, e in (r.split(",") for r in rows[1:])]
+
+
 def _assert_same_run(a: Layout, b: Layout) -> None:
     ta, tb = _adapter(a), _adapter(b)
     assert set(ta) == set(tb)
     for k in ta:
-        assert torch.allclose(ta[k], tb[k], rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(ta[k], tb[k], rtol=0, atol=WEIGHT_ATOL), (k, (ta[k] - tb[k]).abs().max().item())
     ra, rb = json.loads(a.train_report.read_text()), json.loads(b.train_report.read_text())
     assert ra["steps"] == rb["steps"] == RESUME_KW["max_steps"]
-    assert rb["final_train_loss"] == pytest.approx(ra["final_train_loss"], abs=1e-4)
-    assert rb["train_loss"] == pytest.approx(ra["train_loss"], abs=1e-4)
-    assert rb["eval_loss"] == pytest.approx(ra["eval_loss"], abs=1e-4)
+    assert rb["final_train_loss"] == pytest.approx(ra["final_train_loss"], abs=LOSS_ABS)
+    assert rb["train_loss"] == pytest.approx(ra["train_loss"], abs=LOSS_ABS)
+    assert rb["eval_loss"] == pytest.approx(ra["eval_loss"], abs=LOSS_ABS)
     assert rb["tokens_seen"] == ra["tokens_seen"]  # same batches in the same order, none twice
     # The curve of the resumed run holds the whole run, the steps before the kill included.
-    assert a.train_curve.read_text() == b.train_curve.read_text()
+    ca, cb = _curve(a), _curve(b)
+    assert [r[0] for r in ca] == [r[0] for r in cb]
+    for (step, *la), (_, *lb) in zip(ca, cb):
+        assert [x is None for x in la] == [x is None for x in lb], step
+        assert [x for x in la if x is not None] == pytest.approx([x for x in lb if x is not None], abs=LOSS_ABS), step
 
 
 @pytest.fixture(scope="module")
