@@ -49,7 +49,7 @@ def dvc_stage(root: str, stage: str) -> bool:
         # The row-level report goes where the person looking at the failed run will see it.
         create_markdown_artifact(key="data-validation", markdown=exc.report.read_text(),
                                  description="Why the data was refused (every rejected row is in data/quarantine/)")
-        raise procs.DataRefused(f"the data failed validation; see the data-validation artifact and {exc.report}",
+        raise procs.DataRefused(f"{exc}\n(the same report is the run's data-validation artifact)",
                                 exc.report) from None
 
 

@@ -7,6 +7,7 @@ the stage it runs, instead of leaving an orphan writing outputs nobody records.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -65,6 +66,28 @@ def dvc_bin() -> str:
     return str(Path(sys.executable).with_name("dvc"))
 
 
+REFUSAL_ROWS = 5  # rows a refusal's message names; the report holds the rest
+
+
+def refusal_message(layout: Layout) -> str:
+    """What the validate stage refused, from the report it wrote: the rule, the first rows
+    (``file:line[:column]: field: what``) and where every row is; the log that carried the
+    stage's own message may not be shown (a Prefect logging level, a UI that was not open)."""
+    head = "the data failed validation"
+    try:
+        rep = json.loads(layout.validate_report.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{head}; every rejected row and rule is in {layout.validate_markdown}"
+    problems = [str(p) for p in rep.get("problems") or []]
+    total = int(rep.get("problems_total", len(problems)))
+    lines = [f"{head}: {rep.get('failure')}" if rep.get("failure") else head]
+    lines += [f"  - {p}" for p in problems[:REFUSAL_ROWS]]
+    if total > REFUSAL_ROWS:
+        lines.append(f"  ... and {total - REFUSAL_ROWS} more")
+    lines.append(f"every rejected row and rule is in {layout.validate_markdown} (the rows in data/quarantine/)")
+    return "\n".join(lines)
+
+
 def run_dvc_stage(root: Path, stage: str, on_line: Callable[[str], None], *,
                   grace: float = GRACE_S, kill_wait: float = KILL_WAIT_S) -> bool:
     """Reproduce one DVC stage (`dvc repro --single-item`), handing each log line to `on_line`.
@@ -115,9 +138,10 @@ def run_dvc_stage(root: Path, stage: str, on_line: Callable[[str], None], *,
     if proc.wait() != 0:
         # reports/validate.md is an out of the validate stage: DVC deletes it before running the
         # stage, so if it exists now, this run's validation wrote it, then refused the data.
-        report = Layout(root).validate_markdown
+        layout = Layout(root)
+        report = layout.validate_markdown
         if stage == "validate" and report.exists():
-            raise DataRefused(f"the data failed validation; every rejected row and rule is in {report}", report)
+            raise DataRefused(refusal_message(layout), report)
         cause = f": {' / '.join(errors[-3:])}" if errors else ""
         raise StageError(f"DVC stage {stage!r} failed (exit {proc.returncode}){cause}; see the log above")
     return ran
