@@ -786,6 +786,29 @@ def test_ask_returns_answer_and_stops_server(home: Path, bento_tag: str) -> None
         httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
 
 
+def test_damaged_model_stops_the_server_and_ask_fails_at_once(home: Path, model_tag: str, bento_tag: str) -> None:
+    """A flipped byte in the bento's stored model: the worker's sha256 check fails, the server
+    stops (circus would restart the worker every ~20 s forever, and /readyz would never answer),
+    and `ask` reports the check's message because the server exited, not because it waited out
+    its readiness timeout."""
+    import bentoml
+
+    stored = bentoml.models.get(model_tag, _model_store=bento._model_store())
+    weights = Path(stored.path_of(f"{CHECKPOINT_SUBDIR}/model.safetensors"))
+    good = weights.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0x01
+    weights.write_bytes(bytes(bad))
+    try:
+        with pytest.raises(bento.BentoError) as err:
+            serve_client.ask(bento_tag, "Hello", max_tokens=4, timeout=900)
+        message = str(err.value)
+        assert "exited with" in message and "not ready after" not in message, message[:2000]
+        assert "model.safetensors: sha256" in message, message[-3000:]
+    finally:
+        weights.write_bytes(good)
+
+
 # --------------------------------------------------------------------------------------------
 # The OpenAI contract, each feature through the official client (in process)
 # --------------------------------------------------------------------------------------------
