@@ -1,9 +1,11 @@
-"""What every GPU benchmark records beside its numbers: the machine and the package versions."""
+"""What every benchmark records beside its numbers: the machine (CPU model and ISA, GPU) and the package versions."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
+from pathlib import Path
 from typing import Any
 
 # Tokenizer files copied next to a random-weight checkpoint (any tokenizer will do: ids are random).
@@ -21,11 +23,32 @@ def versions(packages: tuple[str, ...]) -> dict[str, str | None]:
     return out
 
 
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def _cpu_model() -> str | None:
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def _cpu_isa() -> str:
+    """The widest vector/matrix extensions: what CPU timings here depend on (AMX vs AVX2-only)."""
+    flags = next((line.split(":", 1)[1].split() for line in _cpuinfo().splitlines() if line.startswith("flags")), [])
+    return "+".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags) or "unknown"
+
+
 def machine() -> dict[str, Any]:
     """The CPU, and the first GPU's name, memory and CUDA version where there is one."""
     import torch
 
-    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine()}
+    info: dict[str, Any] = {"cpu": _cpu_model() or platform.processor() or platform.machine(),
+                            "cpu_isa": _cpu_isa(), "cpus": os.cpu_count()}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, gpu_memory_bytes=p.total_memory, cuda=torch.version.cuda)
