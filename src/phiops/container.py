@@ -449,7 +449,8 @@ def containerize_cmd(bento_tag: str, ref: str, build_args: dict[str, str], image
 
 def containerize(bento_tag: str, record: dict[str, Any], *, root: Path, image: str, variant: str,
                  base_image: str | None, wheelhouse_dir: Path, wheelhouse_port: int,
-                 extra_index_url: str | None = None, rebuild: bool = False, timeout: float = 3600) -> dict[str, Any]:
+                 extra_index_url: str | None = None, rebuild: bool = False, no_cache: bool = False,
+                 timeout: float = 3600) -> dict[str, Any]:
     """Build the OCI image of a built bento with ``bentoml containerize`` (module doc).
 
     Args:
@@ -463,6 +464,7 @@ def containerize(bento_tag: str, record: dict[str, Any], *, root: Path, image: s
         wheelhouse_port: the loopback port the build reaches the wheelhouse on.
         extra_index_url: one more index for the wheelhouse download.
         rebuild: build even when an image from the same bento, base and pins exists.
+        no_cache: also ignore the engine's layer cache (benchmarks: a cold build).
         timeout: seconds for the build.
 
     Returns:
@@ -492,7 +494,7 @@ def containerize(bento_tag: str, record: dict[str, Any], *, root: Path, image: s
     want = labels(record, bento_tag=str(bento.tag), bento_created=bento.info.creation_time.isoformat(), base=base,
                   base_id=base_id, variant=variant, requirements=wh.requirements)
     have = image_labels(ref)
-    if have is not None and not rebuild and all(have.get(k) == want[k] for k in _SAME_BUILD):
+    if have is not None and not (rebuild or no_cache) and all(have.get(k) == want[k] for k in _SAME_BUILD):
         log.info("image %s was built from the same bento, base and wheelhouse pins: not rebuilt", ref)
         return {"image": ref, "built": False, "seconds": 0.0, "size_bytes": image_inspect(ref)["Size"],
                 "labels": have, "base": base, "wheelhouse": str(wh.dir / wh.requirements)}
@@ -501,7 +503,7 @@ def containerize(bento_tag: str, record: dict[str, Any], *, root: Path, image: s
         build_args = {"BASE_IMAGE": base, "WHEELHOUSE_URL": url, "WHEELHOUSE_REQUIREMENTS": wh.requirements}
         if variant == "cuda":
             build_args["NVIDIA_VISIBLE_DEVICES"] = "all"
-        cmd = containerize_cmd(str(bento.tag), ref, build_args, want)
+        cmd = containerize_cmd(str(bento.tag), ref, build_args, want) + (["--opt", "no-cache"] if no_cache else [])
         log.info("building %s from %s on %s: %s", ref, bento.tag, base, " ".join(cmd[2:5]))
         t0 = time.perf_counter()
         # BentoML copies the bento into a temporary build context, then refuses to read the
@@ -524,6 +526,50 @@ def containerize(bento_tag: str, record: dict[str, Any], *, root: Path, image: s
     log.info("built %s in %.0fs (%.2f GB)", ref, seconds, info["Size"] / 1e9)
     return {"image": ref, "built": True, "seconds": round(seconds, 1), "size_bytes": info["Size"],
             "labels": info["Config"]["Labels"], "base": base, "wheelhouse": str(wh.dir / wh.requirements)}
+
+
+def plan(bento_tag: str, record: dict[str, Any], out_dir: Path, *, image: str, variant: str,
+         base_image: str | None) -> dict[str, Any]:
+    """Write what building a bento's image takes, without building it (no Docker engine needed).
+
+    For a machine other than this one, the GPU variant above all: ``out_dir/Dockerfile`` is the
+    Dockerfile BentoML rendered from phiops' template when the bento was built (the same for
+    both variants), ``out_dir/build.json`` the image tag, base image, build arguments, labels and
+    the wheelhouse's requirements and constraints for `variant`; ``phiops containerize --variant
+    cuda`` on that machine does the rest.
+
+    Returns:
+        The contents of build.json.
+    """
+    from phiops.bento import _bento_store
+
+    bento = _bento_store().get(bento_tag)
+    bento_dir = Path(bento.path)
+    reqs, cons = wheelhouse_inputs(bento_dir, variant)
+    base = base_image or default_base(variant)
+    build_args = {"BASE_IMAGE": base, "WHEELHOUSE_URL": "http://127.0.0.1:<container.wheelhouse_port>",
+                  "WHEELHOUSE_REQUIREMENTS": f"requirements-{variant}-<digest>.txt (pinned on the build host)"}
+    if variant == "cuda":
+        build_args["NVIDIA_VISIBLE_DEVICES"] = "all"
+    info = {
+        "image": image_ref(image, record["version"], variant),
+        "bento": str(bento.tag),
+        "variant": variant,
+        "base_image": base,
+        "base_image_recipe": None if base_image else f"infra/container/base-image.sh --variant {variant}",
+        "build_args": build_args,
+        "labels": labels(record, bento_tag=str(bento.tag), bento_created=bento.info.creation_time.isoformat(),
+                         base=base, base_id="<base image id>", variant=variant,
+                         requirements=build_args["WHEELHOUSE_REQUIREMENTS"]),
+        "wheelhouse": {"requirements": reqs, "constraints": cons},
+        "command": f"phiops containerize {record['version']} --variant {variant}",
+        "run": ("docker run --gpus all --network host -e BENTOML_PORT=3000 " if variant == "cuda"
+                else "docker run --network host -e BENTOML_PORT=3000 ") + image_ref(image, record["version"], variant),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(bento_dir / "env/docker/Dockerfile", out_dir / "Dockerfile")
+    (out_dir / "build.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return info
 
 
 # --------------------------------------------------------------------------------------------
