@@ -75,7 +75,7 @@ def docker_bin() -> str:
     return found
 
 
-def docker(*args: str, timeout: float = 120, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+def docker(*args: str, timeout: float = 300, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``docker ARGS``; with `check`, a failure raises with docker's own message."""
     cmd = [docker_bin(), *args]
     try:
@@ -240,7 +240,8 @@ def wheelhouse_inputs(bento_dir: Path, variant: str) -> tuple[list[str], list[st
     it has one, becomes constraints, so the image gets the locked versions. For the CPU variant
     ``torch==X`` becomes ``torch==X+cpu`` and leaves the constraints: the lock holds PyPI's CUDA
     build, whose nvidia-* and triton wheels (~4 GB) the CPU build does not need and, as
-    constraints only, are then never downloaded.
+    constraints only, are then never downloaded. For the CUDA variant it becomes ``torch===X``:
+    exactly PyPI's build, never a local ``X+cpu`` that pip's own config may offer.
 
     Raises:
         ContainerError: the bento has no requirements, or no exact torch pin to swap.
@@ -265,14 +266,18 @@ def wheelhouse_inputs(bento_dir: Path, variant: str) -> tuple[list[str], list[st
             line = line.split(" #", 1)[0].strip()
             if line and not line.startswith("#") and not line.startswith(_INDEX_OPTIONS) and not line.startswith("-"):
                 cons.append(line)
+    torch = [r for r in reqs if _req_name(r) == "torch"]
+    if len(torch) != 1 or "==" not in torch[0]:
+        raise ContainerError(f"{req_file}: expected one exact torch pin (torch==X) to choose its build")
+    version = torch[0].split("==", 1)[1].lstrip("=").split("+", 1)[0].strip()
     if variant == "cpu":
-        torch = [r for r in reqs if _req_name(r) == "torch"]
-        if len(torch) != 1 or "==" not in torch[0]:
-            raise ContainerError(f"{req_file}: expected one exact torch pin (torch==X) to swap for the CPU build")
-        version = torch[0].split("==", 1)[1].split("+", 1)[0].strip()
         reqs = [f"torch=={version}+cpu" if _req_name(r) == "torch" else r for r in reqs]
         # pip cannot satisfy torch==X+cpu under a constraint torch==X (it treats them as a conflict).
         cons = [c for c in cons if _req_name(c) != "torch"]
+    else:
+        # torch==X also matches X+cpu (a local version), which pip prefers where its config finds
+        # the CPU build; === is an exact string match: PyPI's X, the CUDA build.
+        reqs = [f"torch==={version}" if _req_name(r) == "torch" else r for r in reqs]
     return reqs, cons
 
 
@@ -605,15 +610,19 @@ def _wait_ready(name: str, url: str, timeout: float) -> float:
     import httpx
 
     t0 = time.perf_counter()
+    checked = t0
     with httpx.Client(timeout=5.0) as client:
         while True:
-            state = container_state(name)
-            if state is None or not state["running"]:
-                code = state["exit_code"] if state else "gone"
-                raise ContainerError(f"container {name} exited ({code}) before {url}/readyz answered 200")
             with contextlib.suppress(httpx.HTTPError):
                 if client.get(f"{url}/readyz").status_code == 200:
                     return time.perf_counter() - t0
+            # Whether it still runs, every few seconds: each look starts a docker client.
+            if time.perf_counter() - checked > 3:
+                checked = time.perf_counter()
+                state = container_state(name)
+                if state is None or not state["running"]:
+                    code = state["exit_code"] if state else "gone"
+                    raise ContainerError(f"container {name} exited ({code}) before {url}/readyz answered 200")
             if time.perf_counter() - t0 > timeout:
                 raise ContainerError(f"container {name} not ready at {url}/readyz after {timeout:.0f}s")
             time.sleep(0.5)

@@ -220,7 +220,7 @@ def test_cuda_plan_is_written_without_building(v1: dict[str, Any], tmp_path: Pat
     plan = json.loads((tmp_path / "cuda/build.json").read_text())
     assert plan["image"] == f"{IMAGE}:v1.0.0-cuda" and plan["base_image"] == "phiops-base:bookworm-cuda"
     assert plan["build_args"]["NVIDIA_VISIBLE_DEVICES"] == "all"
-    assert "torch==2.13.0" in plan["wheelhouse"]["requirements"]  # PyPI's CUDA build, nvidia-* with it
+    assert "torch===2.13.0" in plan["wheelhouse"]["requirements"]  # PyPI's CUDA build, nvidia-* with it
     dockerfile = (tmp_path / "cuda/Dockerfile").read_text()
     for line in ("FROM ${BASE_IMAGE}", "--no-index", "HEALTHCHECK", "USER bentoml", "verify-bento"):
         assert line in dockerfile, line

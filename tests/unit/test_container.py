@@ -49,7 +49,8 @@ def test_cpu_wheelhouse_swaps_torch_and_keeps_the_lock_as_constraints(tmp_path: 
 
 def test_cuda_wheelhouse_keeps_pypi_torch(tmp_path: Path) -> None:
     reqs, cons = container.wheelhouse_inputs(_bento(tmp_path), "cuda")
-    assert reqs[0] == "torch==2.13.0" and "torch==2.13.0" in cons
+    # ===: exactly PyPI's build, never a local 2.13.0+cpu that pip's config may also find.
+    assert reqs[0] == "torch===2.13.0" and "torch==2.13.0" in cons
     reqs, cons = container.wheelhouse_inputs(_bento(tmp_path / "nolock", lock=False), "cpu")
     assert reqs[0] == "torch==2.13.0+cpu" and cons == []
 
