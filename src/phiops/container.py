@@ -601,9 +601,12 @@ def logs(name: str, lines: int = 60) -> str:
 
 
 def _refusals(text: str) -> list[str]:
-    """The log lines that say why a service did not start (the loader's errors name the file)."""
-    keys = ("sha256", "Error", "refusing", "error:", "Traceback")
-    return [ln.strip() for ln in text.splitlines() if any(k in ln for k in keys)][:12]
+    """The log lines that say why a service did not start, once each: the model check's first
+    (it names each file and both digests), else any error line."""
+    def pick(keys: tuple[str, ...]) -> list[str]:
+        return list(dict.fromkeys(ln.strip() for ln in text.splitlines() if any(k in ln for k in keys)))
+
+    return (pick(("sha256", "refusing")) or pick(("Error", "error:", "Traceback")))[:12]
 
 
 def _wait_ready(name: str, url: str, timeout: float) -> float:

@@ -129,6 +129,17 @@ def test_verify_bento_passes_intact_models_and_names_a_flipped_byte(tmp_path: Pa
     assert container.main(["verify"]) == 2
 
 
+def test_refusal_lines_put_the_model_check_first() -> None:
+    log = "\n".join(["[ERROR] Traceback (most recent call last):", "  File x, line 3"] * 8
+                     + ["RuntimeError: m:v1: checkpoint files differ from the sha256 manifest ...; refusing to serve",
+                        "  - model.safetensors: sha256 0a1b... but the manifest says 9f8e...",
+                        "RuntimeError: m:v1: checkpoint files differ from the sha256 manifest ...; refusing to serve"])
+    assert container._refusals(log) == [
+        "RuntimeError: m:v1: checkpoint files differ from the sha256 manifest ...; refusing to serve",
+        "- model.safetensors: sha256 0a1b... but the manifest says 9f8e..."]
+    assert container._refusals("boom\nValueError: x") == ["ValueError: x"]
+
+
 def test_wheelhouse_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     import urllib.request
 
