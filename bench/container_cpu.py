@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     from phiops.serve import client
 
     container.require_engine()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each phase: a run stopped midway keeps what it measured
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
     home = Path(tempfile.mkdtemp(prefix="phiops-bench-bentoml-"))
     os.environ["BENTOML_HOME"] = str(home)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
@@ -124,10 +129,12 @@ def main(argv: list[str] | None = None) -> int:
                         "size_bytes": out["size_bytes"]}
         print(f"build {name}: {builds[name]['seconds']}s (docker build {out['seconds']}s), "
               f"{out['size_bytes'] / 1e9:.2f} GB", flush=True)
-    result["builds"] = builds
+        result["builds"] = builds
+        save()
     ref = f"{IMAGE}:bench1"
     result["size"] = {"image_bytes": container.image_inspect(ref)["Size"], "layers": _layers(ref),
                       "largest_mb": _du(ref)}
+    save()
 
     name, port = "phiops-bench", client.free_port()
     starts = []
@@ -136,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         starts.append(container.run_local(ref, name=name, host="127.0.0.1", port=port, ready_timeout=600)["ready_s"])
         print(f"start to /readyz: {starts[-1]}s", flush=True)
     result["start_to_ready_s"] = starts
+    save()
 
     prompts = _prompts(args.requests)
     url_in = f"http://127.0.0.1:{port}"
@@ -150,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 rounds.append({"container": inside, "outside": outside, "loadavg": os.getloadavg()})
                 print(f"round {i}: container {inside['requests_per_s']:.3f} req/s, outside "
                       f"{outside['requests_per_s']:.3f} req/s", flush=True)
+                result["load"] = {"rounds": rounds}
+                save()
     finally:
         container.stop_local(name)
 
@@ -176,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     result["loadavg_after"] = os.getloadavg()
     for version in ("bench1", "bench2"):
         container.docker("rmi", f"{IMAGE}:{version}", check=False)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save()
     print(json.dumps(result["summary"], indent=2))
     return 0
 

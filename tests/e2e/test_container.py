@@ -58,6 +58,10 @@ def _git(cwd: Path, *args: str) -> str:
 @pytest.fixture(scope="module")
 def project(engine: None, tmp_path_factory: pytest.TempPathFactory, builtin_model: Path) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("container")
+    mp = pytest.MonkeyPatch()
+    # A store of its own: a model version saved by an earlier run would keep that run's lineage.
+    mp.setenv("BENTOML_HOME", str(tmp / "bentoml"))
+    mp.setenv("BENTOML_DO_NOT_TRACK", "True")
     proj = tmp / "proj"
     proj.mkdir()
     # What a bento and an image are built from: the package source (the phiops wheel), the
@@ -87,6 +91,7 @@ def project(engine: None, tmp_path_factory: pytest.TempPathFactory, builtin_mode
     info = {"root": proj, "port": port, "url": f"http://127.0.0.1:{port}", "records": records, "reg": reg}
     yield info
     container.stop_local(NAME)
+    mp.undo()
 
 
 def _cli(project: dict[str, Any], *args: str) -> int:
