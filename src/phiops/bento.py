@@ -191,6 +191,9 @@ def save_model(model_dir: Path, name: str, version: str, metadata: dict[str, Any
             out = dest / rel
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, out)
+            # Readable by all (a checkpoint can be 0600 where it came from): the image's service user
+            # reads it as is, where a chmod in the image build would store the file a second time.
+            os.chmod(out, 0o644)
         copied = dir_manifest(dest)
         if copied != manifest:  # a copy must never silently differ from what was recorded
             raise BentoError(f"copy of {model_dir} into the model store does not match its sha256 manifest")
