@@ -154,8 +154,9 @@ def reconcile_approvals(root: str, cfg: config.Params) -> list[dict[str, Any]]:
 
 
 @task(cache_policy=None)
-def build_bento(root: str, cfg: config.Params, record: dict[str, Any]) -> dict[str, str]:
-    out = deploy.build_bento(Layout(Path(root)), cfg, record)
+def build_bento(root: str, cfg: config.Params, record: dict[str, Any]) -> dict[str, Any]:
+    # The bento, and the image and local container where params ask for them (container/deploy.on_promote).
+    out = deploy.release(Layout(Path(root)), cfg, record)
     get_run_logger().info("bento %s built for %s; containerize with: %s", out["bento"], record["version"], out["containerize"])
     return out
 

@@ -17,8 +17,8 @@ that points it at a temporary directory never touches the user's stores. Buildin
 ``bentoml`` CLI in a subprocess: it resolves ``$BENTOML_HOME`` afresh, keeps the service's
 heavy imports out of this process, and is the same path an operator uses.
 
-A Docker engine is never needed: :func:`containerize_command` gives the command to run where
-one exists.
+Building a bento needs no Docker engine; :func:`containerize_command` gives the command that
+makes its image where one exists (``phiops.container``).
 """
 
 from __future__ import annotations
@@ -191,6 +191,9 @@ def save_model(model_dir: Path, name: str, version: str, metadata: dict[str, Any
             out = dest / rel
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, out)
+            # Readable by all (a checkpoint can be 0600 where it came from): the image's service user
+            # reads it as is, where a chmod in the image build would store the file a second time.
+            os.chmod(out, 0o644)
         copied = dir_manifest(dest)
         if copied != manifest:  # a copy must never silently differ from what was recorded
             raise BentoError(f"copy of {model_dir} into the model store does not match its sha256 manifest")
@@ -204,8 +207,13 @@ def save_model(model_dir: Path, name: str, version: str, metadata: dict[str, Any
 
 
 def containerize_command(bento_tag: str) -> list[str]:
-    """The command that turns a built bento into an OCI image (needs a Docker engine)."""
-    return ["bentoml", "containerize", bento_tag]
+    """The command that turns a built bento into its OCI image (needs a Docker engine).
+
+    ``phiops containerize VERSION``: it runs ``bentoml containerize`` with the build arguments
+    the bento's Dockerfile template needs (base image, the wheelhouse it serves); a bare
+    ``bentoml containerize`` would have no wheelhouse to install from (phiops.container).
+    """
+    return ["phiops", "containerize", bento_tag.split(":", 1)[1]]
 
 
 def _bento_name(bentofile: Path) -> str:
@@ -268,7 +276,7 @@ def build(
     the checkout above ``service_dir`` (``python.wheels``), so the bento carries the serving code
     it imports. Python packages are pinned in bentofile.yaml and, with ``lock_packages``, locked
     against PyPI by uv (needs the package index). The docker section is kept, so
-    ``bentoml containerize <tag>`` works wherever a Docker engine exists.
+    ``phiops containerize <version>`` builds its image wherever a Docker engine exists.
 
     Idempotent: if the bento tag exists and was built for the same model and limits, it is
     returned without rebuilding.
@@ -355,7 +363,7 @@ def build(
     built = found.group(1) if found else bento_tag
     if built != bento_tag:
         raise BentoError(f"bentoml build produced {built}, expected {bento_tag}")
-    log.info("built %s in %.1fs; containerize where a Docker engine exists with: %s",
+    log.info("built %s in %.1fs; its image: %s",
              built, time.perf_counter() - t0, " ".join(containerize_command(built)))
     return built
 

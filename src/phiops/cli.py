@@ -14,7 +14,8 @@ Exit codes (also in `phiops --help`):
      rejected the candidate, the approver refused it, nothing to roll back, no production
      model, another `phiops run` holds this checkout
   6  model or artifact: a checkpoint, quantization, merge check, embedding model, LoRA target,
-     bento, DVC stage or the gate's input failed
+     bento, image or container (no Docker engine, a failed build, a container that did not
+     become ready), DVC stage or the gate's input failed
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from phiops.approval import ApprovalError
 from phiops.artifacts import RegistryError
 from phiops.bento import BentoError
 from phiops.candidate import CandidateError
+from phiops.container import ContainerError
 from phiops.data import DataError
 from phiops.embeddings import EmbeddingError
 from phiops.lora import LoraTargetError
@@ -61,7 +63,7 @@ ERROR_CODES: tuple[tuple[int, tuple[type[Exception], ...]], ...] = (
     (EXIT_DATA, (DataError,)),
     (EXIT_REFUSED, (RegistryError, ApprovalError, RunLockedError)),
     (EXIT_ARTIFACT, (ModelError, QuantizeError, MergeMismatchError, EmbeddingError, LoraTargetError, BentoError,
-                     StageError, CandidateError)),
+                     ContainerError, StageError, CandidateError)),
 )
 # The table of the module docstring, shown again by `phiops --help`: written once.
 _EXIT_TABLE = __doc__.split("Exit codes (also in `phiops --help`):\n", 1)[1]
@@ -264,7 +266,66 @@ def _promote(args: argparse.Namespace, version: str) -> int:
         print(f"production: already {version} (nothing recorded)")
     if "bento" in out:
         print(f"bento {out['bento']} (model {out['model']}, files from {out['source']})")
-        print(f"containerize (needs a Docker engine): {out['containerize']}")
+    if "image" in out:
+        _print_image(out["image"])
+    elif "bento" in out:
+        print(f"its image (needs a Docker engine): {out['containerize']}")
+    if "deployed" in out:
+        d = out["deployed"]
+        print(f"deployed {d['image']} as container {d['name']} at {d['url']} (ready in {d['ready_s']}s)")
+    return 0
+
+
+def _print_image(image: dict) -> None:
+    done = f"built in {image['seconds']:.0f}s" if image["built"] else "already built from the same bento"
+    print(f"image {image['image']} ({done}, {image['size_bytes'] / 1e9:.2f} GB, base {image['base']})")
+
+
+def _record(args: argparse.Namespace, cfg: config.Params) -> dict:
+    """The record of args.version, or of the production version when none is given."""
+    from phiops import registry
+
+    reg = registry.Registry(Layout(Path(args.root)), cfg.registry.artifact)
+    if args.version:
+        return reg.record(args.version)
+    prod = reg.production()
+    if prod is None:
+        raise RegistryError(f"{cfg.registry.artifact}: nothing in production yet; name a VERSION "
+                            "(`phiops registry history`)")
+    return prod
+
+
+def cmd_containerize(args: argparse.Namespace) -> int:
+    from phiops import deploy
+
+    cfg = _load(args)
+    record = _record(args, cfg)
+    if args.plan:
+        info = deploy.plan(Layout(Path(args.root)), cfg, record, Path(args.plan), variant=args.variant)
+        print(f"{args.plan}/Dockerfile and {args.plan}/build.json: how to build {info['image']} "
+              f"(on {info['base_image']}); build it where a Docker engine is with: {info['command']}")
+        return 0
+    out = deploy.containerize(Layout(Path(args.root)), cfg, record, variant=args.variant, rebuild=args.rebuild)
+    print(f"bento {out['bento']} (model {out['model']}, files from {out['source']})")
+    _print_image(out["image"])
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from phiops import container, deploy
+
+    if not args.local:
+        args.usage_error("only --local is implemented here; on Kubernetes apply infra/k8s/service.yaml (README)")
+    cfg = _load(args)
+    if args.stop:
+        if args.version:
+            args.usage_error("--stop takes no VERSION")
+        image = container.stop_local(cfg.deploy.name)
+        print(f"stopped container {cfg.deploy.name} ({image})" if image else f"no container {cfg.deploy.name} to stop")
+        return 0
+    out = deploy.deploy_local(Layout(Path(args.root)), cfg, _record(args, cfg))
+    was = f", replacing {out['replaced']}" if out["replaced"] else ""
+    print(f"deployed {out['image']} as container {out['name']} at {out['url']} (ready in {out['ready_s']}s{was})")
     return 0
 
 
@@ -413,6 +474,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", default=None, metavar="VERSION")
     promoting(s)
     s.set_defaults(fn=cmd_rollback)
+
+    s = add(sub, "containerize", help="build the OCI image of a version's bento (default: production), offline")
+    s.add_argument("version", nargs="?", default=None)
+    s.add_argument("--variant", choices=("cpu", "cuda"), default=None,
+                   help="torch's CPU build or PyPI's CUDA build (default: container.variant)")
+    s.add_argument("--rebuild", action="store_true", help="build even if an image from the same inputs exists")
+    s.add_argument("--plan", metavar="DIR", default=None,
+                   help="build nothing: write the Dockerfile and build.json (base, args, labels, wheels) to DIR")
+    s.set_defaults(fn=cmd_containerize)
+
+    s = add(sub, "deploy", help="run a version's image as the local container (default: production)")
+    s.add_argument("version", nargs="?", default=None)
+    s.add_argument("--local", action="store_true", help="this machine's Docker engine (docker run --network host)")
+    s.add_argument("--stop", action="store_true", help="stop and remove the local container")
+    s.set_defaults(fn=cmd_deploy, usage_error=s.error)
 
     s = add(sub, "approvals", help="flow runs waiting for a person's decision (needs PREFECT_API_URL)")
     s.set_defaults(fn=cmd_approvals)

@@ -227,6 +227,49 @@ class ServeCfg(_Section):
     host: str = "127.0.0.1"
 
 
+class ContainerCfg(_Section):
+    # `phiops containerize`: the OCI image of a registered version's bento (phiops.container).
+    # Off by default after a promotion or rollback: building an image needs a Docker engine, and
+    # promoting must work where there is none. On: every promotion/rollback builds its image.
+    on_promote: bool = False
+    # The image's repository; the tag is the registry version (`phiops-llm:v3.0.0`, `-cuda` added
+    # for the GPU variant), so an image names the version it serves.
+    image: str = Field("phiops-llm", pattern=r"^[a-z0-9]([a-z0-9._/:-]*[a-z0-9])?$")
+    # `cpu`: torch's CPU build (~0.2 GB wheel, no CUDA libraries). `cuda`: PyPI's default torch,
+    # the CUDA build with its nvidia-* wheels (~4 GB), for GPU nodes.
+    variant: Literal["cpu", "cuda"] = "cpu"
+    # null: phiops-base:bookworm (-cuda), made from Debian's packages by
+    # infra/container/base-image.sh when missing. Any image with python3.11 and glibc works
+    # (`python:3.11-slim`); the wheelhouse is resolved for its glibc, read from the image.
+    base_image: str | None = None
+    # Wheels are downloaded on the host, once, into this directory (default
+    # $PHIOPS_CACHE/wheelhouse) and installed in the build with --no-index: a build never needs
+    # the package index, as in an air-gapped enterprise build.
+    wheelhouse: Path | None = None
+    # One more index for the wheelhouse download, e.g. https://download.pytorch.org/whl/cpu where
+    # torch's CPU build is not on a configured index or find-links. null: pip's own config only (an
+    # unreachable index would be retried for every package).
+    extra_index_url: str | None = None
+    # The build reaches the wheelhouse over HTTP on the host's loopback (builds use host
+    # networking). Fixed, not a free port: the port is in the install step's cache key, so a
+    # changing one would reinstall every package on every build.
+    wheelhouse_port: int = Field(38517, ge=1024, le=65535)
+    build_timeout_s: int = Field(3600, ge=60)  # a cold CUDA build downloads and installs ~4 GB
+
+
+class DeployCfg(_Section):
+    # `local`: after every promotion/rollback (with container.on_promote) the local container is
+    # replaced by the new production version's image, so a rollback redeploys the previous image.
+    on_promote: Literal["none", "local"] = "none"
+    name: str = Field("phiops-llm", pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")  # the container's name
+    # The container runs with host networking (no bridge on the build machines): it listens
+    # here directly. 127.0.0.1 keeps a development deploy off the network; 0.0.0.0 publishes it.
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=1, le=65535)
+    # Loading the embedded model and its warm-up take ~15 s on 2 cores; a Phi-4 on CPU minutes.
+    ready_timeout_s: int = Field(600, ge=1)
+
+
 class Params(_Section):
     model: ModelCfg = ModelCfg()
     data: DataCfg = DataCfg()
@@ -240,6 +283,8 @@ class Params(_Section):
     approval: ApprovalCfg = ApprovalCfg()
     registry: RegistryCfg = RegistryCfg()
     serve: ServeCfg = ServeCfg()
+    container: ContainerCfg = ContainerCfg()
+    deploy: DeployCfg = DeployCfg()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -250,6 +295,13 @@ class Params(_Section):
                 "approval.mode: 'auto' is allowed only for the embedded default model "
                 f"({BUILTIN_MODEL}); set approval.mode: manual for {self.model.base!r}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _deploy_needs_image(self) -> "Params":
+        if self.deploy.on_promote == "local" and not self.container.on_promote:
+            raise ValueError("deploy.on_promote: 'local' redeploys the promoted version's image; "
+                             "set container.on_promote: true so that the image is built")
         return self
 
     def dump(self) -> dict[str, Any]:

@@ -562,7 +562,7 @@ def test_build_bakes_model_and_pins(home: Path, model_tag: str, bento_tag: str) 
     shipped = set(zipfile.ZipFile(wheel).namelist())
     for module in ("serve/engine.py", "serve/openai_serving.py", "serve/decode.py", "serve/kernels.py", "config.py"):
         assert f"phiops/{module}" in shipped, module
-    assert bento.containerize_command(bento_tag) == ["bentoml", "containerize", bento_tag]
+    assert bento.containerize_command(bento_tag) == ["phiops", "containerize", "t1"]
 
     # Same inputs: the existing bento; other inputs under the same version: refused.
     t0 = time.perf_counter()
