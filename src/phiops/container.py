@@ -21,7 +21,8 @@ An image already built from the same bento, base image and wheelhouse pins is no
 when the new one does not become ready, the one it replaced is started again.
 
 Inside the image, ``python -m phiops.container verify-bento DIR`` checks the bento's model files
-against their sha256 manifests (a build step of the template).
+against their sha256 manifests, and ``pip-check`` runs ``pip check`` allowing only the packages
+left out on purpose (:data:`CPU_UNUSED`): both are build steps of the template.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ LABEL = "dev.phiops."
 BASE_SUITE = "bookworm"  # infra/container/base-image.sh's Debian release
 # Options of a requirements file that name an index: the wheelhouse download uses pip's own.
 _INDEX_OPTIONS = ("--index-url", "-i ", "--extra-index-url", "--find-links", "-f ", "--trusted-host")
+
+
+# Packages the resolution brings that a CPU image never imports, left out of its pins (the pins
+# are the whole resolved set, installed with --no-deps). triton (~690 MB installed): xgrammar
+# requires it on Linux x86_64 for its CUDA mask kernel only; on CPU tensors it applies the mask in
+# its C++ extension, and no phiops CPU path imports triton (tests/e2e/test_container.py asks the
+# CPU image for a json_object answer with triton absent).
+CPU_UNUSED = frozenset({"triton"})
 
 
 class ContainerError(RuntimeError):
@@ -329,8 +338,9 @@ def wheelhouse(bento_dir: Path, dest: Path, *, variant: str, glibc: str, extra_i
     """
     reqs, cons = wheelhouse_inputs(bento_dir, variant)
     tags = platform_tags(glibc)
+    skipped = sorted(CPU_UNUSED) if variant == "cpu" else []
     asked = {"requirements": reqs, "constraints": cons, "platform": tags, "variant": variant,
-             "extra_index_url": extra_index_url}
+             "extra_index_url": extra_index_url, "skipped": skipped}
     digest = hashlib.sha256(json.dumps(asked, sort_keys=True).encode()).hexdigest()[:16]
     name = f"requirements-{variant}-{digest}.txt"
     dest.mkdir(parents=True, exist_ok=True)
@@ -361,7 +371,8 @@ def wheelhouse(bento_dir: Path, dest: Path, *, variant: str, glibc: str, extra_i
                   *_platform_args(tags), "-r", str(req_file), "-c", str(con_file)],
                  "resolving the wheelhouse offline", timeout)
         items = json.loads(report.read_text(encoding="utf-8"))["install"]
-    pins = tuple(sorted(f"{i['metadata']['name']}=={i['metadata']['version']}" for i in items))
+    pins = tuple(sorted(f"{i['metadata']['name']}=={i['metadata']['version']}" for i in items
+                        if _req_name(i["metadata"]["name"]) not in skipped))
     from phiops.io import write_text
 
     write_text(pinned, "\n".join(pins) + "\n")
@@ -505,7 +516,8 @@ def containerize(bento_tag: str, record: dict[str, Any], *, root: Path, image: s
                 "labels": have, "base": base, "wheelhouse": str(wh.dir / wh.requirements)}
 
     with serving_dir(wh.dir, wheelhouse_port) as url:
-        build_args = {"BASE_IMAGE": base, "WHEELHOUSE_URL": url, "WHEELHOUSE_REQUIREMENTS": wh.requirements}
+        build_args = {"BASE_IMAGE": base, "WHEELHOUSE_URL": url, "WHEELHOUSE_REQUIREMENTS": wh.requirements,
+                      "WHEELHOUSE_SKIPPED": " ".join(sorted(CPU_UNUSED)) if variant == "cpu" else ""}
         if variant == "cuda":
             build_args["NVIDIA_VISIBLE_DEVICES"] = "all"
         cmd = containerize_cmd(str(bento.tag), ref, build_args, want) + (["--opt", "no-cache"] if no_cache else [])
@@ -553,7 +565,8 @@ def plan(bento_tag: str, record: dict[str, Any], out_dir: Path, *, image: str, v
     reqs, cons = wheelhouse_inputs(bento_dir, variant)
     base = base_image or default_base(variant)
     build_args = {"BASE_IMAGE": base, "WHEELHOUSE_URL": "http://127.0.0.1:<container.wheelhouse_port>",
-                  "WHEELHOUSE_REQUIREMENTS": f"requirements-{variant}-<digest>.txt (pinned on the build host)"}
+                  "WHEELHOUSE_REQUIREMENTS": f"requirements-{variant}-<digest>.txt (pinned on the build host)",
+                  "WHEELHOUSE_SKIPPED": " ".join(sorted(CPU_UNUSED)) if variant == "cpu" else ""}
     if variant == "cuda":
         build_args["NVIDIA_VISIBLE_DEVICES"] = "all"
     info = {
@@ -739,11 +752,35 @@ def verify_bento(bento_dir: Path) -> list[str]:
     return checked
 
 
+def pip_check_problems(output: str, skipped: frozenset[str] | set[str]) -> list[str]:
+    """``pip check``'s problem lines, less "X requires Y, which is not installed" for a skipped Y."""
+    problems = []
+    for line in output.splitlines():
+        line = line.strip()
+        if not line or line.startswith("No broken requirements"):
+            continue
+        if line.endswith(", which is not installed.") and " requires " in line:
+            needed = line.rsplit(" requires ", 1)[1].removesuffix(", which is not installed.")
+            if _req_name(needed) in skipped:
+                continue
+        problems.append(line)
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m phiops.container verify-bento DIR``: exit 0 when every model matches."""
+    """Inside the image: ``verify-bento DIR`` (exit 0 when every model matches its manifest) and
+    ``pip-check [SKIPPED...]`` (``pip check``, where only a left-out package may be missing)."""
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["pip-check"]:
+        res = subprocess.run([*_pip(), "check"], capture_output=True, text=True)
+        problems = pip_check_problems(res.stdout + res.stderr, {_req_name(a) for a in args[1:]})
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        print(f"pip check: {'broken' if problems else 'consistent'}"
+              + (f" (left out on purpose: {' '.join(args[1:])})" if args[1:] else ""))
+        return 1 if problems else 0
     if len(args) != 2 or args[0] != "verify-bento":
-        print("usage: python -m phiops.container verify-bento BENTO_DIR", file=sys.stderr)
+        print("usage: python -m phiops.container verify-bento BENTO_DIR | pip-check [SKIPPED...]", file=sys.stderr)
         return 2
     try:
         tags = verify_bento(Path(args[1]))

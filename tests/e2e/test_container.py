@@ -127,6 +127,14 @@ def test_promoted_image_serves_the_openai_api(v1: dict[str, Any]) -> None:
     stream = oa.chat.completions.create(model=model, messages=[{"role": "user", "content": "My router drops wifi."}],
                                         max_tokens=8, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == out.choices[0].message.content
+    # Grammar-constrained decoding works in the CPU image, which leaves triton out (container.CPU_UNUSED).
+    js = oa.chat.completions.create(model=model, messages=[{"role": "user", "content": "JSON please"}],
+                                    max_tokens=8, temperature=0, response_format={"type": "json_object"})
+    assert js.choices[0].finish_reason in ("stop", "length")
+    absent = subprocess.run(["docker", "exec", NAME, "python", "-c",
+                             "import importlib.util as u; print(u.find_spec('triton') is None)"],
+                            capture_output=True, text=True, check=True).stdout
+    assert absent.strip() == "True"
     with pytest.raises(openai.BadRequestError) as err:  # over serve.max_new_tokens: refused, not clamped
         oa.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}], max_tokens=CAP + 1)
     assert err.value.status_code == 400
@@ -225,6 +233,7 @@ def test_cuda_plan_is_written_without_building(v1: dict[str, Any], tmp_path: Pat
     plan = json.loads((tmp_path / "cuda/build.json").read_text())
     assert plan["image"] == f"{IMAGE}:v1.0.0-cuda" and plan["base_image"] == "phiops-base:bookworm-cuda"
     assert plan["build_args"]["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert plan["build_args"]["WHEELHOUSE_SKIPPED"] == ""  # the CUDA image keeps triton: its kernels need it
     assert "torch===2.13.0" in plan["wheelhouse"]["requirements"]  # PyPI's CUDA build, nvidia-* with it
     dockerfile = (tmp_path / "cuda/Dockerfile").read_text()
     for line in ("FROM ${BASE_IMAGE}", "--no-index", "HEALTHCHECK", "USER bentoml", "verify-bento"):

@@ -203,3 +203,14 @@ def test_k8s_validation_catches_a_broken_probe() -> None:
     probe["httpGet"]["pathh"] = probe["httpGet"].pop("path")
     with pytest.raises(kubernetes_validate.ValidationError):
         _validate(broken)
+
+
+def test_pip_check_allows_only_the_packages_left_out_on_purpose() -> None:
+    out = ("xgrammar 0.2.9 requires triton, which is not installed.\n"
+           "phiops 0.1.0 requires httpx, which is not installed.\n"
+           "foo 1.0 has requirement bar<2, but you have bar 2.1.\n")
+    assert container.pip_check_problems(out, {"triton"}) == [
+        "phiops 0.1.0 requires httpx, which is not installed.", "foo 1.0 has requirement bar<2, but you have bar 2.1."]
+    assert len(container.pip_check_problems(out, set())) == 3
+    assert container.pip_check_problems("No broken requirements found.\n", set()) == []
+
