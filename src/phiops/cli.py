@@ -239,7 +239,10 @@ def cmd_registry(args: argparse.Namespace) -> int:
         if rec is None:
             return _fail(f"{cfg.registry.artifact}: nothing in production yet (`phiops registry history` lists versions)",
                          EXIT_REFUSED)
-        print(json.dumps(rec, indent=2) if args.json else registry_view.render_record(rec))
+        if args.card:
+            print(reg.card(rec["version"]))
+        else:
+            print(json.dumps(rec, indent=2) if args.json else registry_view.render_record(rec))
         return 0
     history = reg.history()
     if args.json:
@@ -390,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = s.add_subparsers(dest="action", required=True)
     r = add(rsub, "show", help="one version's lineage as a table (default: production)")
     r.add_argument("version", nargs="?", default=None)
-    r.add_argument("--json", action="store_true", help="the full record (resolved params, eval, gate) as JSON")
+    shown = r.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="the full record (resolved params, eval, gate) as JSON")
+    shown.add_argument("--card", action="store_true", help="its model card (the README.md its bento and exports carry)")
     r.set_defaults(fn=cmd_registry)
     r = add(rsub, "history", help="every version, then every promotion and rollback")
     r.add_argument("--json", action="store_true")
