@@ -14,7 +14,8 @@ Exit codes (also in `phiops --help`):
      rejected the candidate, the approver refused it, nothing to roll back, no production
      model, another `phiops run` holds this checkout
   6  model or artifact: a checkpoint, quantization, merge check, embedding model, LoRA target,
-     bento, DVC stage or the gate's input failed
+     bento, DVC stage or the gate's input failed, or an export cannot be made (its --out is
+     not empty, the architecture or tokenizer cannot go to GGUF)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from phiops.bento import BentoError
 from phiops.candidate import CandidateError
 from phiops.data import DataError
 from phiops.embeddings import EmbeddingError
+from phiops.export import ExportError
 from phiops.lora import LoraTargetError
 from phiops.models import ModelError
 from phiops.paths import Layout
@@ -61,7 +63,7 @@ ERROR_CODES: tuple[tuple[int, tuple[type[Exception], ...]], ...] = (
     (EXIT_DATA, (DataError,)),
     (EXIT_REFUSED, (RegistryError, ApprovalError, RunLockedError)),
     (EXIT_ARTIFACT, (ModelError, QuantizeError, MergeMismatchError, EmbeddingError, LoraTargetError, BentoError,
-                     StageError, CandidateError)),
+                     StageError, CandidateError, ExportError)),
 )
 # The table of the module docstring, shown again by `phiops --help`: written once.
 _EXIT_TABLE = __doc__.split("Exit codes (also in `phiops --help`):\n", 1)[1]
@@ -255,6 +257,17 @@ def cmd_registry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from phiops import export
+
+    cfg = _load(args)
+    out = export.export(Layout(Path(args.root)), cfg.registry.artifact, args.version, args.format, Path(args.out))
+    print(f"{cfg.registry.artifact} {args.version} -> {out['out']} ({args.format}; files from {out['source']})")
+    for name, size in out["files"].items():
+        print(f"  {size:>13,}  {name}")
+    return 0
+
+
 def _promote(args: argparse.Namespace, version: str) -> int:
     from phiops import approval, deploy
 
@@ -400,6 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = add(rsub, "history", help="every version, then every promotion and rollback")
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_registry)
+
+    s = add(sub, "export", help="write a registered version as GGUF, its LoRA adapter or the merged model, with its card")
+    s.add_argument("version")
+    s.add_argument("--format", required=True, choices=("gguf", "adapter", "merged"),
+                   help="gguf: llama.cpp f16 + Q8_0; adapter: peft safetensors; merged: safetensors + tokenizer")
+    s.add_argument("--out", required=True, help="destination folder (new, or empty)")
+    s.set_defaults(fn=cmd_export)
 
     def deciding(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--reason", required=True, help="why (recorded in the registry)")
