@@ -100,9 +100,7 @@ def export(layout: Layout, artifact: str, version: str, fmt: Format, out: Path) 
     reg = Registry(layout, artifact)
     record = reg.record(version)
     card = reg.card(version)
-    # The version's own files first: a damaged version is refused whatever is exported of it.
-    with artifacts.verified_files(layout.root, record), _component(layout, record, "adapter" if fmt == "adapter"
-                                                                   else "merged") as (src, source):
+    with _component(layout, record, "adapter" if fmt == "adapter" else "merged") as (src, source):
         with atomic_dir(out) as tmp:
             if fmt == "gguf":
                 name = f"{artifact}-{version}"
@@ -123,21 +121,24 @@ def export(layout: Layout, artifact: str, version: str, fmt: Format, out: Path) 
 
 @contextlib.contextmanager
 def _component(layout: Layout, record: dict[str, Any], name: str) -> Iterator[tuple[Path, str]]:
-    """The version's adapter or merged model, checked against the sha256 recorded with the version."""
-    if record.get("variant") == name:
-        with artifacts.verified_files(layout.root, record) as found:
+    """The version's adapter or merged model, checked against the sha256 recorded with the version.
+
+    The version's own (served) files are checked too: a damaged version is refused whatever is
+    exported of it.
+    """
+    with artifacts.verified_files(layout.root, record) as own:
+        if record.get("variant") == name:
+            yield own
+            return
+        comp = (record.get("components") or {}).get(name)
+        if comp is None:
+            raise ExportError(f"{record['artifact']} {record['version']} was registered without a record of its "
+                              f"{name} (before phiops recorded it with each version): its files cannot be checked "
+                              "against the registry, so they are not exported")
+        # The same check as the served files: the working tree's copy when byte-identical, else
+        # DVC's at the version's tag (the dvc.lock registered with it), refused if it differs.
+        with artifacts.verified_files(layout.root, {**record, **comp}) as found:
             yield found
-        return
-    comp = (record.get("components") or {}).get(name)
-    if comp is None:
-        raise ExportError(f"{record['artifact']} {record['version']} was registered without a record of its {name} "
-                          "(versions registered before phiops recorded it): its files cannot be checked, so they "
-                          "are not exported; export --format "
-                          + ("merged/gguf" if record.get("variant") == "merged" else record.get("variant", "?")))
-    # The same check as the served files: the working tree's copy when byte-identical, else
-    # DVC's at the version's tag (the dvc.lock registered with it), refused if it differs.
-    with artifacts.verified_files(layout.root, {**record, **comp}) as found:
-        yield found
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ base, transformers) and must give the merged model's logits within the stated bo
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -210,6 +211,14 @@ def test_refusals_say_what_and_where(llama_project, tmp_path, tiny_models, capsy
 
     with pytest.raises(ExportError, match=r"architecture \['PhiForCausalLM'\] cannot be exported to GGUF"):
         write_gguf(tiny_models["phi"], tmp_path / "phi.gguf", "f16", "phi")
+
+    # A record from before versions kept their adapter and merged model: nothing to check them by.
+    path = proj / "registry/phiops-model/v1.0.0.json"
+    kept = path.read_text()
+    path.write_text(json.dumps({k: v for k, v in json.loads(kept).items() if k != "components"}))
+    with pytest.raises(ExportError, match="registered without a record of its adapter"):
+        export(Layout(proj), "phiops-model", "v1.0.0", "adapter", tmp_path / "old")
+    path.write_text(kept)
 
     # The working tree's adapter changed after registration and DVC's cached copy is damaged:
     # the export is refused, naming the file; nothing is left at --out.
