@@ -23,6 +23,7 @@ makes its image where one exists (``phiops.container``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 # (a bento is shipped to other machines, where loading a pickle would run arbitrary code).
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _META_KEY = "phiops"  # reserved key of the stored model's metadata
+CARD = "README.md"  # the model card, where the Hugging Face hub and readers look for it
 _TAG_OUT = re.compile(r"__tag__:(\S+)")
 
 
@@ -114,7 +116,7 @@ def _checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def save_model(model_dir: Path, name: str, version: str, metadata: dict[str, Any]) -> str:
+def save_model(model_dir: Path, name: str, version: str, metadata: dict[str, Any], card: str | None = None) -> str:
     """Copy a safetensors checkpoint directory into the BentoML model store as ``name:version``.
 
     The files land under ``checkpoint/`` of the stored model; their sha256 manifest is kept in
@@ -130,6 +132,8 @@ def save_model(model_dir: Path, name: str, version: str, metadata: dict[str, Any
         name: BentoML model name (lowercase letters, digits, ``-``, ``_``, ``.``).
         version: model version (same alphabet), e.g. the registry version.
         metadata: JSON-serialisable facts to keep with the model (metrics, lineage...).
+        card: the model card, stored as ``checkpoint/README.md`` and covered by the manifest
+            (in place of a README.md of ``model_dir``).
 
     Returns:
         The tag, ``"name:version"``.
@@ -161,7 +165,11 @@ def save_model(model_dir: Path, name: str, version: str, metadata: dict[str, Any
         raise ValueError(f"invalid model tag {name}:{version}: {exc}") from None
 
     files = _checkpoint_files(model_dir)
+    if card is not None:
+        files = [p for p in files if p.relative_to(model_dir) != Path(CARD)]
     manifest = {str(p.relative_to(model_dir)): sha256_file(p) for p in files}
+    if card is not None:
+        manifest = dict(sorted({**manifest, CARD: hashlib.sha256(card.encode()).hexdigest()}.items()))
     store = _model_store()
 
     try:
@@ -187,13 +195,16 @@ def save_model(model_dir: Path, name: str, version: str, metadata: dict[str, Any
     meta = {**user_meta, _META_KEY: {"format": "hf-safetensors", "files": manifest}}
     with bentoml.models.create(tag, labels={"project": "phiops"}, metadata=meta, _model_store=store) as model:
         dest = Path(model.path_of(CHECKPOINT_SUBDIR))
-        for src, rel in zip(files, manifest):
-            out = dest / rel
+        for src in files:
+            out = dest / src.relative_to(model_dir)
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, out)
             # Readable by all (a checkpoint can be 0600 where it came from): the image's service user
             # reads it as is, where a chmod in the image build would store the file a second time.
             os.chmod(out, 0o644)
+        if card is not None:
+            (dest / CARD).write_text(card, encoding="utf-8")
+            os.chmod(dest / CARD, 0o644)
         copied = dir_manifest(dest)
         if copied != manifest:  # a copy must never silently differ from what was recorded
             raise BentoError(f"copy of {model_dir} into the model store does not match its sha256 manifest")

@@ -15,7 +15,8 @@ Exit codes (also in `phiops --help`):
      model, another `phiops run` holds this checkout
   6  model or artifact: a checkpoint, quantization, merge check, embedding model, LoRA target,
      bento, image or container (no Docker engine, a failed build, a container that did not
-     become ready), DVC stage or the gate's input failed
+     become ready), DVC stage or the gate's input failed, or an export cannot be made (its
+     --out is not empty, the architecture or tokenizer cannot go to GGUF)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from phiops.candidate import CandidateError
 from phiops.container import ContainerError
 from phiops.data import DataError
 from phiops.embeddings import EmbeddingError
+from phiops.export import ExportError
 from phiops.lora import LoraTargetError
 from phiops.models import ModelError
 from phiops.paths import Layout
@@ -63,7 +65,7 @@ ERROR_CODES: tuple[tuple[int, tuple[type[Exception], ...]], ...] = (
     (EXIT_DATA, (DataError,)),
     (EXIT_REFUSED, (RegistryError, ApprovalError, RunLockedError)),
     (EXIT_ARTIFACT, (ModelError, QuantizeError, MergeMismatchError, EmbeddingError, LoraTargetError, BentoError,
-                     ContainerError, StageError, CandidateError)),
+                     ContainerError, StageError, CandidateError, ExportError)),
 )
 # The table of the module docstring, shown again by `phiops --help`: written once.
 _EXIT_TABLE = __doc__.split("Exit codes (also in `phiops --help`):\n", 1)[1]
@@ -241,7 +243,10 @@ def cmd_registry(args: argparse.Namespace) -> int:
         if rec is None:
             return _fail(f"{cfg.registry.artifact}: nothing in production yet (`phiops registry history` lists versions)",
                          EXIT_REFUSED)
-        print(json.dumps(rec, indent=2) if args.json else registry_view.render_record(rec))
+        if args.card:
+            print(reg.card(rec["version"]))
+        else:
+            print(json.dumps(rec, indent=2) if args.json else registry_view.render_record(rec))
         return 0
     history = reg.history()
     if args.json:
@@ -251,6 +256,17 @@ def cmd_registry(args: argparse.Namespace) -> int:
     print(registry_view.render_table(history, production=prod["version"] if prod else None))
     print("\nproduction assignments (promotions and rollbacks)")
     print(registry_view.render_promotions(reg.promotions()))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from phiops import export
+
+    cfg = _load(args)
+    out = export.export(Layout(Path(args.root)), cfg.registry.artifact, args.version, args.format, Path(args.out))
+    print(f"{cfg.registry.artifact} {args.version} -> {out['out']} ({args.format}; files from {out['source']})")
+    for name, size in out["files"].items():
+        print(f"  {size:>13,}  {name}")
     return 0
 
 
@@ -451,11 +467,20 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = s.add_subparsers(dest="action", required=True)
     r = add(rsub, "show", help="one version's lineage as a table (default: production)")
     r.add_argument("version", nargs="?", default=None)
-    r.add_argument("--json", action="store_true", help="the full record (resolved params, eval, gate) as JSON")
+    shown = r.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="the full record (resolved params, eval, gate) as JSON")
+    shown.add_argument("--card", action="store_true", help="its model card (the README.md its bento and exports carry)")
     r.set_defaults(fn=cmd_registry)
     r = add(rsub, "history", help="every version, then every promotion and rollback")
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_registry)
+
+    s = add(sub, "export", help="write a registered version as GGUF, its LoRA adapter or the merged model, with its card")
+    s.add_argument("version")
+    s.add_argument("--format", required=True, choices=("gguf", "adapter", "merged"),
+                   help="gguf: llama.cpp f16 + Q8_0; adapter: peft safetensors; merged: safetensors + tokenizer")
+    s.add_argument("--out", required=True, help="destination folder (new, or empty)")
+    s.set_defaults(fn=cmd_export)
 
     def deciding(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--reason", required=True, help="why (recorded in the registry)")

@@ -42,12 +42,14 @@ def build_bento(layout: Layout, cfg: Params, record: dict[str, Any], *, lock_pac
         BentoError: the model store or the build failed.
     """
     version = record["version"]
+    reg = registry.Registry(layout, record["artifact"])
     with artifacts.verified_files(layout.root, record) as (src, source):
         model_tag = bento.save_model(
             src, cfg.registry.artifact, version,
             # /v1/models shows these: which version, from which data and code.
             {"registry": {"artifact": record["artifact"], "version": version, "git_tag": artifacts.version_rev(record),
                           "data_hash": record.get("data_hash"), "git_rev": record.get("git_rev")}},
+            card=reg.card(version),  # the bento ships its model card
         )
     tag = bento.build(
         model_tag,

@@ -14,10 +14,11 @@ from typing import Any
 
 import yaml
 
+from phiops import card, config
 from phiops.artifacts import RegistryError
-from phiops import config
 from phiops.config import Params
 from phiops.gate import Decision
+from phiops.io import dir_manifest
 from phiops.paths import Layout
 
 
@@ -182,9 +183,10 @@ def collect(layout: Layout, cfg: Params, decision: Decision, approval: dict[str,
         flow_run_id: the flow run registering it.
 
     Raises:
-        LineageError: the candidate's files are not pinned in dvc.lock, the data hash or the
-            git commit cannot be read, or the stages ran with other params than `cfg`'s
-            (:func:`check_params_ran`).
+        LineageError: the candidate's files (or the adapter and merged model it came from)
+            are not pinned in dvc.lock, the data hash, the git commit or a report (eval,
+            validate, train) cannot be read, or the stages ran with other params than
+            `cfg`'s (:func:`check_params_ran`).
     """
     rel = str(variant_dir(layout, decision.variant).relative_to(layout.root))
     md5 = out_hash(layout, rel)
@@ -195,6 +197,7 @@ def collect(layout: Layout, cfg: Params, decision: Decision, approval: dict[str,
         raise LineageError(f"dvc.lock records no hash for {cfg.data.raw} under the validate stage's deps")
     check_params_ran(layout, cfg)
     evals = read_json(layout.eval_report)
+    validated, trained = read_json(layout.validate_report), read_json(layout.train_report)
     return {
         "variant": decision.variant,
         "dvc_out_md5": md5,
@@ -206,7 +209,35 @@ def collect(layout: Layout, cfg: Params, decision: Decision, approval: dict[str,
         "gate": asdict(decision),
         "approval": approval,
         "flow_run_id": flow_run_id,
+        # What the model card says about the data and the run, kept with the version: the
+        # working tree's reports belong to whichever run came last.
+        "data": {k: validated[k] for k in card.DATA_KEYS if k in validated},
+        "train": {k: trained[k] for k in card.TRAIN_KEYS if k in trained},
+        "components": components(layout),
     }
+
+
+# What a registered version was made from, beside the variant it serves: an export of the
+# adapter or the unquantized merged model needs them, checked like the served files.
+COMPONENTS = ("adapter", "merged")
+
+
+def components(layout: Layout) -> dict[str, dict[str, Any]]:
+    """The adapter and merged model this run produced: path, DVC hash and sha256 of every file.
+
+    Raises:
+        LineageError: one of them is not pinned in dvc.lock or is missing from the working tree.
+    """
+    out = {}
+    for name in COMPONENTS:
+        path = getattr(layout, name)
+        rel = str(path.relative_to(layout.root))
+        md5 = out_hash(layout, rel)
+        if md5 is None or not path.is_dir():
+            raise LineageError(f"{rel} is {'not pinned in dvc.lock' if md5 is None else 'missing'}: "
+                               "a version records the adapter and merged model it came from")
+        out[name] = {"model_path": rel, "dvc_out_md5": md5, "files": dir_manifest(path)}
+    return out
 
 
 def same_candidate(layout: Layout, record: dict[str, Any]) -> bool:

@@ -24,8 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from phiops import card
 from phiops.artifacts import RegistryError, verify_files
-from phiops.io import dir_manifest, write_json
+from phiops.io import dir_manifest, write_json, write_text
 from phiops.paths import Layout
 
 PRODUCTION = "production"
@@ -98,6 +99,28 @@ class Registry:
         latest = max(assigned, key=_assignment_number)
         return self.record(latest["version"])
 
+    def card_path(self, version: str) -> Path:
+        """The model card (README.md of the version's files) kept beside its record, in git."""
+        return self.dir / f"{version}.md"
+
+    def card(self, version: str) -> str:
+        """A version's model card as written at registration (or at its decision).
+
+        A version registered before phiops wrote cards gets one rendered from its record now.
+        """
+        path = self.card_path(version)
+        return path.read_text() if path.exists() else card.render(self.record(version))
+
+    def _write(self, record: dict[str, Any]) -> list[str]:
+        """Write a record and its model card (each atomically); returns their paths for git."""
+        path = self.dir / f"{record['version']}.json"
+        write_json(path, record)
+        # Rendered from the record as written, so the card and the record never disagree. It
+        # lives here and not in the model folder: that folder is a DVC output pinned by
+        # dvc.lock, whose hash (and the sha256 manifest above) a card written into it would break.
+        write_text(self.card_path(record["version"]), card.render(json.loads(path.read_text())))
+        return [str(p.relative_to(self.root)) for p in (path, self.card_path(record["version"]))]
+
     def verify(self, version: str, model_dir: Path) -> None:
         """Refuse model files whose sha256 differ from the registry record.
 
@@ -150,9 +173,7 @@ class Registry:
             "bento": bento_tag(version),
             **lineage,
         }
-        path = self.dir / f"{version}.json"
-        write_json(path, record)
-        paths = [str(path.relative_to(self.root))]
+        paths = self._write(record)
         if (self.root / "dvc.lock").exists():
             paths.append("dvc.lock")
         _git(self.root, "add", "--", *paths)
@@ -186,13 +207,11 @@ class Registry:
         if record.get("approval") == approval:
             return record
         record["approval"] = approval
-        path = self.dir / f"{version}.json"
-        write_json(path, record)
-        rel = str(path.relative_to(self.root))
+        paths = self._write(record)  # the card says who decided, when and why
         verb = "approve" if approval.get("approved") else "reject"
-        _git(self.root, "add", "--", rel)
+        _git(self.root, "add", "--", *paths)
         _git(self.root, "commit", "--quiet", "-m",
-             f"phiops: {verb} {self.artifact} {version} ({approval.get('approver')}: {approval.get('reason')})", "--", rel)
+             f"phiops: {verb} {self.artifact} {version} ({approval.get('approver')}: {approval.get('reason')})", "--", *paths)
         return record
 
     def set_production(self, version: str, approver: str, reason: str) -> dict[str, Any]:

@@ -36,7 +36,12 @@ def project(tmp_path, monkeypatch):
     # As DVC leaves it: the raw data and the candidate pinned (a registration records both).
     (proj / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
         "validate": {"cmd": "phiops stage validate", "deps": [{"path": "data/raw", "md5": "raw.dir"}]},
+        "train": {"cmd": "phiops stage train", "outs": [{"path": "models/adapter", "md5": "adapter.dir"}]},
         "merge": {"cmd": "phiops stage merge", "outs": [{"path": "models/merged", "md5": "merged.dir"}]}}}))
+    (proj / "models/adapter").mkdir()
+    (proj / "models/adapter/adapter_model.safetensors").write_bytes(b"adapter weights")
+    write_json(layout.validate_report, {"rows_in": 100, "accepted": 100, "rejected": 0})
+    write_json(layout.train_report, {"steps": 4, "train_loss": 0.5})
     # Manual approval with a short timeout: if the gate wrongly passed, the flow fails fast instead of waiting.
     (proj / "params.yaml").write_text(yaml.safe_dump({"approval": {"mode": "manual", "timeout_hours": 0.001}}))
     _git(proj, "init", "-q")

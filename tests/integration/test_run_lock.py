@@ -38,6 +38,7 @@ stages:
     deps: [data/validated/rows.jsonl, stage.py]
     params: [gate]
     outs:
+      - models/adapter
       - models/merged
       - reports/eval_samples.jsonl:
           cache: false
@@ -52,16 +53,20 @@ from pathlib import Path
 if sys.argv[1] == "validate":
     os.makedirs("data/validated", exist_ok=True)
     Path("data/validated/rows.jsonl").write_text(Path("data/raw/tickets.jsonl").read_text())
+    os.makedirs("reports", exist_ok=True)  # what the model card reads
+    Path("reports/validate.json").write_text(json.dumps({"rows_in": 1, "accepted": 1, "rejected": 0}))
 else:
     if Path("hold").exists():  # the test lets this stage finish once the second run was tried
         Path("started").write_text("")
         while not Path("go").exists():
             time.sleep(0.1)
-    os.makedirs("models/merged", exist_ok=True)
-    Path("models/merged/model.safetensors").write_bytes(b"candidate weights")
+    for out in ("models/adapter", "models/merged"):  # a version records the adapter it came from
+        os.makedirs(out, exist_ok=True)
+        Path(out, "model.safetensors").write_bytes(b"candidate weights")
     ids = [f"row{i}" for i in range(20)]
     row = lambda m: {"task_metric": m, "perplexity": 1.5, "size_bytes": 1000, "n_samples": 20}
     os.makedirs("reports", exist_ok=True)
+    Path("reports/train.json").write_text(json.dumps({"steps": 1}))
     Path("reports/eval.json").write_text(json.dumps({"metric": "json_fields", "test_rows": 20,
                                                      "variants": {"base": row(0.1), "merged": row(0.9)}}))
     Path("reports/eval_samples.jsonl").write_text("".join(

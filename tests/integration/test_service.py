@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from phiops import bento, models
+from phiops.io import dir_manifest
 from phiops.config import ServeCfg
 from phiops.serve import client as serve_client
 from phiops.serve.checkpoint import CHECKPOINT_SUBDIR
@@ -87,6 +88,24 @@ def test_save_model_stores_checkpoint_with_manifest(home: Path, tiny_dir: Path, 
     assert "model.safetensors" in files and "config.json" in files
     ckpt = Path(stored.path_of(CHECKPOINT_SUBDIR))
     assert {p.name for p in ckpt.iterdir()} == set(files)
+
+
+def test_save_model_ships_the_model_card_under_the_manifest(home: Path, tiny_dir: Path) -> None:
+    import bentoml
+
+    from phiops.serve.checkpoint import verify_checkpoint
+
+    card = "---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---\n\n# tiny-llama v1.0.0\n"
+    tag = bento.save_model(tiny_dir, "tiny-llama", "carded", {}, card=card)
+    stored = bentoml.models.get(tag, _model_store=bento._model_store())
+    ckpt = Path(stored.path_of(CHECKPOINT_SUBDIR))
+    assert (ckpt / "README.md").read_text() == card
+    manifest = stored.info.metadata["phiops"]["files"]
+    verify_checkpoint(str(ckpt), manifest, tag)  # what the service checks before it loads
+    assert "README.md" in manifest and "README.md" not in dir_manifest(tiny_dir)
+    assert bento.save_model(tiny_dir, "tiny-llama", "carded", {}, card=card) == tag  # idempotent with it
+    with pytest.raises(bento.BentoError, match="different files"):  # a version's card is part of it
+        bento.save_model(tiny_dir, "tiny-llama", "carded", {}, card=card + "edited\n")
 
 
 def test_save_model_is_idempotent_and_refuses_changed_content(

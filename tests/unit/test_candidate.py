@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import pytest
@@ -216,8 +217,13 @@ def _lineage_project(proj, raw_params: dict, ran: dict) -> Layout:
     (proj / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
         "validate": {"cmd": "phiops stage validate", "deps": [{"path": "data/raw", "md5": "raw.dir"}],
                      "params": {"params.yaml": {"data.raw": ran["data.raw"]}}},
-        "train": {"cmd": "phiops stage train", "params": {"params.yaml": {"train": ran["train"]}}},
+        "train": {"cmd": "phiops stage train", "params": {"params.yaml": {"train": ran["train"]}},
+                  "outs": [{"path": "models/adapter", "md5": "a.dir"}]},
         "merge": {"cmd": "phiops stage merge", "outs": [{"path": "models/merged", "md5": "m.dir"}]}}}))
+    (proj / "models/adapter").mkdir(parents=True)
+    (proj / "models/adapter/adapter_model.safetensors").write_bytes(b"adapter")
+    write_json(Layout(proj).validate_report, {"rows_in": 22, "accepted": 20, "rejected": 2, "problems": ["..."]})
+    write_json(Layout(proj).train_report, {"steps": 40, "train_loss": 0.5, "trainable_params_by_module": {}})
     _evaluation(proj, merged_right=18)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "code"],
                    cwd=proj, check=True)
@@ -233,6 +239,12 @@ def test_lineage_records_only_what_ran(proj):
     decision = gate.Decision(True, "merged", ["ok"])
     rec = lineage.collect(layout, cfg, decision, {"status": "pending"}, "run-1")
     assert (rec["dvc_out_md5"], rec["data_hash"], rec["params"]["train"]["max_steps"]) == ("m.dir", "raw.dir", 40)
+    # What the card and an export need, kept with the version: report summaries, and the adapter
+    # and merged model it came from with their DVC hash and sha256.
+    assert rec["data"] == {"rows_in": 22, "accepted": 20, "rejected": 2} and rec["train"] == {"steps": 40, "train_loss": 0.5}
+    assert {n: (c["model_path"], c["dvc_out_md5"], list(c["files"])) for n, c in rec["components"].items()} == {
+        "adapter": ("models/adapter", "a.dir", ["adapter_model.safetensors"]),
+        "merged": ("models/merged", "m.dir", ["model.safetensors"])}
 
     # params.yaml edited after the stages ran: dvc.lock says train ran with 40 steps.
     (proj / "params.yaml").write_text(yaml.safe_dump({**raw, "train": {"max_steps": 2}}))
@@ -246,6 +258,11 @@ def test_lineage_records_only_what_ran(proj):
     (proj / "params.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(lineage.LineageError, match="dvc.lock pins no models/gptq"):
         lineage.collect(layout, cfg, gate.Decision(True, "gptq", ["ok"]), {}, "run-1")
+
+    # The adapter it came from is gone: an export of it could not be checked, so nothing is recorded.
+    shutil.rmtree(proj / "models/adapter")
+    with pytest.raises(lineage.LineageError, match="models/adapter is missing"):
+        lineage.collect(layout, cfg, decision, {}, "run-1")
 
 
 def test_lineage_without_a_commit_is_refused(tmp_path):
