@@ -35,11 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from _common import versions  # bench/ is on the path when this runs as a script
+from serve_cpu_load import CLIENTS, MAX_TOKENS, _load, _prompts
 
-from _common import versions  # noqa: E402
-from serve_cpu_load import CLIENTS, MAX_TOKENS, _load, _prompts  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 IMAGE = "phiops-llm-bench"
 
