@@ -1,9 +1,10 @@
 """The CPU image of the embedded model: build time, size, start to /readyz, and load vs outside it.
 
-Command (about 20 minutes on the 2-core machine, as root with a Docker engine running:
-infra/container/engine.sh start):
+Commands (as root with a Docker engine running: infra/container/engine.sh start; on the 2-core
+machine about 20 and 10 minutes):
 
-    python bench/container_cpu.py --rounds 2 --out bench/results/container_cpu.json
+    python bench/container_cpu.py --rounds 2 --base --out bench/results/container_cpu.json
+    python bench/container_cpu.py --rounds 2 --load-only --out bench/results/container_cpu_load.json
 
 What it does, on the embedded default model (SmolLM2-135M-Instruct, 517 MB of safetensors):
 
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=192, help="per round")
     ap.add_argument("--starts", type=int, default=3)
     ap.add_argument("--base", action="store_true", help="also time infra/container/base-image.sh (~2 min)")
+    ap.add_argument("--load-only", action="store_true",
+                    help="only the load comparison (one image, built with the layer cache and $PHIOPS_CACHE/wheelhouse)")
     args = ap.parse_args(argv)
 
     from phiops import bento, container, models
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": "SmolLM2-135M-Instruct (embedded, 517 MB safetensors)",
         "loadavg_before": os.getloadavg(),
     }
+    if args.load_only:
+        return _load_only(args, result, save)
     if args.base:
         t0 = time.perf_counter()
         subprocess.run(["bash", str(ROOT / "infra/container/base-image.sh"), "--tag", "phiops-base:bench"],
@@ -144,11 +149,36 @@ def main(argv: list[str] | None = None) -> int:
     result["start_to_ready_s"] = starts
     save()
 
+    rounds = _compare_load(args, bentos["bench1"], ref, name, port, result, save)
+    result["summary"] = {
+        "build_cold_s": builds["cold"]["seconds"],
+        "build_wheelhouse_cached_s": builds["wheelhouse_cached"]["seconds"],
+        "build_next_version_s": builds["next_version"]["seconds"],
+        "base_image_s": result.get("base_image_s"),
+        "image_bytes": result["size"]["image_bytes"],
+        "start_to_ready_s": starts,
+        **_load_summary(rounds),
+    }
+    result["loadavg_after"] = os.getloadavg()
+    for version in ("bench1", "bench2"):
+        container.docker("rmi", f"{IMAGE}:{version}", check=False)
+    save()
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+def _compare_load(args: argparse.Namespace, bento_tag: str, ref: str, name: str, port: int,
+                  result: dict[str, Any], save: Any) -> list[dict[str, Any]]:
+    """serve_cpu_load's load against the running container `name` and `bentoml serve` of the
+    same bento outside it, alternating round by round after one warm-up round each."""
+    from phiops import container
+    from phiops.serve import client
+
     prompts = _prompts(args.requests)
     url_in = f"http://127.0.0.1:{port}"
-    rounds = []
+    rounds: list[dict[str, Any]] = []
     try:
-        with client.serving(bentos["bench1"], timeout=600) as url_out:
+        with client.serving(bento_tag, timeout=600) as url_out:
             asyncio.run(_load(url_in, prompts, CLIENTS))  # warm-up, not counted (as serve_cpu_load.py)
             asyncio.run(_load(url_out, prompts, CLIENTS))
             for i in range(args.rounds):
@@ -157,24 +187,20 @@ def main(argv: list[str] | None = None) -> int:
                 rounds.append({"container": inside, "outside": outside, "loadavg": os.getloadavg()})
                 print(f"round {i}: container {inside['requests_per_s']:.3f} req/s, outside "
                       f"{outside['requests_per_s']:.3f} req/s", flush=True)
-                result["load"] = {"rounds": rounds}
+                result["load"] = {"clients": CLIENTS, "requests_per_round": args.requests,
+                                  "max_tokens": MAX_TOKENS, "rounds": rounds}
                 save()
     finally:
         container.stop_local(name)
+    return rounds
 
+
+def _load_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     def rate(side: str, key: str = "requests") -> float:
         done = sum(r[side]["requests"] - r[side]["errors"] if key == "requests" else r[side][key] for r in rounds)
         return done / sum(r[side]["wall_s"] for r in rounds)
 
-    result["load"] = {"clients": CLIENTS, "requests_per_round": args.requests, "max_tokens": MAX_TOKENS,
-                      "rounds": rounds}
-    result["summary"] = {
-        "build_cold_s": builds["cold"]["seconds"],
-        "build_wheelhouse_cached_s": builds["wheelhouse_cached"]["seconds"],
-        "build_next_version_s": builds["next_version"]["seconds"],
-        "base_image_s": result.get("base_image_s"),
-        "image_bytes": result["size"]["image_bytes"],
-        "start_to_ready_s": starts,
+    return {
         "container_requests_per_s": round(rate("container"), 4),
         "outside_requests_per_s": round(rate("outside"), 4),
         "ratio_requests_per_s": round(rate("container") / rate("outside"), 3),
@@ -182,9 +208,28 @@ def main(argv: list[str] | None = None) -> int:
         "errors": sum(r[s]["errors"] for r in rounds for s in ("container", "outside")),
         "goal": "container requests/s >= 0.9x outside",
     }
+
+
+def _load_only(args: argparse.Namespace, result: dict[str, Any], save: Any) -> int:
+    """One image of the embedded model's bento (layer cache, the default wheelhouse), then the load."""
+    from phiops import bento, container, models
+    from phiops.config import ServeCfg
+    from phiops.models import cache_dir
+    from phiops.serve import client
+
+    base = container.ensure_base(None, "cpu", ROOT)
+    tag = bento.save_model(models.ensure_builtin(), "phiops-model", "bench1", {"registry": _record("bench1")})
+    bento_tag = bento.build(tag, "bench1", service_dir=ROOT / "services", served_model_name="phiops-model",
+                            limits=ServeCfg(max_new_tokens=MAX_TOKENS), lock_packages=True)
+    out = container.containerize(bento_tag, _record("bench1"), root=ROOT, image=IMAGE, variant="cpu", base_image=None,
+                                 wheelhouse_dir=cache_dir() / "wheelhouse", wheelhouse_port=38519)
+    ref, name, port = out["image"], "phiops-bench", client.free_port()
+    result["image"] = {"ref": ref, "bytes": out["size_bytes"], "base": base}
+    result["start_to_ready_s"] = [container.run_local(ref, name=name, host="127.0.0.1", port=port,
+                                                      ready_timeout=600)["ready_s"]]
+    rounds = _compare_load(args, bento_tag, ref, name, port, result, save)
+    result["summary"] = _load_summary(rounds)
     result["loadavg_after"] = os.getloadavg()
-    for version in ("bench1", "bench2"):
-        container.docker("rmi", f"{IMAGE}:{version}", check=False)
     save()
     print(json.dumps(result["summary"], indent=2))
     return 0
