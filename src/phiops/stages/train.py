@@ -211,7 +211,9 @@ def _run(cfg: Params, layout: Layout, device: str, t0: float, callbacks: list[An
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=built.tok,
-        callbacks=[*_callbacks(ckpt_root, fp, world), *([live_cb] if live_cb else []), *(callbacks or [])],
+        # dvclive first: when _Progress logs a step's line, that step's live row is written (the
+        # flow republishes the live table on each line).
+        callbacks=[*([live_cb] if live_cb else []), *_callbacks(ckpt_root, fp, world), *(callbacks or [])],
     )
     tokens_before = _tokens_seen(resume)
     t_train = time.time()
