@@ -221,6 +221,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from phiops import sweep
 
+    if args.jobs < 1:
+        args.usage_error("--jobs must be 1 or more")
     root = Path(args.root)
     params = root / config.DVC_PARAMS  # what the experiments change and the stages read
     config.load(params)
@@ -408,9 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add(sub, "sweep", help="run a grid of params as DVC experiments (validate..evaluate), best first; never promotes")
     s.add_argument("grid", nargs="+", metavar="KEY=V1,V2,...", help="e.g. train.lr=1e-4,3e-4 train.lora.r=8,16")
-    s.add_argument("--jobs", type=int, default=1, help="experiments at once (DVC queue workers; default: %(default)s)")
+    s.add_argument("--jobs", type=int, default=1,
+                   help="experiments at once (default: %(default)s, one after the other; more: DVC queue workers)")
     s.add_argument("--apply-best", action="store_true", help="put the best point into params.yaml (dvc exp apply)")
-    s.set_defaults(fn=cmd_sweep)
+    s.set_defaults(fn=cmd_sweep, usage_error=s.error)
 
     s = add(sub, "gate", help="score production, then decide from reports/eval.json whether a candidate may be promoted")
     s.set_defaults(fn=cmd_gate)

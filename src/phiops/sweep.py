@@ -1,11 +1,15 @@
 """`phiops sweep`: a grid of params run as DVC experiments, ranked by the gate's metric.
 
 ``phiops sweep train.lr=1e-4,3e-4,1e-3 train.lora.r=8,16`` is six experiments. Each grid point is
-checked against the config schema before anything runs (every problem listed at once), then
-queued as ``dvc exp run --queue -S ...`` and run by DVC's queue (``dvc exp run --run-all``, one
-worker unless told): each experiment runs in a temporary copy of the repository, so the
-workspace, params.yaml included, is left as it was. DVC's stages end at `evaluate`; the gate,
-registration and promotion belong to the flow, so a sweep never promotes anything.
+checked against the config schema before anything runs (every problem listed at once). Then each
+runs in a temporary copy of the repository, so the workspace, params.yaml included, is left as it
+was: one after the other by default (``dvc exp run --temp -S ...``), or ``--jobs N`` at once
+through DVC's queue (``dvc exp run --queue -S ...``, then ``dvc exp run --run-all --jobs N``).
+One at a time does not go through the queue: its Celery worker reads a filesystem broker that
+another process may be writing, and on this 2-core machine under load it died mid-sweep
+("Unrecoverable error: JSONDecodeError", the race of treeverse/dvc-task#73), leaving `--run-all`
+waiting for ever. DVC's stages end at `evaluate`; the gate, registration and promotion belong to the flow,
+so a sweep never promotes anything.
 
 Values use the override grammar DVC's ``-S`` itself parses (Hydra's): ``a=1,2`` is a choice,
 ``range(8,33,8)`` a range, ``[q_proj,v_proj]`` a list; what is checked is what DVC writes.
@@ -124,35 +128,39 @@ def _dvc(root: Path, *args: str, capture: bool = True) -> str:
 
 
 def run(root: Path, points: list[dict[str, str]], jobs: int = 1, prefix: str | None = None) -> list[Result]:
-    """Queue one DVC experiment per point, run the queue, and collect each one's gate metric.
+    """Run one DVC experiment per point and collect each one's gate metric.
 
     Args:
         root: the project root (a git + DVC repository).
         points: from :func:`parse`.
-        jobs: DVC queue workers (experiments at once).
+        jobs: experiments at once (above 1: DVC queue workers).
         prefix: experiment names are ``<prefix>-<n>`` (default: ``sweep-<UTC time>``).
 
     Returns:
         The experiments, best first (task metric, then perplexity).
 
     Raises:
-        procs.StageError: the queue already held experiments, or an experiment failed (named,
-            with the command that shows its log).
+        procs.StageError: an experiment failed (named); with ``jobs > 1``, also a DVC queue that
+            already held experiments (`--run-all` would run them too).
     """
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:  # `--run-all` runs the whole queue: it must hold only this sweep
-        waiting = [e.name or e.stash_rev[:7] for e in repo.experiments.celery_queue.iter_queued()]
-    if waiting:
-        raise procs.StageError(f"the DVC queue already holds {len(waiting)} experiment(s) ({', '.join(waiting)}); "
-                               "run them (`dvc exp run --run-all`) or drop them (`dvc queue remove --queued`) first")
     prefix = prefix or f"sweep-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    names = {}
-    for i, point in enumerate(points, 1):
-        names[f"{prefix}-{i}"] = point
-        # ++: sets a key params.yaml leaves at its default too (the schema checked it exists)
-        _dvc(root, "exp", "run", "--queue", "--name", f"{prefix}-{i}", *(a for k, v in point.items() for a in ("-S", f"++{k}={v}")))
-    _dvc(root, "exp", "run", "--run-all", "--jobs", str(jobs), capture=False)  # streams each experiment's log
+    names = {f"{prefix}-{i}": point for i, point in enumerate(points, 1)}
+    # ++: sets a key params.yaml leaves at its default too (the schema checked it exists)
+    args = {name: [a for k, v in point.items() for a in ("-S", f"++{k}={v}")] for name, point in names.items()}
+    if jobs == 1:
+        for name in names:  # each streams its log; a failure stops the sweep, named
+            _dvc(root, "exp", "run", "--temp", "--name", name, *args[name], capture=False)
+    else:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            waiting = [e.name or e.stash_rev[:7] for e in repo.experiments.celery_queue.iter_queued()]
+        if waiting:
+            raise procs.StageError(f"the DVC queue already holds {len(waiting)} experiment(s) ({', '.join(waiting)}); "
+                                   "run them (`dvc exp run --run-all`) or drop them (`dvc queue remove --queued`) first")
+        for name in names:
+            _dvc(root, "exp", "run", "--queue", "--name", name, *args[name])
+        _dvc(root, "exp", "run", "--run-all", "--jobs", str(jobs), capture=False)
     found = {rev["name"]: rev for rev in _revs(json.loads(_dvc(root, "exp", "show", "--json", "--no-pager")))}
     results, failed = [], []
     for name, point in names.items():
@@ -162,8 +170,8 @@ def run(root: Path, points: list[dict[str, str]], jobs: int = 1, prefix: str | N
         except (KeyError, TypeError):
             failed.append(name)
     if failed:
-        raise procs.StageError(f"experiment(s) {', '.join(failed)} did not finish with {METRICS_FILE}; "
-                               f"`dvc queue logs {failed[0]}` shows why")
+        raise procs.StageError(f"experiment(s) {', '.join(failed)} did not finish with {METRICS_FILE} "
+                               f"(the log above; from the queue: `dvc queue logs {failed[0]}`)")
     return sorted(results, key=lambda r: (-r.task_metric, r.perplexity))
 
 
