@@ -16,6 +16,7 @@ Run:  phiops run            (or: python -m flows.retrain; scheduled: prefect.yam
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from prefect.input import RunInput  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from phiops import approval as approval_cli  # noqa: E402
-from phiops import candidate, config, deploy, eval_report, gate, lineage, procs, registry, runlock  # noqa: E402
+from phiops import candidate, config, deploy, eval_report, gate, lineage, live, procs, registry, runlock  # noqa: E402
 from phiops.paths import Layout  # noqa: E402
 from phiops.serve import client  # noqa: E402
 from phiops.stages import evaluate  # noqa: E402
@@ -43,14 +44,42 @@ def dvc_stage(root: str, stage: str) -> bool:
     Returns:
         True if the stage executed, False if DVC found it unchanged.
     """
+    on_line = get_run_logger().info
+    if stage == "train":
+        on_line = publish_live(Path(root), on_line)
     try:
-        return procs.run_dvc_stage(Path(root), stage, get_run_logger().info)
+        return procs.run_dvc_stage(Path(root), stage, on_line)
     except procs.DataRefused as exc:
         # The row-level report goes where the person looking at the failed run will see it.
         create_markdown_artifact(key="data-validation", markdown=exc.report.read_text(),
                                  description="Why the data was refused (every rejected row is in data/quarantine/)")
         raise procs.DataRefused(f"{exc}\n(the same report is the run's data-validation artifact)",
                                 exc.report) from None
+
+
+def publish_live(root: Path, on_line: Callable[[str], None]) -> Callable[[str], None]:
+    """Wrap the train stage's line handler: after a line, if dvclive has logged a new step, publish
+    the live metrics as the `train-live` markdown artifact (one more version per logging step).
+
+    The stage knows nothing of Prefect; it writes dvclive's files, this reads them back. DVC
+    removes the stage's outs before its first line, so an earlier run's curve is never shown.
+    """
+    directory, shown = Layout(root).train_live, ""
+
+    def handle(line: str) -> None:
+        nonlocal shown
+        on_line(line)
+        try:
+            rows = live.read(directory)
+        except (OSError, ValueError):  # a display only, never a decision: the next line tries again
+            return
+        table = live.markdown(rows)
+        if rows and table != shown:  # a new step, or the final eval on the last one
+            create_markdown_artifact(key="train-live", markdown=table,
+                                     description="Train stage metrics, one row per logging step (dvclive)")
+            shown = table
+
+    return handle
 
 
 @task

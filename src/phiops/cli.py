@@ -220,6 +220,31 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import yaml
+
+    from phiops import sweep
+
+    if args.jobs < 1:
+        args.usage_error("--jobs must be 1 or more")
+    root = Path(args.root)
+    params = root / config.DVC_PARAMS  # what the experiments change and the stages read
+    config.load(params)
+    points = sweep.parse(args.grid, yaml.safe_load(params.read_text(encoding="utf-8")), sweep.dvc_params(root))
+    keys = list(points[0])
+    print(f"sweep: {len(points)} experiment(s) over {', '.join(keys)}; {args.jobs} at a time", flush=True)
+    results = sweep.run(root, points, jobs=args.jobs)
+    print(sweep.table(root, keys))
+    best = results[0]
+    print(f"best: {best.name} ({' '.join(f'{k}={v}' for k, v in best.point.items())}): "
+          f"merged task_metric {best.task_metric:.4f}, perplexity {best.perplexity:.4g}")
+    if args.apply_best:
+        sweep.apply(root, best.name)
+        print(f"applied {best.name}: {params.name}, dvc.lock and its outputs are in the workspace "
+              f"(`git diff {params.name}`; commit them to keep it)")
+    return EXIT_OK
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     from phiops import candidate, gate
 
@@ -459,6 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-n", type=int, default=1200)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_data_generate)
+
+    s = add(sub, "sweep", help="run a grid of params as DVC experiments (validate..evaluate), best first; never promotes")
+    s.add_argument("grid", nargs="+", metavar="KEY=V1,V2,...", help="e.g. train.lr=1e-4,3e-4 train.lora.r=8,16")
+    s.add_argument("--jobs", type=int, default=1,
+                   help="experiments at once (default: %(default)s, one after the other; more: DVC queue workers)")
+    s.add_argument("--apply-best", action="store_true", help="put the best point into params.yaml (dvc exp apply)")
+    s.set_defaults(fn=cmd_sweep, usage_error=s.error)
 
     s = add(sub, "gate", help="score production, then decide from reports/eval.json whether a candidate may be promoted")
     s.set_defaults(fn=cmd_gate)

@@ -74,8 +74,17 @@ class Layout:
         return self._p("reports/train.json")
 
     @property
-    def train_curve(self) -> Path:
-        return self._p("reports/train_loss.csv")
+    def train_live(self) -> Path:
+        # dvclive's directory (phiops.live): the curves as they are logged, and the latest values.
+        return self._p("reports/train_live")
+
+    @property
+    def train_live_metrics(self) -> Path:
+        return self.train_live / "metrics.json"
+
+    @property
+    def train_live_plots(self) -> Path:
+        return self.train_live / "plots" / "metrics"
 
     # merge
     @property

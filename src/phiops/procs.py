@@ -66,6 +66,13 @@ def dvc_bin() -> str:
     return str(Path(sys.executable).with_name("dvc"))
 
 
+def dvc_env() -> dict[str, str]:
+    """The environment for a `dvc` child: its stages run `phiops stage ...`, found beside this
+    interpreter even if the venv is not activated; their logs unbuffered, so lines stream."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 REFUSAL_ROWS = 5  # rows a refusal's message names; the report holds the rest
 
 
@@ -116,9 +123,7 @@ def run_dvc_stage(root: Path, stage: str, on_line: Callable[[str], None], *,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        # dvc runs `phiops stage ...`: find it beside this interpreter even if the venv is not activated.
-        env={**os.environ, "PYTHONUNBUFFERED": "1",
-             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+        env=dvc_env(),
         start_new_session=True,
     )
     ran = False

@@ -23,7 +23,8 @@ def _make_project(tmp: Path, base: Path, *, rows: int = 160) -> Path:
         ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
         (shutil.copytree(src, proj / rel, ignore=ignore) if src.is_dir() else shutil.copy(src, proj / rel))
     (proj / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc" / "config", proj / ".dvc" / "config")
+    for rel in ("config", ".gitignore"):  # .gitignore: DVC's own tmp/ and cache/ stay out of git status
+        shutil.copy(ROOT / ".dvc" / rel, proj / ".dvc" / rel)
     (proj / ".gitignore").write_text((ROOT / ".gitignore").read_text())
     lines = (ROOT / "data/raw/tickets.jsonl").read_text().splitlines()[:rows]
     (proj / "data/raw").mkdir(parents=True)

@@ -69,3 +69,45 @@ def test_phiops_run_refusing_data_exits_4_without_traceback_and_keeps_the_last_g
     # The last good accepted set stays, still the one dvc.lock pins; nothing downstream ran.
     assert rows.read_bytes() == good and (proj / "dvc.lock").read_text() == lock
     assert not (proj / "data/processed").exists()
+
+
+def test_train_stage_publishes_its_live_metrics_while_it_runs(tiny_models, make_project, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import yaml
+    from prefect import flow, get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    import flows.retrain as retrain_flow
+    from phiops import live, procs
+
+    proj = make_project(tmp_path, tiny_models["llama"])
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["train"].update(max_steps=4, logging_steps=1)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = lambda *a: subprocess.run(["git", *a], cwd=proj, check=True, capture_output=True, text=True).stdout  # noqa: E731
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "4 steps")
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}")
+
+    @flow
+    def through_train(root: str) -> list[bool]:
+        return [retrain_flow.dvc_stage(root, s) for s in ("validate", "format", "train")]
+
+    state = through_train(str(proj), return_state=True)
+    assert state.is_completed(), state
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            key=ArtifactFilterKey(any_=["train-live"])))
+    # A new version as each logging step's line arrived (a step or two may land between two
+    # reads), then one with the final eval; the last is the whole curve as dvclive wrote it.
+    tables = [a.data for a in sorted(arts, key=lambda a: a.created)]
+    rows = [t.count("\n| ") - 1 for t in tables]  # data rows (the header row also starts a line with "| ")
+    assert rows[0] < 4 and rows == sorted(rows) and rows[-2:] == [4, 4], tables
+    curve = live.read(proj / "reports/train_live")
+    assert tables[-1] == live.markdown(curve) and "eval/loss" in curve[-1] and "eval/loss" not in curve[-2]
+    # dvclive left dvc.yaml alone and wrote only into the git-ignored outs: nothing but DVC's own lock is new.
+    assert git("status", "--porcelain").split() == ["??", "dvc.lock"]
+    out = subprocess.run([procs.dvc_bin(), "status", "train"], cwd=proj, check=True, capture_output=True, text=True)
+    assert "up to date" in out.stdout, out.stdout  # a rerun would skip the stage

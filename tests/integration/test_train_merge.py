@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phiops import config, lora
+from phiops import config, live, lora
 from phiops import data as D
 from phiops.io import write_jsonl
 from phiops.paths import Layout
@@ -193,11 +193,10 @@ WEIGHT_ATOL = 1e-3
 LOSS_ABS = 1e-4
 
 
-def _curve(layout: Layout) -> list[tuple[str, float | None, float | None]]:
-    rows = layout.train_curve.read_text().splitlines()
-    assert rows[0] == "step,train_loss,eval_loss"
-    return [(step, float(t) if t else None, float(e) if e else None)
-            for step, t, e in (r.split(",") for r in rows[1:])]
+def _curve(layout: Layout) -> list[tuple[int, float | None, float | None, float | None]]:
+    """(step, train loss, learning rate, eval loss) per logged step, from the dvclive files."""
+    return [(r["step"], r.get("train/loss"), r.get("train/learning_rate"), r.get("eval/loss"))
+            for r in live.read(layout.train_live)]
 
 
 def _assert_same_run(a: Layout, b: Layout) -> None:
@@ -217,6 +216,8 @@ def _assert_same_run(a: Layout, b: Layout) -> None:
     for (step, *la), (_, *lb) in zip(ca, cb):
         assert [x is None for x in la] == [x is None for x in lb], step
         assert [x for x in la if x is not None] == pytest.approx([x for x in lb if x is not None], abs=LOSS_ABS), step
+    # Replayed from the checkpoint or logged after the resume, every train row is complete.
+    assert all(set(live.TRAIN.values()) <= set(r) for r in live.read(b.train_live) if "train/loss" in r)
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +318,6 @@ def test_checkpoint_of_another_config_is_not_resumed(tiny_models, tmp_path):
 
 
 def test_report_counts_real_tokens_and_logs_progress(tiny_models, tmp_path, caplog):
-    import csv
     import re
 
     # One full epoch, batch 4: every row once, padded to its batch's longest row.
@@ -332,8 +332,43 @@ def test_report_counts_real_tokens_and_logs_progress(tiny_models, tmp_path, capl
     assert report["trainable_params"] == sum(report["trainable_params_by_module"].values()) > 0
     lines = [r.getMessage() for r in caplog.records]
     assert any(re.fullmatch(r"step \d+/\d+  loss \d+\.\d+  \d+ tok/s  eta \d+:\d\d:\d\d", m) for m in lines), lines
-    curve = list(csv.DictReader(layout.train_curve.open()))
-    assert any(r["train_loss"] for r in curve) and curve[-1]["eval_loss"]  # both series for `dvc plots`
+    assert 0 < report["dvclive_s"] < report["train_runtime_s"]
+
+
+def test_live_metrics_are_written_at_each_logging_step(tiny_models, tmp_path):
+    from transformers import TrainerCallback
+
+    # A reader beside the run (as the flow is) sees each logging step when Trainer logs it, not
+    # only once training ends.
+    class Watch(TrainerCallback):
+        seen: list[dict] = []
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if "loss" in logs:
+                self.seen.append(live.read(layout.train_live)[-1] | {"trainer_step": state.global_step})
+
+    cfg, layout = _project(tmp_path, tiny_models["llama"], max_steps=6, logging_steps=2)
+    format_stage.run(cfg, layout)
+    stale = layout.train_live_plots / "train" / "loss.tsv"  # an earlier run's curve: not continued
+    stale.parent.mkdir(parents=True)
+    stale.write_text("step\tloss\n99\t1.0\n")
+    train.run(cfg, layout, callbacks=[Watch()])
+    assert [(r["step"], r["trainer_step"]) for r in Watch.seen] == [(2, 2), (4, 4), (6, 6)]
+    for r in Watch.seen:
+        assert set(live.TRAIN.values()) <= set(r), r
+        assert r["train/tokens_per_s"] > 0 and r["train/peak_memory_bytes"] > 0 and r["train/learning_rate"] == 1e-2
+    curve = live.read(layout.train_live)
+    assert [r["step"] for r in curve] == [2, 4, 6] and "eval/loss" in curve[-1]
+    report = json.loads(layout.train_report.read_text())
+    assert curve[-1]["eval/loss"] == pytest.approx(report["eval_loss"], abs=1e-4)
+    assert curve[-1]["train/loss"] == pytest.approx(report["final_train_loss"], abs=1e-4)
+    summary = json.loads(layout.train_live_metrics.read_text())  # dvc exp show's columns
+    assert summary["step"] == 6 and summary["train"]["loss"] == curve[-1]["train/loss"]
+    assert summary["eval"]["loss"] == curve[-1]["eval/loss"]
+    # dvclive wrote its files only: no dvc.yaml of its own, nothing beside the declared outs.
+    files = {p.relative_to(layout.train_live).as_posix() for p in layout.train_live.rglob("*") if p.is_file()}
+    assert files == {"metrics.json", *(f"plots/metrics/{m}.tsv" for m in (*live.TRAIN.values(), *live.EVAL.values()))}
+    assert "Training, live" in live.markdown(curve) and "| 6 |" in live.markdown(curve)
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3", "phi"])

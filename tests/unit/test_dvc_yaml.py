@@ -32,6 +32,8 @@ def test_outs_match_layout():
     assert str(L.validate_markdown) in _paths(DVC["validate"]["outs"])
     assert str(L.format_lengths) in _paths(DVC["format"]["plots"])
     assert str(L.adapter) in _paths(DVC["train"]["outs"])
+    assert {str(L.train_report), str(L.train_live_metrics)} == _paths(DVC["train"]["metrics"])
+    assert {str(L.train_live_plots)} == _paths(DVC["train"]["plots"])
     assert str(L.merged) in _paths(DVC["merge"]["outs"])
     assert DVC["quantize"]["foreach"] == list(QUANT_METHODS)
     assert {str(L.quantized(m)) for m in QUANT_METHODS} <= _paths(DVC["evaluate"]["deps"])

@@ -10,9 +10,7 @@ We own the data, the targets, the checkpoints and the reports.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io as _io
 import json
 import logging
 import os
@@ -23,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phiops import attention, lora, models, templates, torch_state
+from phiops import attention, live, lora, models, templates, torch_state
 from phiops import checkpoints as ckpts
 from phiops.config import Params
-from phiops.io import atomic_dir, read_jsonl, sha256_file, write_json, write_text
+from phiops.io import atomic_dir, read_jsonl, sha256_file, write_json
 from phiops.paths import Layout
 
 log = logging.getLogger(__name__)
@@ -36,7 +34,7 @@ log = logging.getLogger(__name__)
 class TrainOutputs:
     adapter: Path
     report: Path
-    curve: Path
+    live: Path  # dvclive's directory: the curves and their latest values
 
 
 def resolve_padding_free(setting: bool | str, model_config: Any) -> bool:
@@ -159,7 +157,7 @@ def _optim(cfg: Params, nf4: bool) -> str:
     return "paged_adamw_8bit" if nf4 else "adamw_torch"
 
 
-def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> TrainOutputs:
+def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None, *, live_metrics: bool = True) -> TrainOutputs:
     """Train a LoRA adapter and save it (safetensors) at `layout.adapter`.
 
     Every `train.save_steps` a complete checkpoint goes to `layout.checkpoints` (see
@@ -170,9 +168,11 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
         cfg: the validated params (sections `model`, `train`).
         layout: artifact paths.
         callbacks: extra `TrainerCallback`s (tests use them to slow or interrupt a run).
+        live_metrics: log every logging step to dvclive (:mod:`phiops.live`); off only to
+            measure what it costs (bench/dvclive_overhead.py).
 
     Returns:
-        Paths of the adapter directory, the metrics JSON and the loss curve CSV.
+        Paths of the adapter directory, the metrics JSON and the dvclive directory.
 
     Raises:
         lora.LoraTargetError: an intended projection got no adapter.
@@ -185,10 +185,11 @@ def run(cfg: Params, layout: Layout, callbacks: list[Any] | None = None) -> Trai
     # they asked for.
     with torch_state.scoped(tf32=device == "cuda"):
         _bind_gpu(device)
-        return _run(cfg, layout, device, t0, callbacks)
+        return _run(cfg, layout, device, t0, callbacks, live_metrics)
 
 
-def _run(cfg: Params, layout: Layout, device: str, t0: float, callbacks: list[Any] | None) -> TrainOutputs:
+def _run(cfg: Params, layout: Layout, device: str, t0: float, callbacks: list[Any] | None,
+         live_metrics: bool) -> TrainOutputs:
     from transformers import set_seed
     from trl import SFTTrainer
 
@@ -203,29 +204,31 @@ def _run(cfg: Params, layout: Layout, device: str, t0: float, callbacks: list[An
     args = _sft_config(cfg, ckpts.staging(ckpt_root), device, world, nf4=built.nf4, padding_free=built.padding_free)
     _one_device_per_process(args, visible_gpus(device), world)
     resume = _resume_point(args, ckpt_root, fp)
+    live_cb = live.callback(layout.train_live, lambda: _peak_memory(device)) if live_metrics else None
     trainer = SFTTrainer(
         model=built.model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=built.tok,
-        callbacks=[*_callbacks(ckpt_root, fp, world), *(callbacks or [])],
+        # dvclive first: when _Progress logs a step's line, that step's live row is written (the
+        # flow republishes the live table on each line).
+        callbacks=[*([live_cb] if live_cb else []), *_callbacks(ckpt_root, fp, world), *(callbacks or [])],
     )
     tokens_before = _tokens_seen(resume)
     t_train = time.time()
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     train_s = time.time() - t_train
     final_eval = trainer.evaluate()  # lands in log_history like the periodic ones
-    outputs = TrainOutputs(layout.adapter, layout.train_report, layout.train_curve)
+    outputs = TrainOutputs(layout.adapter, layout.train_report, layout.train_live)
     if not trainer.is_world_process_zero():
         return outputs
 
     _save_adapter(layout, built, ckpt_root)
     report = _report(cfg, built, args, trainer.state, device=device, world=world, resume=resume,
                      final_eval=final_eval, train_s=train_s, tokens_before=tokens_before,
-                     wall_s=time.time() - t0)
+                     wall_s=time.time() - t0, live_s=live_cb.seconds if live_cb else None)
     write_json(layout.train_report, report)
-    write_text(layout.train_curve, _curve_csv(trainer.state.log_history))
     log.info("train: %s", json.dumps(report))
     return outputs
 
@@ -484,7 +487,8 @@ def _peak_memory(device: str) -> int:
 
 
 def _report(cfg: Params, built: _Built, args: Any, state: Any, *, device: str, world: int, resume: Path | None,
-            final_eval: dict[str, float], train_s: float, tokens_before: int, wall_s: float) -> dict[str, Any]:
+            final_eval: dict[str, float], train_s: float, tokens_before: int, wall_s: float,
+            live_s: float | None) -> dict[str, Any]:
     """The train metrics (DVC metrics): setup, losses, throughput and peak memory.
 
     Args:
@@ -499,6 +503,7 @@ def _report(cfg: Params, built: _Built, args: Any, state: Any, *, device: str, w
         train_s: seconds in ``trainer.train`` in this process.
         tokens_before: tokens seen at the resumed checkpoint (tokens/s counts this session only).
         wall_s: seconds since the stage started.
+        live_s: seconds spent logging to dvclive (None: not logged).
 
     Returns:
         The report, as written to ``reports/train.json``.
@@ -532,6 +537,7 @@ def _report(cfg: Params, built: _Built, args: Any, state: Any, *, device: str, w
         "peak_memory_bytes": _peak_memory(device),
         "peak_memory_kind": "cuda_max_allocated" if device == "cuda" else "process_max_rss",
         "wall_s": round(wall_s, 1),
+        "dvclive_s": round(live_s, 3) if live_s is not None else None,  # time spent logging live metrics
     }
 
 
@@ -554,17 +560,3 @@ def _mean_train_loss(history: list[dict[str, Any]]) -> float | None:
             total += h["loss"] * (h["step"] - last)
             last = h["step"]
     return round(total / last, 4) if last else None
-
-
-def _curve_csv(history: list[dict[str, Any]]) -> str:
-    """Loss curve for `dvc plots`: one row per logged step, train and eval columns."""
-    buf = _io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["step", "train_loss", "eval_loss"])
-    seen = set()
-    for h in history:
-        row = (h["step"], h.get("loss", ""), h.get("eval_loss", ""))
-        if row[1:] != ("", "") and row not in seen:  # the final eval is logged twice by Trainer
-            seen.add(row)
-            w.writerow(row)
-    return buf.getvalue()
