@@ -29,6 +29,19 @@ def test_nothing_is_loaded_through_sys_path() -> None:
     assert offenders == []
 
 
+def test_test_modules_have_unique_names() -> None:
+    # tests/ has no packages (rootdir-relative imports): pytest refuses a second test module with
+    # a basename it has already imported, and then the whole run stops at collection.
+    seen: dict[str, str] = {}
+    clashes = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        rel = str(path.relative_to(ROOT))
+        if path.name in seen:
+            clashes.append(f"{seen[path.name]} and {rel}")
+        seen.setdefault(path.name, rel)
+    assert clashes == []
+
+
 def test_src_never_imports_flows_or_bench() -> None:
     offenders = []
     for path in (ROOT / "src").rglob("*.py"):
