@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -67,3 +70,32 @@ def tiny_models(tmp_path_factory, builtin_model) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny")
     return {name: tiny_random(arch, root / name, tokenizer_from=builtin_model) for name, arch in TINY.items()}
+
+
+@pytest.fixture
+def git_dvc_project(tmp_path, monkeypatch) -> Callable[..., Path]:
+    """Makes ``tmp_path/proj``: git + DVC, the given dvc.yaml and files, all in one commit.
+
+    HOME is the test's own (no global git identity: the registry's fallback is exercised) and
+    this interpreter's bin comes first on PATH (the stages' ``python``, ``dvc``).
+    """
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+    def make(dvc_yaml: str, files: dict[str, str] | None = None, dirs: tuple[str, ...] = ()) -> Path:
+        proj = tmp_path / "proj"
+        proj.mkdir()
+        for cmd in (("git", "init", "-q"), ("dvc", "init", "-q")):
+            subprocess.run(cmd, cwd=proj, check=True, capture_output=True)
+        (proj / "dvc.yaml").write_text(dvc_yaml)
+        (proj / "params.yaml").write_text("registry: {artifact: phiops-model}\n")
+        for rel, text in (files or {}).items():
+            (proj / rel).write_text(text)
+        for rel in dirs:
+            (proj / rel).mkdir(parents=True)
+        for cmd in (("git", "add", "-A"), ("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline")):
+            subprocess.run(cmd, cwd=proj, check=True, capture_output=True)
+        return proj
+
+    return make
+

@@ -116,14 +116,19 @@ def require_engine() -> None:
         raise ContainerError(problem)
 
 
+def _inspect(kind: str, ref: str) -> dict[str, Any] | None:
+    """``docker <kind> inspect`` of `ref`, or None when there is no such image/container."""
+    res = docker(kind, "inspect", ref, check=False)
+    if res.returncode != 0:
+        if f"No such {kind}" in res.stderr or "No such object" in res.stderr:
+            return None
+        raise ContainerError(f"docker {kind} inspect {ref}: {res.stderr.strip()}")
+    return json.loads(res.stdout)[0]
+
+
 def image_inspect(ref: str) -> dict[str, Any] | None:
     """``docker image inspect`` of `ref`, or None when there is no such image."""
-    res = docker("image", "inspect", ref, check=False)
-    if res.returncode != 0:
-        if "No such image" in res.stderr or "No such object" in res.stderr:
-            return None
-        raise ContainerError(f"docker image inspect {ref}: {res.stderr.strip()}")
-    return json.loads(res.stdout)[0]
+    return _inspect("image", ref)
 
 
 def image_labels(ref: str) -> dict[str, str] | None:
@@ -597,12 +602,9 @@ def plan(bento_tag: str, record: dict[str, Any], out_dir: Path, *, image: str, v
 
 def container_state(name: str) -> dict[str, Any] | None:
     """``docker inspect`` of container `name`: its image, labels and state; None if there is none."""
-    res = docker("container", "inspect", name, check=False)
-    if res.returncode != 0:
-        if "No such container" in res.stderr or "No such object" in res.stderr:
-            return None
-        raise ContainerError(f"docker container inspect {name}: {res.stderr.strip()}")
-    info = json.loads(res.stdout)[0]
+    info = _inspect("container", name)
+    if info is None:
+        return None
     return {"name": name, "image": info["Config"]["Image"], "labels": info["Config"].get("Labels") or {},
             "running": info["State"]["Running"], "exit_code": info["State"]["ExitCode"],
             "health": (info["State"].get("Health") or {}).get("Status")}

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -70,18 +68,8 @@ def _make(base: Path, arch: str, dest: Path, seed: int) -> None:
     tok.save_pretrained(dest / "merged")
 
 
-def _project(tmp_path: Path, base: Path, arch: str, monkeypatch) -> tuple[Path, Registry]:
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    _run(proj, "git", "init", "-q")
-    _run(proj, "dvc", "init", "-q")
-    (proj / "dvc.yaml").write_text(DVC_YAML)
-    (proj / "params.yaml").write_text("registry: {artifact: phiops-model}\n")
-    (proj / ".gitignore").write_text("/made\n")
-    _run(proj, "git", "add", "-A")
-    _run(proj, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline")
+def _project(git_dvc_project, base: Path, arch: str) -> tuple[Path, Registry]:
+    proj = git_dvc_project(DVC_YAML, files={".gitignore": "/made\n"})
     _make(base, arch, proj / "made", seed=1)
     _run(proj, "dvc", "repro", "-q")
     layout = Layout(proj)
@@ -92,8 +80,8 @@ def _project(tmp_path: Path, base: Path, arch: str, monkeypatch) -> tuple[Path, 
 
 
 @pytest.fixture
-def llama_project(tmp_path, tiny_models, monkeypatch):
-    return _project(tmp_path, tiny_models["llama"], "llama", monkeypatch)
+def llama_project(git_dvc_project, tiny_models):
+    return _project(git_dvc_project, tiny_models["llama"], "llama")
 
 
 def _ids() -> torch.Tensor:
@@ -121,10 +109,10 @@ def _sums_hold(out: Path) -> None:
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
-def test_gguf_loads_in_transformers_with_the_merged_models_logits(arch, tmp_path, tiny_models, monkeypatch):
+def test_gguf_loads_in_transformers_with_the_merged_models_logits(arch, tmp_path, tiny_models, git_dvc_project):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    proj, reg = _project(tmp_path, tiny_models[arch], arch, monkeypatch)
+    proj, reg = _project(git_dvc_project, tiny_models[arch], arch)
     out = tmp_path / "gguf"
     export(Layout(proj), "phiops-model", "v1.0.0", "gguf", out)
     assert {p.name for p in out.iterdir()} == {"phiops-model-v1.0.0-f16.gguf", "phiops-model-v1.0.0-q8_0.gguf",

@@ -9,9 +9,7 @@ it, naming the file, before anything reads the weights.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -38,18 +36,8 @@ def _run(cwd: Path, *cmd: str) -> str:
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))  # no global git identity: the registry's fallback
-    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    _run(proj, "git", "init", "-q")
-    _run(proj, "dvc", "init", "-q")
-    (proj / "dvc.yaml").write_text(DVC_YAML)
-    (proj / "params.yaml").write_text("registry: {artifact: phiops-model}\n")
-    (proj / "weights").mkdir()
-    _run(proj, "git", "add", "-A")
-    _run(proj, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline")
+def project(git_dvc_project):
+    proj = git_dvc_project(DVC_YAML, dirs=("weights",))
     reg = Registry(Layout(proj), "phiops-model")
     for n, payload in ((1, b"weights of v1" * 100), (2, b"weights of v2" * 100)):
         (proj / "weights/model.safetensors").write_bytes(payload)
