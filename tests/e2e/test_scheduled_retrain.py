@@ -232,7 +232,7 @@ def test_run_suspends_for_approval_and_cli_approval_promotes(services):
     assert run.state.is_completed(), run.state
     result = _result(run)
     assert result["status"] == "promoted" and result["version"] == "v1.0.0", result
-    assert result["containerize"] == "bentoml containerize phiops-llm:v1.0.0"
+    assert result["containerize"] == "phiops containerize v1.0.0"  # the offline image build (phiops.container)
     # Resumed by rerunning the flow: persisted task results stood in, DVC ran each stage once.
     stages = _stages_run(run_id)
     assert sorted(stages) == sorted(set(stages)) and "train" in stages and "evaluate" in stages, stages
