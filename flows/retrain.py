@@ -64,15 +64,25 @@ def publish_live(root: Path, on_line: Callable[[str], None]) -> Callable[[str], 
     The stage knows nothing of Prefect; it writes dvclive's files, this reads them back. DVC
     removes the stage's outs before its first line, so an earlier run's curve is never shown.
     """
-    directory, shown = Layout(root).train_live, ""
+    layout = Layout(root)
+    shown, seen = "", None
 
     def handle(line: str) -> None:
-        nonlocal shown
+        nonlocal shown, seen
         on_line(line)
+        # dvclive rewrites its summary after each logged step (train or eval): the curves are
+        # read back only when it changed, not after every line the stage prints.
         try:
-            rows = live.read(directory)
+            stat = layout.train_live_metrics.stat()
+        except OSError:
+            return
+        if (stat.st_mtime_ns, stat.st_size) == seen:
+            return
+        try:
+            rows = live.read(layout.train_live)
         except (OSError, ValueError):  # a display only, never a decision: the next line tries again
             return
+        seen = (stat.st_mtime_ns, stat.st_size)
         table = live.markdown(rows)
         if rows and table != shown:  # a new step, or the final eval on the last one
             create_markdown_artifact(key="train-live", markdown=table,
