@@ -90,9 +90,6 @@ def load_stored(stored: Any, settings: Settings) -> Loaded:
         RuntimeError: no safetensors checkpoint, files that differ from the sha256 manifest
             saved with the model, or a tokenizer without a chat template.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tag = str(stored.tag)
     meta = dict(stored.info.metadata or {})
     path = stored.path_of(CHECKPOINT_SUBDIR)
@@ -102,22 +99,49 @@ def load_stored(stored: Any, settings: Settings) -> Loaded:
     verify_checkpoint(path, (meta.get("phiops") or {}).get("files"), tag)
     log.info("%s: checkpoint matches its sha256 manifest (%.1fs)", tag, time.perf_counter() - t0)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = pick_dtype(settings.dtype, device)
+    model, tokenizer, ids, device, dtype = load_checkpoint(path, settings.dtype, label=tag)
+    solo = cuda_fastpath(model, settings, device) if device == "cuda" else None
+    return Loaded(model=model, tokenizer=tokenizer, eos_ids=ids, device=device, dtype=dtype, solo=solo,
+                  model_tag=tag, created=int(stored.info.creation_time.timestamp()), lineage=lineage(meta))
+
+
+def load_checkpoint(path: str, dtype_setting: str = "auto", device: str | None = None,
+                    label: str | None = None, require_chat_template: bool = True,
+                    ) -> tuple[Any, Any, list[int], str, str]:
+    """Load a checkpoint directory the way the service serves it (the evaluate stage uses it too).
+
+    Args:
+        path: a safetensors checkpoint directory with its tokenizer (already verified).
+        dtype_setting: ``serve.dtype`` (``auto``: :func:`pick_dtype`).
+        device: ``cuda`` or ``cpu``; None: CUDA when one is visible.
+        label: how log lines and errors name the model (default: the path).
+        require_chat_template: refuse a tokenizer without one (the service does; evaluate applies
+            the configured template to the base model after loading).
+
+    Returns:
+        ``(model, tokenizer, eos_ids, device, dtype)``; the model is in eval mode on ``device``.
+
+    Raises:
+        RuntimeError: the tokenizer has no chat template.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    label = label or str(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = pick_dtype(dtype_setting, device)
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    if not getattr(tokenizer, "chat_template", None):
-        raise RuntimeError(f"{tag}: the tokenizer has no chat template; save one with the checkpoint")
+    if require_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise RuntimeError(f"{label}: the tokenizer has no chat template; save one with the checkpoint")
     # compressed-tensors W4A16 (GPTQ/AWQ) checkpoints load through the same call: the
     # quantization_config in config.json selects transformers' compressed-tensors quantizer.
     model = AutoModelForCausalLM.from_pretrained(
         path, use_safetensors=True, trust_remote_code=False, dtype=getattr(torch, dtype)
     ).to(device).eval()
     ids = eos_ids(model, tokenizer)
-    log.info("loaded %s on %s (%s) in %.1fs", tag, device, dtype, time.perf_counter() - t0)
-    solo = cuda_fastpath(model, settings, device) if device == "cuda" else None
-    return Loaded(model=model, tokenizer=tokenizer, eos_ids=ids, device=device, dtype=dtype, solo=solo,
-                  model_tag=tag, created=int(stored.info.creation_time.timestamp()), lineage=lineage(meta))
+    log.info("loaded %s on %s (%s) in %.1fs", label, device, dtype, time.perf_counter() - t0)
+    return model, tokenizer, ids, device, dtype
 
 
 def cuda_fastpath(model: Any, settings: Settings, device: str) -> Any:
