@@ -105,6 +105,8 @@ def test_run_writes_metrics_samples_table_plots_and_report(tmp_path, tiny_models
     assert [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:] == [
         "base", "merged", "gptq", "awq"]
     assert "](plots/eval_quality.png)" in md
+    dtype = report["variants"]["merged"]["dtype"]
+    assert dtype in ("float32", "bfloat16") and f"merged cpu / {dtype}" in md  # the served dtype, named per row
 
 
 def test_production_with_the_candidate_files_reuses_its_row(tmp_path, tiny_models, monkeypatch):
