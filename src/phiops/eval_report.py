@@ -3,6 +3,10 @@
 Pure rendering of ``reports/eval.json``'s variant table (:mod:`phiops.stages.evaluate` scores,
 this module shows): the CSV and plots are DVC plots, the markdown and table rows are what the
 approver reads (the flow posts them as Prefect artifacts). Nothing here loads a model.
+
+The markdown names the device and dtype each row was scored in: the evaluate stage loads each
+variant in the served dtype (``serve.dtype``), so a bf16 row and an fp32 row are not the same
+arithmetic, and the reader should see which is which.
 """
 
 from __future__ import annotations
@@ -78,6 +82,11 @@ def render_markdown(report: dict[str, Any], prod: dict[str, Any] | None = None, 
         f"(perplexity on all of them; answer tokens only).\n",
         "\n".join([head, sep, *body]) + "\n",
     ]
+    scored = _ordered(report["variants"])
+    if prod is not None:
+        scored.append((f"production {prod['version']}", prod["metrics"]))
+    parts.append("Scored on (device / dtype, as served): " + "; ".join(
+        f"{n} {r.get('device') or '?'} / {r.get('dtype') or '?'}" for n, r in scored) + ".\n")
     if report.get("vs_merged"):
         parts.append("Quantized vs merged: " + "; ".join(
             f"{n} perplexity {v['perplexity_increase']:+.1%}, size {v['size_ratio']:.0%} of merged"

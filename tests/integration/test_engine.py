@@ -175,3 +175,55 @@ def test_random_concurrent_requests_are_isolated(engine: Engine, specs: list[Any
         c = p.clamped()
         if r.final.finish_reason != "cancelled" and (c.greedy or c.seed is not None):
             assert r.request.tokens == _alone(engine, prompt, n, p), "batched tokens differ from alone"
+
+
+# ---- the engine against transformers' own greedy decoding --------------------------------------
+
+# initializer_range 0.2: the default 0.02 gives a random model that repeats one token whatever the
+# prompt, and a comparison of such outputs could not tell two decoders apart.
+VARIED_ARCH = {**TINY_ARCH, "initializer_range": 0.2}
+MORE_PROMPTS = [*PROMPTS, "Printer on the third floor jams on every duplex job since Monday", "VPN?"]
+
+
+def _greedy_alone(model: Any, prompt: list[int], n: int, eos: int | None) -> list[int]:
+    """transformers' ``generate``: one prompt, no padding, greedy; the EOS itself left out."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=eos if eos is not None else 49151, pad_token_id=49151,
+                         temperature=None, top_p=None, top_k=None)
+    new = out[0, len(prompt):].tolist()
+    return new[:-1] if eos is not None and new and new[-1] == eos else new
+
+
+def test_concurrent_greedy_rows_match_generate_token_for_token(engine: Engine) -> None:
+    # What the evaluate stage relies on: its answers come from this engine, and model.generate is
+    # the reference. Six prompts of different lengths and budgets through three batch rows, so
+    # rows join mid-batch (when one leaves) and leave at different steps, by length or by EOS.
+    model, tok = models.random_model(VARIED_ARCH, seed=0), engine.tok
+    prompts = [tok(p)["input_ids"] for p in MORE_PROMPTS]
+    budgets = [4, 10, 7, 10, 2, 9]
+    free = [_greedy_alone(model, p, n, None) for p, n in zip(prompts, budgets)]
+    assert len({tuple(t) for t in free}) > 1, "the model gives every prompt the same answer"
+    # EOS: a token some rows emit mid-answer, others later or never, so the rows stop at different steps.
+    firsts = lambda t: {row.index(t) if t in row else len(row) for row in free}  # noqa: E731
+    eos = max({t for row in free for t in row[1:]}, key=lambda t: len(firsts(t)))
+    want = [_greedy_alone(model, p, n, eos) for p, n in zip(prompts, budgets)]
+    assert len({len(w) for w in want}) >= 4 and any(len(w) < n for w, n in zip(want, budgets))
+
+    rows: list[int] = []
+    eng = Engine(model, tok, [eos], "cpu", max_batch_size=3, max_wait_ms=20,
+                 on_step=lambda phase, n, new: rows.append(n))
+    eng.tok = tok
+    try:
+        runs = [Run(eng, p, n, SamplingParams()) for p, n in zip(MORE_PROMPTS, budgets)]
+        for run in runs:
+            eng.submit(run.request)
+        for run in runs:
+            assert run.done.wait(60), "a request never ended"
+        assert [r.request.tokens for r in runs] == want
+        assert [r.final.finish_reason for r in runs] == ["stop" if len(w) < n else "length" for w, n in zip(want, budgets)]
+        assert max(rows) == 3 and eng.stats.prefill_passes >= 2  # a full batch, and later arrivals joined it
+    finally:
+        assert eng.close()

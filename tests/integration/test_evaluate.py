@@ -26,12 +26,12 @@ CFG = config.parse({"evaluate": {"max_samples": 4, "max_new_tokens": 6, "batch_s
 MACHINE = {"latency_s_per_request", "tokens_per_s", "peak_rss_bytes", "peak_cuda_bytes", "seconds"}
 
 
-def _rows(model_dir: Path, n: int = 6) -> list[dict]:
+def _rows(model_dir: Path, n: int = 6, tickets: list[str] | None = None) -> list[dict]:
     tok = load_tokenizer(model_dir)
     rows = []
     for i in range(n):
         msgs = [
-            {"role": "user", "content": f"Ticket {i}: the router on floor {i} drops wifi every hour."},
+            {"role": "user", "content": tickets[i] if tickets else f"Ticket {i}: the router on floor {i} drops wifi every hour."},
             {"role": "assistant", "content": json.dumps({"category": "network", "priority": "high", "floor": i})},
         ]
         rows.append({"id": f"row{i}", "messages": msgs, **format_stage.encode_batch(tok, [msgs], 512)[0]})
@@ -105,6 +105,8 @@ def test_run_writes_metrics_samples_table_plots_and_report(tmp_path, tiny_models
     assert [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:] == [
         "base", "merged", "gptq", "awq"]
     assert "](plots/eval_quality.png)" in md
+    dtype = report["variants"]["merged"]["dtype"]
+    assert dtype in ("float32", "bfloat16") and f"merged cpu / {dtype}" in md  # the served dtype, named per row
 
 
 def test_production_with_the_candidate_files_reuses_its_row(tmp_path, tiny_models, monkeypatch):
@@ -160,3 +162,101 @@ def test_production_is_restored_from_dvc_and_checked_against_the_registry(tmp_pa
     obj.write_bytes(bytes(data))
     with pytest.raises(RegistryError, match="changed: model.safetensors"):
         evaluate.production(cfg, layout, reg.production())
+
+
+# ---- generation goes through the serving engine -------------------------------------------------
+
+# fp32 for a reference that cannot differ by rounding; 5 answers through 2 rows: rows join mid-batch.
+ENGINE_CFG = config.parse({
+    "evaluate": {"max_samples": 5, "max_new_tokens": 8, "batch_size": 2, "metric": "json_fields",
+                 "embedding_similarity": False},
+    "serve": {"dtype": "float32"},
+})
+
+
+# Unlike _rows' default, prompts that share little, so a random model's answers differ too.
+TICKETS = ["VPN?", "The printer on the third floor jams on every duplex job since Monday's update",
+           "Can't log in", "Outlook crashes when I open a calendar invite from an external sender, twice today",
+           "Need a new badge"]
+
+
+def _engine_tokens(path: Path, prompts: list[list[dict]], stops: list[int]) -> list[list[int]]:
+    """Each prompt's greedy tokens from a fresh serving engine over the checkpoint (the reference)."""
+    import threading
+
+    from phiops.serve.engine import Engine, Request
+    from phiops.serve.loader import load_checkpoint
+
+    model, tok, *_ = load_checkpoint(str(path), "float32", "cpu", require_chat_template=False)
+    eng = Engine(model, tok, stops, "cpu", max_batch_size=ENGINE_CFG.evaluate.batch_size)
+    done = threading.Semaphore(0)
+    reqs = [Request(prompt=tok(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False),
+                               add_special_tokens=False)["input_ids"],
+                    max_new_tokens=ENGINE_CFG.evaluate.max_new_tokens,
+                    emit=lambda ev: (ev.finish_reason or ev.error) and done.release()) for p in prompts]
+    for r in reqs:
+        eng.submit(r)
+    for _ in reqs:
+        assert done.acquire(timeout=60)
+    assert eng.close()
+    return [r.tokens for r in reqs]
+
+
+def test_answers_come_from_the_engine_and_rows_stop_at_their_own_stop(tmp_path, tiny_models):
+    import threading
+
+    from transformers import GenerationConfig
+
+    from phiops.models import random_model, stop_ids
+
+    # A random model whose answers differ per prompt (the default init repeats one token), saved
+    # with the tiny Llama's tokenizer.
+    path = tmp_path / "varied"
+    shutil.copytree(tiny_models["llama"], path)
+    arch = {**json.loads((path / "config.json").read_text()), "initializer_range": 0.2}
+    random_model({k: v for k, v in arch.items() if k not in ("architectures", "dtype", "torch_dtype",
+                                                            "transformers_version")}).save_pretrained(path)
+    test = _rows(path, n=5, tickets=TICKETS)
+    prompts = [r["messages"][:-1] for r in test]
+    tok = load_tokenizer(path)
+    free = _engine_tokens(path, prompts, stop_ids(tok, path))
+    # A stop: the token that ends the most rows at distinct lengths, written into generation_config
+    # (as a checkpoint declares <|end|>), so evaluate must take it from stop_ids for rows to end there.
+    ends = lambda t: {row.index(t) if t in row else len(row) for row in free}  # noqa: E731
+    stop = max({t for row in free for t in row[1:]}, key=lambda t: len(ends(t)))
+    gc = GenerationConfig.from_pretrained(path)
+    gc.eos_token_id = [gc.eos_token_id, stop] if isinstance(gc.eos_token_id, int) else [*gc.eos_token_id, stop]
+    gc.save_pretrained(path)
+    stops = stop_ids(tok, path)
+    want_tokens = _engine_tokens(path, prompts, stops)
+    assert len({len(t) for t in want_tokens}) >= 3, "the rows do not end at different lengths"
+    assert min(len(t) for t in want_tokens) < ENGINE_CFG.evaluate.max_new_tokens
+
+    res = evaluate.score_variant("merged", path, ENGINE_CFG, test)
+    assert res.answers == [tok.decode(t, skip_special_tokens=True) for t in want_tokens]
+    # Every request went through one engine, never more than batch_size rows at a time, and rows
+    # joined the batch as others left it (5 requests, 2 rows: at least 3 prefills).
+    engine = res.extra["engine"]
+    assert engine["finished"] == 5 and engine["failed"] == 0 and engine["max_rows"] == 2
+    assert engine["prefill_passes"] >= 3
+    assert engine["generated_tokens"] == sum(len(t) + (len(t) < 8) for t in want_tokens)  # a stop counts once
+    assert res.row["dtype"] == "float32" and res.row["tokens_per_s"] > 0 and res.row["latency_s_per_request"] > 0
+    assert not [t for t in threading.enumerate() if t.name == "phiops-engine"], "an engine thread outlived its variant"
+
+
+def test_a_closed_variant_lets_go_of_its_model(tiny_models):
+    # The stage scores 4-5 variants in one process: after close nothing may keep a model alive.
+    import gc
+    import weakref
+
+    from phiops.models import stop_ids
+
+    served = evaluate.serve("base", tiny_models["llama"], CFG, "cpu")
+    ref = weakref.ref(served.model)
+    assert served.dtype in ("float32", "bfloat16")
+    # Every id stop_ids knows ends a row, not only the EOS ids the service reads (<|endoftext|> here).
+    assert set(stop_ids(served.tok, tiny_models["llama"])) <= served.engine.eos
+    served.close()
+    del served
+    gc.collect()
+    assert ref() is None

@@ -188,10 +188,12 @@ class Engine:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stop.is_set()
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Stop the loop (whatever still runs or waits gets an error event); True once its thread has ended."""
         self._stop.set()
         self._queue.put(None)  # type: ignore[arg-type]  # wakes the loop
         self._thread.join(timeout=30)
+        return not self._thread.is_alive()
 
     # ---- loop -------------------------------------------------------------------------------
 

@@ -6,10 +6,27 @@ it is registry state (a GTO tag), not a content-hashed input, so inside the cach
 row would go stale after a rollback, or a promotion would re-run evaluation with nothing
 changed. Its files are checked against the registry's sha256 before anything loads them.
 
-For each variant: perplexity on the assistant tokens of the test split; the task metric
-(`evaluate.metric`) and JSON validity of greedy answers; optionally embedding similarity of
-answer and reference (:mod:`phiops.embeddings`); generation latency and tokens/s; size on disk;
-peak memory (process RSS, and the CUDA allocator's peak on GPU) of that variant alone.
+Evaluate what you serve: each variant is loaded as the service loads it
+(:func:`phiops.serve.loader.load_checkpoint`, so in the served dtype: ``serve.dtype: auto`` is
+bf16 on CUDA and on AMX CPUs, fp32 elsewhere; the row's ``dtype`` says which) and its answers
+come from the bento's continuous-batching engine (:class:`phiops.serve.engine.Engine`: the same
+prefill/decode passes, greedy sampling and stop handling), with at most ``evaluate.batch_size``
+rows decoding together. Each row leaves the batch at its own stop token (every id of
+:func:`phiops.models.stop_ids`) or after ``evaluate.max_new_tokens``, and a waiting prompt takes
+its place at the next step; no batch waits for its longest answer.
+
+For each variant: perplexity on the assistant tokens of the test split (in the served dtype);
+the task metric (`evaluate.metric`) and JSON validity of greedy answers; optionally embedding
+similarity of answer and reference (:mod:`phiops.embeddings`); size on disk; peak memory
+(process RSS, and the CUDA allocator's peak on GPU) of that variant alone; and speed, as the
+engine serves the sample with all of it submitted at once:
+
+- ``tokens_per_s``: every generated token (stop tokens counted) over the wall time of the whole
+  sample, first submit to last answer, ``evaluate.batch_size`` rows in flight;
+- ``latency_s_per_request``: the median time from a request's admission to a batch row to its
+  final event (queueing for a row not counted): what one served request takes when it shares
+  the model with ``evaluate.batch_size - 1`` others.
+
 Outputs: a metrics JSON (DVC metrics), the per-example scores (the gate's bootstrap pairs them
 by row id), a CSV table and PNG plots (DVC plots) and a markdown report that shows both
 (rendered by :mod:`phiops.eval_report`).
@@ -17,9 +34,12 @@ by row id), a CSV table and PNG plots (DVC plots) and a markdown report that sho
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import math
+import queue
+import statistics
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -78,13 +98,13 @@ class _LogLines(io.TextIOBase):
         return len(s)
 
 
-def progress(items: Iterable[T], total: int, desc: str) -> Iterator[T]:
+def progress(items: Iterable[T], total: int, desc: str, unit: str = "batch") -> Iterator[T]:
     """tqdm on a terminal; under DVC or Prefect a log line every 15 s instead of a redrawn bar."""
     from tqdm.auto import tqdm
 
     tty = sys.stderr.isatty()
     yield from tqdm(
-        items, total=total, desc=desc, unit="batch", leave=tty, file=None if tty else _LogLines(),
+        items, total=total, desc=desc, unit=unit, leave=tty, file=None if tty else _LogLines(),
         mininterval=0.5 if tty else 15.0, dynamic_ncols=tty, ascii=not tty,
     )
 
@@ -125,46 +145,74 @@ def perplexity(model: Any, rows: list[dict[str, Any]], pad_id: int, batch_size: 
     return math.exp(nll / max(count, 1))
 
 
-def generate(
-    model: Any, tok: Any, prompts: list[list[dict[str, str]]], cfg: Params, stops: list[int], desc: str = "generate"
-) -> tuple[list[str], int, float]:
-    """Greedy answers for chat prompts, batched with left padding.
+@dataclass
+class Generation:
+    """What generating the sample through the engine gave (:func:`generate`)."""
+
+    answers: list[str]  # in prompt order
+    tokens: list[int]  # generated tokens per answer, its stop token counted (the engine's completion_tokens)
+    latencies: list[float]  # seconds from a request's admission to a batch row to its final event
+    seconds: float  # wall time of the whole sample, first submit to last final event
+
+
+def generate(engine: Any, tok: Any, prompts: list[list[dict[str, str]]], max_new_tokens: int,
+             desc: str = "generate") -> Generation:
+    """Greedy answers for chat prompts through the serving engine, all submitted at once.
+
+    The prompts are encoded as the service encodes a chat request (the chat template's text,
+    tokenized without adding special tokens); the engine decodes at most its
+    ``max_batch_size`` rows together, a row leaves at its own stop token or length, and a
+    waiting prompt takes the freed row at the next step.
+
+    Args:
+        engine: a running :class:`phiops.serve.engine.Engine` over the variant.
+        tok: its tokenizer, with the chat template to apply.
+        prompts: chat messages per prompt, without the answer.
+        max_new_tokens: the most tokens per answer.
+        desc: the progress line's label.
 
     Returns:
-        (answers, generated token count, seconds spent in generate).
-    """
-    import torch
+        The answers, token counts and timings.
 
-    device = next(model.parameters()).device
-    tok.padding_side = "left"  # decoder-only generation continues from the right edge
-    answers: list[str] = []
-    n_tokens, seconds = 0, 0.0
-    bs = cfg.evaluate.batch_size
-    starts = range(0, len(prompts), bs)
-    for i in progress(starts, len(starts), desc):
-        texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts[i : i + bs]]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(
-                **enc,
-                max_new_tokens=cfg.evaluate.max_new_tokens,
-                do_sample=False,
-                eos_token_id=stops,
-                pad_token_id=tok.pad_token_id,
-            )
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - t0
-        new = out[:, enc["input_ids"].shape[1] :]
-        for row in new:
-            keep = [int(t) for t in row if int(t) != tok.pad_token_id]
-            keep = keep[: next((j for j, t in enumerate(keep) if t in stops), len(keep))]
-            n_tokens += len(keep) + 1
-            answers.append(tok.decode(keep, skip_special_tokens=True))
-    return answers, n_tokens, seconds
+    Raises:
+        RuntimeError: a request failed in the engine, or the engine stopped; a missing answer
+            is never scored as an empty one.
+    """
+    from phiops.serve.engine import Event, Request
+    from phiops.serve.sampling import SamplingParams
+
+    n = len(prompts)
+    texts: list[list[str]] = [[] for _ in prompts]
+    finals: queue.Queue[tuple[int, Event, float]] = queue.Queue()
+
+    def emit(i: int, ev: Event) -> None:  # on the engine thread
+        texts[i].append(ev.text)
+        if ev.finish_reason or ev.error:
+            finals.put((i, ev, time.perf_counter()))
+
+    ids = [tok(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+           for p in prompts]
+    requests = [Request(prompt=list(p), max_new_tokens=max_new_tokens, sampling=SamplingParams(),
+                        emit=lambda ev, i=i: emit(i, ev)) for i, p in enumerate(ids)]
+    t0 = time.perf_counter()
+    for r in requests:
+        engine.submit(r)
+    tokens, latencies = [0] * n, [0.0] * n
+    for _ in progress(range(n), n, desc, unit="answer"):
+        while True:
+            try:
+                i, ev, ended = finals.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not engine.alive():
+                    raise RuntimeError(f"{desc}: the generation engine stopped before every answer came") from None
+        if ev.error or ev.finish_reason == "cancelled":
+            for r in requests:
+                r.cancel()
+            raise RuntimeError(f"{desc}: generating answer {i} failed in the engine: {ev.error or 'cancelled'}")
+        tokens[i], latencies[i] = ev.completion_tokens, ended - requests[i].admitted
+    seconds = time.perf_counter() - t0
+    return Generation(["".join(t) for t in texts], tokens, latencies, seconds)
 
 
 def weights_size(path: Path) -> int:
@@ -172,10 +220,72 @@ def weights_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
+def memory_bytes(model: Any) -> int:
+    """Bytes the loaded model's parameters and buffers hold in memory (as loaded for serving)."""
+    return int(model.get_memory_footprint())
+
+
+@dataclass
+class Served:
+    """A variant loaded as the service loads it, with its running engine (:func:`serve`)."""
+
+    model: Any
+    tok: Any
+    engine: Any
+    device: str
+    dtype: str
+    steps: list[int]  # rows of each forward pass the engine ran (prefill and decode)
+
+    def close(self) -> None:
+        """Stop the engine's thread and drop every reference this object holds to the model."""
+        if not self.engine.close():  # a pass still running after 30 s would keep the model alive
+            raise RuntimeError("the generation engine did not stop within 30 s")
+        self.model = self.engine = self.tok = None
+
+
+def serve(name: str, path: Path, cfg: Params, device: str) -> Served:
+    """Load a variant exactly as the service does and start the serving engine over it.
+
+    :func:`phiops.serve.loader.load_checkpoint` picks the weights' dtype from ``serve.dtype``
+    (``auto``: bf16 on CUDA and on AMX CPUs, else fp32); on CUDA the service's fast path
+    (int4 kernels for W4A16 layers, the solo-request decoder) is applied as well. The engine is
+    the bento's, with at most ``evaluate.batch_size`` rows decoding together.
+
+    Args:
+        name: the variant (``base`` gets the configured chat template, as before serving it).
+        path: its checkpoint directory.
+        cfg: the validated params (``serve.dtype``, ``serve.max_batch_wait_ms``,
+            ``evaluate.batch_size``, ``model.chat_template``).
+        device: ``cuda`` or ``cpu``.
+
+    Returns:
+        The model, tokenizer and running engine; :meth:`Served.close` it when done.
+    """
+    from phiops.serve.engine import Engine
+    from phiops.serve.loader import cuda_fastpath, load_checkpoint
+
+    model, tok, eos, device, dtype = load_checkpoint(str(path), cfg.serve.dtype, device, label=name,
+                                                     require_chat_template=False)
+    if name == "base":
+        templates.apply(tok, cfg.model.chat_template)
+    # Every end-of-turn id (Phi-3's <|end|> besides its EOS); the service's own first, so the
+    # engine pads with the same id. Ids the service would not stop at are logged: there
+    # evaluate and serving would differ.
+    stops = models.stop_ids(tok, path)
+    if extra := sorted(set(stops) - set(eos)):
+        log.warning("%s: evaluate stops at token ids %s that the service's EOS ids %s leave out", name, extra, eos)
+    solo = cuda_fastpath(model, cfg.serve, device) if device == "cuda" else None
+    steps: list[int] = []
+    engine = Engine(model, tok, [*eos, *extra], device, max_batch_size=cfg.evaluate.batch_size,
+                    max_wait_ms=cfg.serve.max_batch_wait_ms, on_step=lambda phase, rows, new: steps.append(rows),
+                    solo=solo)
+    return Served(model, tok, engine, device, dtype, steps)
+
+
 def score_variant(
     name: str, path: Path, cfg: Params, test: list[dict[str, Any]], embedder: Any = None
 ) -> VariantResult:
-    """Load one variant and compute its row of the table.
+    """Load one variant as the service does and compute its row of the table.
 
     Args:
         name: the variant's name (``base`` gets the configured chat template applied).
@@ -186,10 +296,12 @@ def score_variant(
         embedder: an :class:`phiops.embeddings.Embedder`, or None to skip similarity.
 
     Returns:
-        The row and the per-example scores, answers and similarities.
+        The row, the per-example scores, answers and similarities, and in ``extra["engine"]``
+        what the engine counted (requests finished, forward passes, most rows in one pass).
 
     Raises:
         ModelError: the checkpoint holds no safetensors weights.
+        RuntimeError: a generation failed in the engine.
     """
     import torch
 
@@ -197,17 +309,28 @@ def score_variant(
     device = models.pick_device(cfg.train.device)
     t0 = time.perf_counter()
     with measure_peak(device) as mem:
-        tok = models.load_tokenizer(path)
-        if name == "base":
-            templates.apply(tok, cfg.model.chat_template)
         torch.manual_seed(cfg.evaluate.seed)
-        model = models.load_causal_lm(path, device=device).eval()
-        stops = models.stop_ids(tok, path)
-        ppl = perplexity(model, test, tok.pad_token_id, cfg.evaluate.batch_size, desc=f"{name} perplexity")
-        sample = test[: cfg.evaluate.max_samples]
-        answers, n_tok, secs = generate(model, tok, [r["messages"][:-1] for r in sample], cfg, stops, desc=f"{name} generate")
-        footprint = int(model.get_memory_footprint())
-        del model
+        served = serve(name, path, cfg, device)
+        dtype = served.dtype
+        try:
+            tok = served.tok
+            pad = tok.pad_token_id if tok.pad_token_id is not None else served.engine.pad_id
+            ppl = perplexity(served.model, test, pad, cfg.evaluate.batch_size, desc=f"{name} perplexity")
+            sample = test[: cfg.evaluate.max_samples]
+            gen = generate(served.engine, tok, [r["messages"][:-1] for r in sample], cfg.evaluate.max_new_tokens,
+                           desc=f"{name} generate")
+            footprint = memory_bytes(served.model)
+            s = served.engine.stats
+            engine = {"finished": s.finished, "failed": s.failed, "prefill_passes": s.prefill_passes,
+                      "forward_passes": s.forward_passes, "generated_tokens": s.generated_tokens,
+                      "max_rows": max(served.steps, default=0)}
+        finally:
+            served.close()  # the engine's thread ends and lets go of the model before the next variant loads
+            del served
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    answers = gen.answers
     refs = [r["messages"][-1]["content"] for r in sample]
     metric = METRICS[cfg.evaluate.metric]
     scores = [metric(a, ref) for a, ref in zip(answers, refs)]
@@ -218,9 +341,11 @@ def score_variant(
         "task_metric": round(sum(scores) / n, 4),
         "json_validity": round(sum(METRICS["json_validity"](a, "") for a in answers) / n, 4),
         "embedding_similarity": round(sum(sims) / n, 4) if sims is not None else None,
-        # One batch of `evaluate.batch_size` requests served together: seconds per batch.
-        "latency_s_per_request": round(secs / n * cfg.evaluate.batch_size, 4),
-        "tokens_per_s": round(n_tok / secs, 1) if secs else None,
+        # Median seconds from a request's admission to a batch row to its last token, with up
+        # to `evaluate.batch_size` rows decoding together (a served request's time in the engine).
+        "latency_s_per_request": round(statistics.median(gen.latencies), 4),
+        # Every generated token of the sample over the wall time of the whole sample.
+        "tokens_per_s": round(sum(gen.tokens) / gen.seconds, 1) if gen.seconds else None,
         "size_bytes": weights_size(path),
         "memory_bytes": footprint,
         "peak_rss_bytes": mem["peak_rss_bytes"],
@@ -228,8 +353,9 @@ def score_variant(
         "n_samples": n,
         "seconds": round(time.perf_counter() - t0, 1),
         "device": device,
+        "dtype": dtype,  # the served dtype (serve.dtype): perplexity and answers both use it
     }
-    return VariantResult(row, [r["id"] for r in sample], scores, answers, sims)
+    return VariantResult(row, [r["id"] for r in sample], scores, answers, sims, extra={"engine": engine})
 
 
 def _embedder(cfg: Params) -> Any:
