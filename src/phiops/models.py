@@ -245,6 +245,8 @@ def stop_ids(tok: Any, path: str | Path | None = None) -> list[int]:
             pass
     if tok.eos_token_id is not None:
         ids.append(tok.eos_token_id)
+    from phiops.serve.checkpoint import END_OF_TURN
+
     vocab = tok.get_vocab()
-    ids += [vocab[t] for t in ("<|im_end|>", "<|end|>", "<|endoftext|>", "<|eot_id|>") if t in vocab]
+    ids += [vocab[t] for t in END_OF_TURN if t in vocab]
     return sorted(set(ids))

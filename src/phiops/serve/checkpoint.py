@@ -10,6 +10,11 @@ from phiops.io import sha256_file
 # Where phiops.bento.save_model puts the checkpoint inside a stored model.
 CHECKPOINT_SUBDIR = "checkpoint"
 
+# Tokens that end a turn in the chat formats phiops serves (ChatML, Phi-3, Llama-3), whatever
+# the checkpoint declares as its EOS: Phi-3 ends turns with <|end|> while its EOS is
+# <|endoftext|>, and a model that emits an undeclared one would otherwise run on.
+END_OF_TURN = ("<|im_end|>", "<|end|>", "<|endoftext|>", "<|eot_id|>")
+
 
 class IntegrityError(RuntimeError):
     """The stored model is not the one saved: restarting the worker cannot fix it."""
@@ -65,7 +70,8 @@ def lineage(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 def eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every id that ends a turn: generation_config's (int or list) plus the tokenizer's."""
+    """Every id that ends a turn: generation_config's (int or list), the tokenizer's, then the
+    :data:`END_OF_TURN` tokens its vocabulary has. The first is the engine's padding id."""
     ids: list[int] = []
     for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
         if source is None:
@@ -73,6 +79,8 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
         for i in [source] if isinstance(source, int) else list(source):
             if int(i) not in ids:
                 ids.append(int(i))
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in ids]
     if not ids:
         raise RuntimeError("the checkpoint defines no EOS token (generation_config or tokenizer)")
     return ids

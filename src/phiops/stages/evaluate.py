@@ -12,7 +12,7 @@ bf16 on CUDA and on AMX CPUs, fp32 elsewhere; the row's ``dtype`` says which) an
 come from the bento's continuous-batching engine (:class:`phiops.serve.engine.Engine`: the same
 prefill/decode passes, greedy sampling and stop handling), with at most ``evaluate.batch_size``
 rows decoding together. Each row leaves the batch at its own stop token (every id of
-:func:`phiops.models.stop_ids`) or after ``evaluate.max_new_tokens``, and a waiting prompt takes
+:func:`phiops.serve.checkpoint.eos_ids`, as the service) or after ``evaluate.max_new_tokens``, and a waiting prompt takes
 its place at the next step; no batch waits for its longest answer.
 
 For each variant: perplexity on the assistant tokens of the test split (in the served dtype);
@@ -268,12 +268,10 @@ def serve(name: str, path: Path, cfg: Params, device: str) -> Served:
                                                      require_chat_template=False)
     if name == "base":
         templates.apply(tok, cfg.model.chat_template)
-    # Every end-of-turn id (Phi-3's <|end|> besides its EOS); the service's own first, so the
-    # engine pads with the same id. Ids the service would not stop at are logged: there
-    # evaluate and serving would differ.
-    stops = models.stop_ids(tok, path)
-    if extra := sorted(set(stops) - set(eos)):
-        log.warning("%s: evaluate stops at token ids %s that the service's EOS ids %s leave out", name, extra, eos)
+    # The service's end-of-turn ids (serve.checkpoint.eos_ids) plus any the checkpoint's
+    # generation_config.json names beyond the loaded model's (both files are the same checkpoint,
+    # so normally none).
+    extra = sorted(set(models.stop_ids(tok, path)) - set(eos))
     solo = cuda_fastpath(model, cfg.serve, device) if device == "cuda" else None
     steps: list[int] = []
     engine = Engine(model, tok, [*eos, *extra], device, max_batch_size=cfg.evaluate.batch_size,
