@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/train_cpu_step.json")
     ap.add_argument("--arm", type=Path, help=argparse.SUPPRESS)  # internal: run one arm, write here
+    ap.add_argument("--collect", type=Path, help="summarize the arms already written in this folder "
+                    "(old0.json, new0.json, ...) of a run stopped early")
     a = ap.parse_args()
     if a.arm:
         return arm(a.data, a.steps, a.arm)
@@ -101,11 +103,20 @@ def main() -> None:
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip())
     runs: dict[str, list[dict]] = {"old": [], "new": []}
+    order = [("old", "new") if r % 2 == 0 else ("new", "old") for r in range(a.rounds)]
+    if a.collect:
+        for r, pair in enumerate(order):
+            for name in pair:
+                if (a.collect / f"{name}{r}.json").exists():
+                    runs[name].append(json.loads((a.collect / f"{name}{r}.json").read_text()))
+        n = min(len(runs["old"]), len(runs["new"]))
+        runs = {k: v[:n] for k, v in runs.items()}  # complete pairs only
+        order = order[:n]
+        return _write(a, runs, order, a.old, new_sha + ("+dirty" if dirty else ""))
     with tempfile.TemporaryDirectory() as tmp:
         old_sha, old_tree = _worktree(a.old, Path(tmp))
         try:
             trees = {"old": old_tree, "new": ROOT}
-            order = [("old", "new") if r % 2 == 0 else ("new", "old") for r in range(a.rounds)]
             for r, pair in enumerate(order):
                 for name in pair:
                     res = Path(tmp) / f"{name}{r}.json"
@@ -118,6 +129,11 @@ def main() -> None:
                           f"{time.time() - t:.0f} s", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(old_tree)], cwd=ROOT)
+    _write(a, runs, order, old_sha, new_sha + ("+dirty" if dirty else ""))
+
+
+def _write(a: argparse.Namespace, runs: dict[str, list[dict]], order: list, old_sha: str, new_sha: str) -> None:
+    """The summary of both arms (means over rounds, ratios, loss differences of the first pair) as JSON."""
 
     def summary(name: str) -> dict:
         rs = runs[name]
@@ -139,7 +155,7 @@ def main() -> None:
         "versions": versions(("torch", "transformers", "trl", "peft", "accelerate")),
         "load_average_at_end": os.getloadavg(),
         "setup": {"steps": a.steps, "rounds": a.rounds, "data": str(a.data), "params": "params.yaml train section",
-                  "old": old_sha, "new": new_sha + ("+dirty" if dirty else ""),
+                  "old": old_sha, "new": new_sha, "rounds_completed": len(order),
                   "order": [list(p) for p in order]},
         "old": old, "new": new,
         "speedup_seconds_per_step": round(old["seconds_per_step"] / new["seconds_per_step"], 3),
