@@ -1,0 +1,31 @@
+# Sourced by scripts/install.sh and scripts/lock.sh: where packages come from.
+#
+# uv reads no pip.conf, so the sources this machine's pip is configured with (PIP_* variables, then
+# pip's config files) are handed to uv as flags; a local mirror that pip uses, uv uses too.
+# torch's CPU build (torch==X+cpu) comes from those sources where they offer it, else from
+# PyTorch's CPU index. Both indexes are searched best-match (pip's own rule); the lock's hashes
+# decide which files are acceptable, so a second index cannot substitute a package.
+
+TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+
+# pip's effective value of an option ("" if unset): its PIP_* variable wins over its config files,
+# as in pip itself. $1: the option's name, e.g. extra-index-url.
+pip_setting() {
+  local var="PIP_$(echo "$1" | tr 'a-z-' 'A-Z_')"
+  if [ -n "${!var:-}" ]; then echo "${!var}"; return; fi
+  "$PIP" config get "install.$1" 2>/dev/null || "$PIP" config get "global.$1" 2>/dev/null || true
+}
+
+# Fills UV_SOURCES: uv's flags for pip's index-url, extra-index-url and find-links (each may list
+# several, separated by spaces or newlines, as pip accepts them). Needs $PIP (a pip to ask).
+uv_sources_from_pip() {
+  UV_SOURCES=()
+  local v
+  v=$(pip_setting index-url); [ -n "$v" ] && UV_SOURCES+=(--index-url "$v")
+  for v in $(pip_setting extra-index-url); do UV_SOURCES+=(--extra-index-url "$v"); done
+  for v in $(pip_setting find-links); do UV_SOURCES+=(--find-links "$v"); done
+  # pip picks the best version across all its indexes; uv's default stops at the first index that
+  # has the package at all, which fails where a local mirror holds only some versions.
+  UV_SOURCES+=(--index-strategy unsafe-best-match)
+  return 0
+}
