@@ -40,6 +40,7 @@ if [ "${PHIOPS_INSTALLER:-}" != pip ]; then
 fi
 
 if [ -n "$uv" ]; then
+  say "$lock with $("$uv" --version)"
   uv_sources_from_pip
   # torch's CPU build: from pip's own sources where they offer it (a local mirror), else PyTorch's CPU index.
   if ! echo "torch==$torch_cpu" | "$uv" pip compile - --quiet --no-deps --no-header --python-version 3.11 \
@@ -49,6 +50,7 @@ if [ -n "$uv" ]; then
   "$uv" pip install --quiet --python .venv/bin/python --require-hashes --no-deps -r "$lock" "${UV_SOURCES[@]}"
   "$uv" pip install --quiet --python .venv/bin/python --no-deps -e . "${UV_SOURCES[@]}"
 else
+  say "$lock with pip"
   torch_src=()
   "$PIP" install --quiet --dry-run --no-deps --ignore-installed "torch==$torch_cpu" >/dev/null 2>&1 \
     || torch_src=(--extra-index-url "$TORCH_CPU_INDEX")
