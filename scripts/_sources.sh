@@ -6,7 +6,8 @@
 # PyTorch's CPU index. Both indexes are searched best-match (pip's own rule); the lock's hashes
 # decide which files are acceptable, so a second index cannot substitute a package.
 
-TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+# PyTorch's CPU index, or PHIOPS_TORCH_INDEX: a mirror of it (the locks' hashes still decide what installs).
+TORCH_CPU_INDEX="${PHIOPS_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 
 # pip's effective value of an option ("" if unset): its PIP_* variable wins over its config files,
 # as in pip itself. $1: the option's name, e.g. extra-index-url.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Refresh the install locks after changing a pin in pyproject.toml (needs the venv: bash scripts/test.sh first):
+# Refresh the install locks after changing a pin in pyproject.toml (needs .venv: bash scripts/install.sh pipeline):
 #   bash scripts/lock.sh              # keeps every locked version that still fits the pins
 #   bash scripts/lock.sh --upgrade    # re-resolves the unpinned ones too
 # lock/pipeline-test.txt is what scripts/test.sh installs, lock/pipeline.txt what scripts/demo.sh installs (resolved
