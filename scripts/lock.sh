@@ -21,8 +21,9 @@ for dir in $(pip_setting find-links); do
   if compgen -G "${dir#file://}/torch-$torch_cpu-*.whl" >/dev/null; then torch_src=(--find-links "$dir"); break; fi
 done
 
-cons="$(mktemp)"; trap 'rm -f "$cons"' EXIT
-echo "torch==$torch_cpu" > "$cons"
+# torch's CPU build, as a constraint kept beside the locks (a stable path: the locks' "via" comments name it)
+cons=lock/torch-cpu.in
+echo "torch==$torch_cpu  # written by scripts/lock.sh from pyproject.toml's torch pin" > "$cons"
 common=(--python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes --quiet
         --index-url https://pypi.org/simple "${torch_src[@]}" --index-strategy unsafe-best-match
         --custom-compile-command "bash scripts/lock.sh" -c "$cons" "$@")
