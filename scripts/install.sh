@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install phiops with the given extras from the lock: bash scripts/install.sh pipeline[,test]
-# (scripts/demo.sh and scripts/test.sh call it). uv installs where it can (about 4x faster than pip, cold), pip
-# otherwise; both install exactly lock/<extras>.txt, hash-checked, then phiops itself as an editable install.
-# PHIOPS_INSTALLER=pip forces pip (bench/install_time.sh compares the two).
+# (scripts/demo.sh and scripts/test.sh call it). uv installs where it can (a tenth of pip's time, cold: bench/README.md),
+# pip otherwise; both install exactly lock/<extras>.txt, hash-checked, then phiops itself as an editable install.
+# PHIOPS_INSTALLER=pip forces pip (bench/install_time.py compares the two).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="$1"
