@@ -9,12 +9,17 @@
 # PyTorch's CPU index, or PHIOPS_TORCH_INDEX: a mirror of it (the locks' hashes still decide what installs).
 TORCH_CPU_INDEX="${PHIOPS_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 
-# pip's effective value of an option ("" if unset): its PIP_* variable wins over its config files,
-# as in pip itself. $1: the option's name, e.g. extra-index-url.
+# pip's effective value of an option ("" if unset): its PIP_* variable wins over its config files, and a file's
+# [install] section over its [global] one, as in pip itself. `pip config list` prints the files merged in pip's order
+# (`pip config get` misses keys of some files). $1: the option's name, e.g. extra-index-url. Needs $PIP.
 pip_setting() {
   local var="PIP_$(echo "$1" | tr 'a-z-' 'A-Z_')"
   if [ -n "${!var:-}" ]; then echo "${!var}"; return; fi
-  "$PIP" config get "install.$1" 2>/dev/null || "$PIP" config get "global.$1" 2>/dev/null || true
+  "$PIP" config list 2>/dev/null | "$(dirname "$PIP")/python" -c '
+import ast, sys
+found = dict(line.rstrip("\n").split("=", 1) for line in sys.stdin if "=" in line)
+value = found.get("install." + sys.argv[1], found.get("global." + sys.argv[1]))
+print(ast.literal_eval(value) if value else "")' "$1"
 }
 
 # Fills UV_SOURCES: uv's flags for pip's index-url, extra-index-url and find-links (each may list
