@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
-# .venv from the lock (lock/pipeline.txt), with uv where it can, else pip: README, Install.
+# .venv from the lock (scripts/lock/pipeline.txt), with uv where it can, else pip: README, Install.
 bash scripts/install.sh pipeline
 # The model was tuned on "instruction + ticket" prompts, so the demo asks the same way.
 ticket="${1:-Hi, my Nimbus router keeps dropping the connection every hour and our whole office is offline. Please fix this asap!}"

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Create .venv and install phiops with the given extras from the lock: bash scripts/install.sh pipeline[,test]
 # (scripts/demo.sh and scripts/test.sh call it). uv installs where it can (a tenth of pip's time, cold: bench/README.md),
-# pip otherwise; both install exactly lock/<extras>.txt, hash-checked, then phiops itself as an editable install.
+# pip otherwise; both install exactly scripts/lock/<extras>.txt, hash-checked, then phiops itself as an editable install.
 # PHIOPS_INSTALLER=pip forces pip (bench/install_time.py compares the two).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="$1"
-lock="lock/${extras//,/-}.txt"
+lock="scripts/lock/${extras//,/-}.txt"
 [ -f "$lock" ] || { echo "no lock for extras '$extras' ($lock)" >&2; exit 2; }
 # A stdlib venv, so .venv/bin/pip exists whoever installs (phiops.container and users call it).
 python3.11 -m venv .venv

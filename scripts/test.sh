@@ -2,6 +2,6 @@
 # Set up a venv and pass the tests: unit, integration (tiny random models) and e2e.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# .venv from the lock (lock/pipeline-test.txt), with uv where it can, else pip: README, Install.
+# .venv from the lock (scripts/lock/pipeline-test.txt), with uv where it can, else pip: README, Install.
 bash scripts/install.sh pipeline,test
 .venv/bin/python -m pytest -ra "$@"

@@ -1,4 +1,4 @@
-"""The install locks (lock/*.txt, what scripts/demo.sh and scripts/test.sh install) must agree with pyproject.toml.
+"""The install locks (scripts/lock/*.txt, what scripts/demo.sh and scripts/test.sh install) must agree with pyproject.toml.
 
 A pin changed in pyproject.toml without `bash scripts/lock.sh` fails here, not on a user's machine.
 """
@@ -50,7 +50,7 @@ def wanted(extras: list[str]) -> list[Requirement]:
 
 @pytest.fixture(scope="module", params=sorted(LOCKS))
 def lock(request):
-    return request.param, parse_lock((ROOT / "lock" / request.param).read_text())
+    return request.param, parse_lock((ROOT / "scripts" / "lock" / request.param).read_text())
 
 
 def test_every_pin_is_locked_at_its_version(lock):
@@ -59,34 +59,34 @@ def test_every_pin_is_locked_at_its_version(lock):
     for req in wanted(LOCKS[name]):
         key = canonicalize_name(req.name)
         if key not in entries:
-            problems.append(f"{req} is not in lock/{name}")
+            problems.append(f"{req} is not in scripts/lock/{name}")
             continue
         version = entries[key][0]
         exact = [s.version for s in req.specifier if s.operator == "=="]
         # an exact pin must be that release; a local build of it (torch's +cpu) is the same release
         if exact and Version(exact[0]) != Version(version.public):
-            problems.append(f"{req}: lock/{name} has {version}")
+            problems.append(f"{req}: scripts/lock/{name} has {version}")
         elif not req.specifier.contains(version, prereleases=True):
-            problems.append(f"{req}: lock/{name} has {version}")
+            problems.append(f"{req}: scripts/lock/{name} has {version}")
     assert not problems, "pyproject.toml and the lock disagree (run bash scripts/lock.sh):\n" + "\n".join(problems)
 
 
 def test_every_locked_file_is_hashed(lock):
     name, entries = lock
-    assert [n for n, (_, hashes) in entries.items() if not hashes] == [], f"lock/{name}: packages without hashes"
+    assert [n for n, (_, hashes) in entries.items() if not hashes] == [], f"scripts/lock/{name}: packages without hashes"
 
 
 def test_torch_is_the_cpu_build(lock):
     name, entries = lock
-    assert entries["torch"][0].local == "cpu", f"lock/{name} locks {entries['torch'][0]}, not torch's CPU build"
+    assert entries["torch"][0].local == "cpu", f"scripts/lock/{name} locks {entries['torch'][0]}, not torch's CPU build"
     assert not [n for n in entries if n.startswith("nvidia-") and n != "nvidia-ml-py"], "CUDA wheels in a CPU lock"
 
 
 def test_the_two_locks_agree():
-    small = parse_lock((ROOT / "lock" / "pipeline.txt").read_text())
-    big = parse_lock((ROOT / "lock" / "pipeline-test.txt").read_text())
+    small = parse_lock((ROOT / "scripts" / "lock" / "pipeline.txt").read_text())
+    big = parse_lock((ROOT / "scripts" / "lock" / "pipeline-test.txt").read_text())
     differ = {n: (v, big.get(n, (None,))[0]) for n, (v, _) in small.items() if big.get(n, (None,))[0] != v}
-    assert differ == {}, "lock/pipeline.txt must be lock/pipeline-test.txt less the test tools"
+    assert differ == {}, "lock/pipeline.txt must be scripts/lock/pipeline-test.txt less the test tools"
 
 
 def test_parse_lock_refuses_an_unpinned_line():
