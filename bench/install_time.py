@@ -22,13 +22,11 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 from _common import _cpu_isa, _cpu_model  # noqa: E402  (stdlib only; _common.machine imports torch)
 
 DEST = ROOT / "bench" / "results" / "install_time.json"

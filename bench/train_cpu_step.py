@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import machine, versions  # noqa: E402
 from train_cpu_profile import EMULATION_VARS, emulation, project  # noqa: E402
