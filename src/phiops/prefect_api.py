@@ -29,7 +29,6 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from phiops import procs
 
 # Prefect's own default is 20 s; a slow start on a loaded 2-core CPU is not an error (cli.py).
 STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
@@ -63,7 +62,7 @@ class TemporaryServer:
             # Analytics off unless asked for, as flows/retrain.py sets it (this starts before it loads).
             env={"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **os.environ, "PREFECT_UI_ENABLED": "0",
                  "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"},
-            start_new_session=True,  # stopped as a group, never left behind (procs.stop_group)
+            # The run's process group, as Prefect's: a Ctrl-C or a group kill of the run reaches it too.
         )
 
     def wait_ready(self, timeout: float) -> None:
@@ -95,9 +94,14 @@ class TemporaryServer:
                            f"({STARTUP_TIMEOUT_ENV} sets how long to wait)")
 
     def stop(self) -> None:
-        """End the server (SIGTERM, then SIGKILL after a few seconds); safe to call twice."""
+        """End the server (SIGTERM, then SIGKILL after a few seconds, as Prefect does); safe to call twice."""
         if self._proc is not None:
-            procs.stop_group(self._proc, grace=STOP_GRACE_S)
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
             self._proc = None
 
 
