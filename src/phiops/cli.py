@@ -130,9 +130,9 @@ EPHEMERAL_STARTUP_TIMEOUT_S = "120"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_TIMEOUT_S)
-    from prefect.flows import load_flow_from_entrypoint
+    from phiops import prefect_api
 
+    os.environ.setdefault(prefect_api.STARTUP_TIMEOUT_ENV, EPHEMERAL_STARTUP_TIMEOUT_S)
     root = Path(args.root).resolve()
     path, name = FLOW_ENTRYPOINT.split(":")
     if not (root / path).is_file():
@@ -140,17 +140,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Fail fast, before Prefect starts, on a bad config or one the DVC stages would not run with.
     config.require_dvc_params(root, args.params)
     runlock.check_free(root)  # another run in this checkout: say so now, not after Prefect starts
-    _quiet_expected_tracebacks()
-    saved = list(sys.path)
+    # Without PREFECT_API_URL: the temporary server starts now, while Prefect and the flow import.
+    server = prefect_api.start_early()
     try:
-        # No placeholder flow: a flow file that does not import is a bug to see, not a no-op run.
-        retrain = load_flow_from_entrypoint(f"{root / path}:{name}", use_placeholder_flow=False)
-    finally:
-        # Prefect leaves the flow's folder and the cwd on sys.path; the flow imports only the
-        # installed package, and nothing else in this process should find the project's files.
-        sys.path[:] = saved
-    # Absolute: the flow joins params to root; this command read it relative to the cwd.
-    result = retrain(root=str(root), params=str(Path(args.params).resolve()), ask=args.ask)
+        from prefect.flows import load_flow_from_entrypoint
+
+        _quiet_expected_tracebacks()
+        saved = list(sys.path)
+        try:
+            # No placeholder flow: a flow file that does not import is a bug to see, not a no-op run.
+            retrain = load_flow_from_entrypoint(f"{root / path}:{name}", use_placeholder_flow=False)
+        finally:
+            # Prefect leaves the flow's folder and the cwd on sys.path; the flow imports only the
+            # installed package, and nothing else in this process should find the project's files.
+            sys.path[:] = saved
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    with prefect_api.api(server):
+        # Absolute: the flow joins params to root; this command read it relative to the cwd.
+        result = retrain(root=str(root), params=str(Path(args.params).resolve()), ask=args.ask)
     print(json.dumps(result, indent=2, default=str))
     code = RUN_STATUS_CODES[result["status"]]
     if result["status"] == "rejected":

@@ -57,6 +57,35 @@ def stage_order(root: Path) -> list[str]:
         raise LineageError(f"DVC cannot read the pipeline in {root} ({type(exc).__name__}: {exc})") from exc
 
 
+def changed_stages(root: Path) -> dict[str, list[Any]]:
+    """What `dvc status` reports, in-process: each stage that `dvc repro` would run, and why.
+
+    One call decides whether a run has anything to reproduce. DVC compares dvc.yaml and
+    params.yaml with dvc.lock, and the workspace's deps and outs with their locked hashes (its
+    state database skips files whose mtime and size are unchanged), so this sees a changed
+    param, raw file or code dep, a stage missing from dvc.lock, and a deleted or edited out.
+    A stage whose upstream changed is not listed yet (its deps change once the upstream runs):
+    only an empty answer ("nothing to reproduce") may skip stages.
+
+    Args:
+        root: the project root holding dvc.yaml.
+
+    Returns:
+        ``{stage: [change, ...]}`` as `dvc status --json` prints it; ``{}`` when nothing changed.
+
+    Raises:
+        LineageError: DVC cannot read the pipeline or the workspace (fail closed: "could not
+            tell" never reads as "nothing changed").
+    """
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo:
+            return dict(repo.status())
+    except Exception as exc:  # DVC raises many kinds (parse, lock, missing file); all stop the run
+        raise LineageError(f"DVC cannot tell what changed in {root} ({type(exc).__name__}: {exc})") from exc
+
+
 def variant_dir(layout: Layout, variant: str | None) -> Path:
     if variant == "merged":
         return layout.merged

@@ -69,6 +69,7 @@ def test_worse_candidate_is_rejected_and_production_unchanged(project, monkeypat
     tags_before, head_before = _git(proj, "tag"), _git(proj, "rev-parse", "HEAD")
     history_before = reg.history()
 
+    monkeypatch.setattr(flow, "changed_stages", lambda root: {"evaluate": ["changed deps"]})
     monkeypatch.setattr(flow, "stage_order", lambda root: ["evaluate"])
     monkeypatch.setattr(flow, "dvc_stage", lambda root, stage: True)  # "evaluate ran"
     scored = []
@@ -116,6 +117,7 @@ def test_no_decision_within_the_timeout_is_a_rejection(project, monkeypatch):
         for v in ("base", "merged", "gptq", "awq") for k, i in enumerate(IDS)])
     (proj / "params.yaml").write_text(yaml.safe_dump({"approval": {"mode": "manual", "timeout_hours": 0.0003}}))  # ~1 s
 
+    monkeypatch.setattr(flow, "changed_stages", lambda root: {"evaluate": ["changed deps"]})
     monkeypatch.setattr(flow, "stage_order", lambda root: ["evaluate"])
     monkeypatch.setattr(flow, "dvc_stage", lambda root, stage: True)
     monkeypatch.setattr(flow.evaluate, "production", lambda cfg, layout, record: {
@@ -136,6 +138,7 @@ def test_no_decision_within_the_timeout_is_a_rejection(project, monkeypatch):
 
 
 def _stub_stages(monkeypatch, flow) -> None:
+    monkeypatch.setattr(flow, "changed_stages", lambda root: {"evaluate": ["changed deps"]})
     monkeypatch.setattr(flow, "stage_order", lambda root: ["evaluate"])
     monkeypatch.setattr(flow, "dvc_stage", lambda root, stage: True)
 

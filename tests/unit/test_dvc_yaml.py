@@ -64,3 +64,14 @@ def test_checkpoints_survive_a_dvc_rerun():
         for kind in ("outs", "metrics", "plots"):
             assert str(L.checkpoints) not in _paths(st.get("do", st).get(kind, []))
     assert "src/phiops/checkpoints.py" in DVC["train"]["deps"]
+
+
+def test_what_changed_is_never_guessed_when_dvc_cannot_tell(tmp_path):
+    # Fail closed: "DVC could not read the pipeline" must stop the run, never read as "nothing changed".
+    import pytest
+
+    from phiops.lineage import LineageError, changed_stages
+
+    (tmp_path / "dvc.yaml").write_text("stages: [not, a, mapping]\n")
+    with pytest.raises(LineageError, match="DVC cannot tell what changed"):
+        changed_stages(tmp_path)
