@@ -46,15 +46,18 @@ SHAPES = [(192, 576, 64), (48, 96, 32), (1552, 160, 32), (80, 384, 128), (32, 51
 
 @pytest.mark.parametrize("out,inp,group", SHAPES)
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-# float32: the kernel dequantizes exactly and sums in float32. bfloat16: inputs, scales and the
-# output are rounded to 8 bits of mantissa (2^-9 relative each), so 2 % of the largest output.
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+# The kernel computes in bfloat16 for both (float32 activations are rounded on the way in, see
+# Int4Linear): inputs, scales and the output carry 8 bits of mantissa (2^-9 relative each), so
+# the bound is 2 % of the largest output; a wrong group, zero point or packing is off by far more.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cpu_int4_linear_matches_a_float64_reference(out: int, inp: int, group: int, symmetric: bool,
-                                                     dtype: Any, tol: float) -> None:
+                                                     dtype: Any) -> None:
+    tol = 2e-2
     q, scale, zp = _codes(out, inp, group, symmetric)
     bias = torch.randn(out, generator=torch.Generator().manual_seed(2)) if out == 48 else None
     layer = Int4Linear(q, scale, group, bias, "cpu", zero_point=zp, dtype=dtype)
-    w = _reference_weight(q, scale.to(dtype), zp, group)  # the scales the kernel holds
+    assert layer.compute_dtype == torch.bfloat16
+    w = _reference_weight(q, scale.to(torch.bfloat16), zp, group)  # the scales the kernel holds
     gen = torch.Generator().manual_seed(1)
     with torch.inference_mode():
         for shape in [(1, inp), (7, inp), (2, 5, inp)]:  # one decode row, ragged rows, [batch, seq, in]
@@ -146,11 +149,24 @@ def test_loaded_w4a16_stays_packed_and_decodes_as_the_dequantized_model(
     dense, *_ = load_checkpoint(str(path), "float32", "cpu", require_chat_template=False)
     want, want_logits = _greedy(dense)
     assert weights_held(dense) == f"dequantized {n_packed + n_fallback}/{n_packed + n_fallback} linears"
-    got, got_logits = _greedy(model)
-    assert got == want
-    # float32 activations: the kernel dequantizes exactly, so only summation order differs.
-    scale = max(float(t.abs().max()) for t in want_logits)
-    assert max(float((a - b).abs().max()) for a, b in zip(got_logits, want_logits)) <= 1e-4 * scale
+    # Teacher-forced along the dequantized model's greedy tokens: the logits differ by the
+    # kernel's bfloat16 activations (Int4Linear: float32 ones run ~200x slower there), ~2^-9
+    # relative per layer, so within 3 % of the largest logit; and wherever the dequantized model's
+    # choice leads its runner-up by more than twice the largest difference seen, the packed model
+    # makes the same choice.
+    # (Free-running greedy decoding of these wide-init random models meets near-ties within a few
+    # tokens, where bf16 rounding legitimately flips the choice.)
+    seq = torch.tensor([PROMPT + want[:-1]])
+    with torch.inference_mode():
+        ref, got = dense(input_ids=seq).logits[0, len(PROMPT) - 1:].float(), model(input_ids=seq).logits[0, len(PROMPT) - 1:].float()
+    scale = float(ref.abs().max())
+    worst = float((got - ref).abs().max())
+    assert worst <= 0.03 * scale, (worst, scale)
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * worst
+    assert int(clear.sum()) >= 3  # the check below is not vacuous
+    assert torch.equal(got.argmax(-1)[clear], ref.argmax(-1)[clear])
+    assert got.argmax(-1)[0] == want[0]
 
     # The fallback layers hold exactly what compressed-tensors decompressed.
     for name, layer in layers.items():

@@ -308,9 +308,13 @@ class Int4Linear(nn.Module):
         device: ``cuda`` (tinygemm, ``aten._weight_int4pack_mm``) or ``cpu``
             (``aten._weight_int4pack_mm_for_cpu``).
         zero_point: ``[out, in // group]`` in [-8, 7] (asymmetric schemes), or None (symmetric).
-        dtype: the activations' dtype. CUDA's kernel takes bfloat16 only (other inputs are cast);
-            the CPU kernel takes bfloat16, float16 or float32 (``serve.dtype: auto`` is float32 on
-            CPUs without AMX), and its scales must be in the same dtype.
+        dtype: the activations' dtype, in and out. The kernel itself computes in 16 bits, as
+            the scheme's name says (W4 weights, A16 activations): bfloat16 on CUDA (tinygemm's
+            only input), bfloat16 or float16 on CPU. Float32 activations (``serve.dtype: auto``
+            on CPUs without AMX) are rounded to bfloat16 on the way in: PyTorch's CPU kernel
+            vectorizes only its 16-bit inputs, and with float32 ones it ran a 576x1536 layer
+            ~200x slower (7.4-9.7 ms against 27-45 us a row, also under ATEN_CPU_CAPABILITY=avx2).
+            The rounding (2^-9 relative) is far below the weights' int4 rounding.
 
     Raises:
         ValueError: a shape the kernel cannot tile (:func:`int4_unsupported` says which first).
@@ -324,8 +328,9 @@ class Int4Linear(nn.Module):
         if reason:
             raise ValueError(f"Int4Linear: {reason}")
         self.group_size = group
-        self.dtype = torch.bfloat16 if device == "cuda" else dtype
-        u = (weight_q.to(torch.int32) + 8).to(device)  # the kernels' codes are unsigned: w = (u - 8) * s + z
+        self.dtype = dtype
+        self.compute_dtype = dtype if device == "cpu" and dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        u = weight_q.to(device=device, dtype=torch.int32).add_(8)  # the kernels' codes are unsigned: w = (u - 8) * s + z
         if device == "cuda":
             inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)  # group >= 32 divides it
             packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8),
@@ -338,19 +343,20 @@ class Int4Linear(nn.Module):
         # (q - zp) * s = (u - 8) * s - zp * s: the zero point becomes the kernel's additive offset.
         z = torch.zeros_like(s) if zero_point is None else -zero_point.to(device=device, dtype=torch.float32) * s
         self.register_buffer("weight_int4pack", packed)
-        self.register_buffer("scales_and_zeros", torch.stack([s, z], -1).transpose(0, 1).contiguous().to(self.dtype))
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([s, z], -1).transpose(0, 1).contiguous().to(self.compute_dtype))
         self.bias = None if bias is None else nn.Parameter(bias.to(device=device, dtype=self.dtype), requires_grad=False)
 
     def forward(self, x: Any) -> Any:
-        y = self._mm(x.reshape(-1, self.in_features).to(self.dtype), self.weight_int4pack, self.group_size,
-                     self.scales_and_zeros)
+        y = self._mm(x.reshape(-1, self.in_features).to(self.compute_dtype), self.weight_int4pack, self.group_size,
+                     self.scales_and_zeros).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
-                f"int4, {str(self.dtype).removeprefix('torch.')}")
+                f"int4, computes in {str(self.compute_dtype).removeprefix('torch.')}")
 
 
 class DequantizedLinear(nn.Linear):
@@ -445,9 +451,9 @@ def int4_linears(model: Any, device: str, dtype: Any = None) -> tuple[int, int]:
     dtype = dtype or model.dtype
     undispatch(model, device)
     packed, fallback = 0, 0
-    for name, module in list(model.named_modules()):
-        if not hasattr(module, "weight_packed"):
-            continue
+    # Names, not modules: a list of the modules would keep every replaced layer alive to the end.
+    for name in [n for n, m in model.named_modules() if hasattr(m, "weight_packed")]:
+        module = model.get_submodule(name)
         reason = int4_unsupported(module, device)
         if reason is None:
             q, scale, zp = _unpacked(module)
@@ -460,6 +466,18 @@ def int4_linears(model: Any, device: str, dtype: Any = None) -> tuple[int, int]:
             fallback += 1
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
+        del module, new
+    # Each layer's unpacked codes (5 bytes a weight, freed at once) leave glibc's heap fragmented:
+    # SmolLM2-135M's swap left 513 MB more RSS than its 116 MB of weights until trimmed.
+    # And the replaced modules sit in reference cycles holding the checkpoint's mmapped pages
+    # (170 MB of RSS) until a collection.
+    import gc
+
+    from phiops.serve.engine import _TRIM
+
+    gc.collect()
+    if device == "cpu" and _TRIM is not None:
+        _TRIM(0)
     return packed, fallback
 
 
