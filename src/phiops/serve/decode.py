@@ -485,7 +485,7 @@ def weights_held(model: Any) -> str:
     """How the model's linear layers hold their weights, for the eval table and the service's log.
 
     Returns:
-        e.g. ``int4 packed 210/210 linears``, ``int4 packed 200/210 linears, 10 dequantized``,
+        e.g. ``int4 packed 210/210 linears``, ``int4 packed 200/210 linears; 10 dequantized``,
         ``dequantized 210/210 linears`` (compressed-tensors decompressed them), or
         ``bfloat16 dense`` for a model without W4A16 layers.
     """
@@ -511,4 +511,4 @@ def weights_held(model: Any) -> str:
         parts.append(f"compressed-tensors packed {ct_packed}/{total} (dequantized at the first forward)")
     if fallback:
         parts.append(f"{fallback} dequantized" if parts else f"dequantized {fallback}/{total} linears")
-    return ", ".join(parts)
+    return "; ".join(parts)  # no commas: it is a cell of the eval table's CSV

@@ -9,6 +9,8 @@ changed. Its files are checked against the registry's sha256 before anything loa
 For each variant: perplexity on the assistant tokens of the test split; the task metric
 (`evaluate.metric`) and JSON validity of greedy answers; optionally embedding similarity of
 answer and reference (:mod:`phiops.embeddings`); generation latency and tokens/s; size on disk;
+the weights' bytes in memory and how they are held (``weights``: ``int4 packed 210/210 linears``
+where the W4A16 layers run on the int4 kernel, ``dequantized ...`` where they were unpacked);
 peak memory (process RSS, and the CUDA allocator's peak on GPU) of that variant alone.
 Outputs: a metrics JSON (DVC metrics), the per-example scores (the gate's bootstrap pairs them
 by row id), a CSV table and PNG plots (DVC plots) and a markdown report that shows both
@@ -206,7 +208,12 @@ def score_variant(
         ppl = perplexity(model, test, tok.pad_token_id, cfg.evaluate.batch_size, desc=f"{name} perplexity")
         sample = test[: cfg.evaluate.max_samples]
         answers, n_tok, secs = generate(model, tok, [r["messages"][:-1] for r in sample], cfg, stops, desc=f"{name} generate")
+        # Bytes of parameters and buffers as held: packed int4 buffers for W4A16 layers on the
+        # int4 kernel, full precision for layers compressed-tensors decompressed; `weights` says which.
+        from phiops.serve.decode import weights_held  # torch: imported where a model is loaded
+
         footprint = int(model.get_memory_footprint())
+        held = weights_held(model)
         del model
     refs = [r["messages"][-1]["content"] for r in sample]
     metric = METRICS[cfg.evaluate.metric]
@@ -223,6 +230,7 @@ def score_variant(
         "tokens_per_s": round(n_tok / secs, 1) if secs else None,
         "size_bytes": weights_size(path),
         "memory_bytes": footprint,
+        "weights": held,
         "peak_rss_bytes": mem["peak_rss_bytes"],
         "peak_cuda_bytes": mem["peak_cuda_bytes"],
         "n_samples": n,
@@ -298,6 +306,9 @@ def _vs_merged(table: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
                 "perplexity_increase": round(row["perplexity"] / merged["perplexity"] - 1, 4),
                 "task_metric_change": round(row["task_metric"] / merged["task_metric"] - 1, 4) if merged["task_metric"] else None,
                 "size_ratio": round(row["size_bytes"] / merged["size_bytes"], 4) if merged["size_bytes"] else None,
+                # What serving holds, not the file: a dequantized W4A16 model holds as much as merged.
+                "memory_ratio": (round(row["memory_bytes"] / merged["memory_bytes"], 4)
+                                 if row.get("memory_bytes") and merged.get("memory_bytes") else None),
             }
     return out
 
