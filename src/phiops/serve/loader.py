@@ -140,8 +140,10 @@ def load_checkpoint(path: str, dtype_setting: str = "auto", device: str | None =
         raise RuntimeError(f"{label}: the tokenizer has no chat template; save one with the checkpoint")
     # compressed-tensors W4A16 (GPTQ/AWQ) checkpoints load through the same call: the
     # quantization_config in config.json selects transformers' compressed-tensors quantizer.
-    # Its layers stay packed until their first forward (then it decompresses them for good), so
-    # the int4 swap below sees the packed codes and full-precision weights never exist.
+    # Its layers stay packed until their first forward (then a hook decompresses the whole model
+    # for good), so the int4 swap below sees the packed codes and full-precision weights never
+    # exist. (transformers 5.17: CompressedTensorsConfig(dequantize=False), the default;
+    # run_compressed is deprecated and there is no CompressedLinear module any more.)
     model = AutoModelForCausalLM.from_pretrained(
         path, use_safetensors=True, trust_remote_code=False, dtype=getattr(torch, dtype)
     ).to(device).eval()
