@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from phiops import models
-from phiops.serve.decode import DequantizedLinear, Int4Linear, int4_unsupported, weights_held
+from phiops.serve.decode import PREFILL_ROWS, DequantizedLinear, Int4Linear, int4_unsupported, weights_held
 from phiops.serve.loader import load_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -41,7 +41,7 @@ def _reference_weight(q: Any, scale: Any, zp: Any, group: int) -> Any:
 
 
 # (out, in, group): the SmolLM2 k/v shape, Phi-3-mini-like ragged widths, every group size.
-SHAPES = [(192, 576, 64), (48, 96, 32), (1552, 160, 32), (80, 384, 128), (32, 512, 256)]
+SHAPES = [(192, 576, 64), (48, 96, 32), (1552, 160, 32), (80, 384, 128), (128, 512, 256)]
 
 
 @pytest.mark.parametrize("out,inp,group", SHAPES)
@@ -60,13 +60,17 @@ def test_cpu_int4_linear_matches_a_float64_reference(out: int, inp: int, group: 
     w = _reference_weight(q, scale.to(torch.bfloat16), zp, group)  # the scales the kernel holds
     gen = torch.Generator().manual_seed(1)
     with torch.inference_mode():
-        for shape in [(1, inp), (7, inp), (2, 5, inp)]:  # one decode row, ragged rows, [batch, seq, in]
+        # one decode row, ragged rows, [batch, seq, in], and a prefill (PREFILL_ROWS or more: dequantized
+        # for the call where the output rows are a multiple of 64)
+        for shape in [(1, inp), (7, inp), (2, 5, inp), (3, PREFILL_ROWS // 2 + 5, inp)]:
             x = torch.randn(*shape, generator=gen).to(dtype)
             want = x.double() @ w.T + (0 if bias is None else bias.to(dtype).double())
             got = layer(x)
             assert got.dtype == dtype and got.shape == want.shape
             err = float((got.double() - want).abs().max() / want.abs().max())
             assert err <= tol, (shape, err)
+    if out % 64 == 0:  # the prefill path's decoding of the packed layout (bf16 zero offsets: not exact)
+        assert float((layer._dequantized().double() - w).abs().max()) <= 1e-2 * float(w.abs().max())
     assert layer.weight_int4pack.dtype == torch.uint8
     assert layer.weight_int4pack.numel() == out * inp // 2  # two codes a byte: nothing unpacked is kept
 
