@@ -21,7 +21,8 @@ or with zero points) for PyTorch's own int4 weight-only matmul, right after load
 (bf16 and float32 activations). Left alone, compressed-tensors decompresses each layer to full
 precision at its first forward and keeps it so: the model then holds as much as the merged one.
 Layers the kernel cannot take fall back to a dequantized ``nn.Linear`` (``DequantizedLinear``),
-logged and counted (``weights_held``).
+logged and counted (``weights_held``). On CPU, prefill-sized inputs (``PREFILL_ROWS``) dequantize
+the layer for the call and run the dense GEMM, which beats the int4 kernel there.
 
 On CPU the decoders run without the CUDA graph (tests check them against the plain forward).
 This module needs only torch and transformers (and compressed-tensors for W4A16); it ships in
