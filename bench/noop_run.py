@@ -28,7 +28,6 @@ import tarfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import _cpu_isa, _cpu_model, versions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from phiops.paths import Layout
 PLOTS = ("quality", "size_perplexity", "speed_memory")
 
 _COLUMNS = (
-    "task_metric", "json_validity", "embedding_similarity", "perplexity", "size_bytes", "memory_bytes",
+    "task_metric", "json_validity", "embedding_similarity", "perplexity", "size_bytes", "memory_bytes", "weights",
     "peak_rss_bytes", "peak_cuda_bytes", "latency_s_per_request", "tokens_per_s",
 )
 
@@ -90,6 +90,7 @@ def render_markdown(report: dict[str, Any], prod: dict[str, Any] | None = None, 
     if report.get("vs_merged"):
         parts.append("Quantized vs merged: " + "; ".join(
             f"{n} perplexity {v['perplexity_increase']:+.1%}, size {v['size_ratio']:.0%} of merged"
+            + _memory_note(v.get("memory_ratio"), report["variants"].get(n, {}).get("weights"))
             + (f", task metric {v['task_metric_change']:+.1%}" if v.get("task_metric_change") is not None else "")
             for n, v in report["vs_merged"].items()
         ) + ".\n")
@@ -98,6 +99,14 @@ def render_markdown(report: dict[str, Any], prod: dict[str, Any] | None = None, 
     if plot_dir is not None:
         parts.append("\n".join(f"![{p}]({Path(plot_dir) / f'eval_{p}.png'})" for p in PLOTS) + "\n")
     return "\n".join(parts)
+
+
+def _memory_note(ratio: float | None, weights: str | None) -> str:
+    """The memory the variant holds against merged, and why: the file's size is only a benefit
+    where its weights stay packed (`weights`, from :func:`phiops.serve.decode.weights_held`)."""
+    if ratio is None:
+        return ""
+    return f", memory {ratio:.0%} of merged" + (f" (weights: {weights})" if weights else "")
 
 
 def write_plots(layout: Layout, table: dict[str, dict[str, Any]]) -> tuple[Path, ...]:

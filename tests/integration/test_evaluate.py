@@ -66,6 +66,7 @@ def test_evaluation_is_deterministic_given_the_seed(tiny_models, embedder):
     assert one.ids == ["row0", "row1", "row2", "row3"] and len(one.similarities) == 4
     assert one.row["perplexity"] > 1 and one.row["size_bytes"] > 0
     assert one.row["peak_rss_bytes"] >= one.row["memory_bytes"] > 0
+    assert one.row["weights"].endswith(" dense")  # no W4A16 layers in this one
 
 
 def test_pickle_only_variant_is_refused(tmp_path, tiny_models):

@@ -392,6 +392,10 @@ def test_compressed_tensors_w4a16_checkpoint_serves(home: Path, tmp_path: Path) 
                 model="tiny-llama-w4a16", messages=[{"role": "user", "content": "Hello"}], temperature=0
             )
             _assert_completion(asyncio.run(instance.chat_completions(body=request, request=None)), "tiny-llama-w4a16")
+            # It served from the packed int4 weights (issue 17), not from a dequantized copy.
+            from phiops.serve.decode import weights_held
+
+            assert weights_held(instance.serving.loaded.model).startswith("int4 packed 14/14 linears")
             # Readiness follows the engine: once its thread is gone, /readyz stops answering 200.
             assert instance.__is_ready__()
             instance.serving.close()

@@ -15,14 +15,19 @@ The cache holds plain (non-sliding) layers, so a model with a sliding window (Ph
 only decoded here while its whole sequence fits the window, where the window masks nothing;
 ``fits`` says so, and the engine keeps longer requests on its dynamic-cache path.
 
-``int4_linears`` swaps compressed-tensors W4A16 linears (pack-quantized, symmetric, grouped)
-for PyTorch's own int4 weight-only matmul (``aten._weight_int4pack_mm``, the tinygemm kernel):
-the compressed-tensors module dequantizes its whole weight on every call, which reads more
-bytes than the bf16 model it replaces.
+``int4_linears`` swaps compressed-tensors W4A16 linears (pack-quantized, group-wise, symmetric
+or with zero points) for PyTorch's own int4 weight-only matmul, right after loading: on CUDA
+``aten._weight_int4pack_mm`` (the tinygemm kernel), on CPU ``aten._weight_int4pack_mm_for_cpu``
+(bf16 and float32 activations). Left alone, compressed-tensors decompresses each layer to full
+precision at its first forward and keeps it so: the model then holds as much as the merged one.
+Layers the kernel cannot take fall back to a dequantized ``nn.Linear`` (``DequantizedLinear``),
+logged and counted (``weights_held``). On CPU, prefill-sized inputs (``PREFILL_ROWS``) dequantize
+the layer for the call and run the dense GEMM, which beats the int4 kernel there.
 
-On CPU the same code runs without the CUDA graph (tests check it against the plain forward).
+On CPU the decoders run without the CUDA graph (tests check them against the plain forward).
 This module needs only torch and transformers (and compressed-tensors for W4A16); it ships in
-the bento inside the phiops wheel; the service imports it on CUDA only (phiops.serve.loader).
+the bento inside the phiops wheel; the service's loader (phiops.serve.loader) imports it on every
+device for the int4 swap, and on CUDA for the solo decoders.
 """
 
 from __future__ import annotations
@@ -289,68 +294,244 @@ class FusedDecoder(GraphDecoder):
 
 # ---- W4A16 through PyTorch's int4 kernel ---------------------------------------------------------
 
+# The group sizes the int4 kernels take (both devices); llm-compressor writes 32-256.
+INT4_GROUPS = (32, 64, 128, 256)
+# From this many rows on, a CPU Int4Linear dequantizes its weight for the call and runs the dense
+# GEMM: the int4 kernel re-decodes the weights for every few rows, and took 20 ms for 512 rows of a
+# 1536x576 layer against 0.5 ms dense bf16 on AMX (0.19 vs 0.08 ms at 16 rows, where the dequantizing,
+# ~2-3 ms a layer, would cost more than it saves). Decode steps stay on the kernel.
+PREFILL_ROWS = 128
+
 
 class Int4Linear(nn.Module):
-    """``x @ (weight_q * scale).T + bias`` through PyTorch's int4 weight-only kernel.
+    """``x @ ((weight_q - zero_point) * scale).T + bias`` through PyTorch's int4 weight-only kernel.
 
-    weight_q: int8 ``[out, in]`` in [-8, 7]; scale: ``[out, in // group]``.
+    Args:
+        weight_q: int8 ``[out, in]`` in [-8, 7] (compressed-tensors' unpacked codes).
+        scale: ``[out, in // group]``.
+        group: columns per scale, one of ``INT4_GROUPS``.
+        bias: ``[out]`` or None.
+        device: ``cuda`` (tinygemm, ``aten._weight_int4pack_mm``) or ``cpu``
+            (``aten._weight_int4pack_mm_for_cpu``).
+        zero_point: ``[out, in // group]`` in [-8, 7] (asymmetric schemes), or None (symmetric).
+        dtype: the activations' dtype, in and out. The kernel itself computes in 16 bits, as
+            the scheme's name says (W4 weights, A16 activations): bfloat16 on CUDA (tinygemm's
+            only input), bfloat16 or float16 on CPU. Float32 activations (``serve.dtype: auto``
+            on CPUs without AMX) are rounded to bfloat16 on the way in: PyTorch's CPU kernel
+            vectorizes only its 16-bit inputs, and with float32 ones it ran a 576x1536 layer
+            ~200x slower (7.4-9.7 ms against 27-45 us a row, also under ATEN_CPU_CAPABILITY=avx2).
+            The rounding (2^-9 relative) is far below the weights' int4 rounding.
+
+    Raises:
+        ValueError: a shape the kernel cannot tile (:func:`int4_unsupported` says which first).
     """
 
-    def __init__(self, weight_q: Any, scale: Any, group: int, bias: Any, device: str) -> None:
+    def __init__(self, weight_q: Any, scale: Any, group: int, bias: Any, device: str,
+                 zero_point: Any = None, dtype: Any = torch.bfloat16) -> None:
         super().__init__()
         self.out_features, self.in_features = weight_q.shape
+        reason = _shape_unsupported(self.out_features, self.in_features, group, device)
+        if reason:
+            raise ValueError(f"Int4Linear: {reason}")
         self.group_size = group
-        inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)  # group >= 32 divides it
-        u = (weight_q.to(torch.int32) + 8).to(device)  # the kernel's codes are unsigned: w = (u - 8) * s + z
+        self.dtype = dtype
+        self.compute_dtype = dtype if device == "cpu" and dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        u = weight_q.to(device=device, dtype=torch.int32).add_(8)  # the kernels' codes are unsigned: w = (u - 8) * s + z
         if device == "cuda":
+            inner_k_tiles = next(t for t in (8, 4, 2) if self.in_features % (16 * t) == 0)  # group >= 32 divides it
             packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8),
                                                                 inner_k_tiles)
             self._mm = torch.ops.aten._weight_int4pack_mm
         else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, inner_k_tiles)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)  # the CPU op ignores the tiles
             self._mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-        s = scale.to(device=device, dtype=torch.bfloat16)
+        # Prefill-sized inputs go through a transient dequantized copy where the layout is the blocked one.
+        self._cpu_blocked = device == "cpu" and self.out_features % 64 == 0
+        s = scale.to(device=device, dtype=torch.float32)
+        # (q - zp) * s = (u - 8) * s - zp * s: the zero point becomes the kernel's additive offset.
+        z = torch.zeros_like(s) if zero_point is None else -zero_point.to(device=device, dtype=torch.float32) * s
         self.register_buffer("weight_int4pack", packed)
-        self.register_buffer("scales_and_zeros", torch.stack([s, torch.zeros_like(s)], -1).transpose(0, 1).contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias.to(device=device, dtype=torch.bfloat16),
-                                                            requires_grad=False)
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([s, z], -1).transpose(0, 1).contiguous().to(self.compute_dtype))
+        self.bias = None if bias is None else nn.Parameter(bias.to(device=device, dtype=self.dtype), requires_grad=False)
 
     def forward(self, x: Any) -> Any:
-        y = self._mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight_int4pack, self.group_size,
-                     self.scales_and_zeros)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] >= PREFILL_ROWS and self._cpu_blocked:
+            # A prefill: dequantize this layer once (transient) and let the dense GEMM (AMX / MKL) run it.
+            y = nn.functional.linear(x2.to(self.dtype), self._dequantized()).to(x.dtype)
+        else:
+            y = self._mm(x2.to(self.compute_dtype), self.weight_int4pack, self.group_size,
+                         self.scales_and_zeros).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _dequantized(self) -> Any:
+        """The weight as ``[out, in]`` in ``self.dtype``, from the CPU kernel's packed layout: blocks of 64
+        output rows, ``[out / 64, in, 32]`` bytes, byte j holding row j (low nibble) and row j + 32."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        p = self.weight_int4pack.view(n // 64, k, 32)
+        u = torch.cat([p & 15, p >> 4], dim=-1).transpose(1, 2).reshape(n, k // g, g)
+        sz = self.scales_and_zeros.to(self.dtype)  # [in / group, out, 2]
+        w = (u.to(self.dtype) - 8) * sz[:, :, 0].T.unsqueeze(-1) + sz[:, :, 1].T.unsqueeze(-1)
+        return w.reshape(n, k)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, int4"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"int4, computes in {str(self.compute_dtype).removeprefix('torch.')}")
 
 
-def int4_linears(model: Any, device: str) -> int:
-    """Replace every compressed-tensors W4A16 linear (symmetric int4, group-wise) by an int4-kernel one.
+class DequantizedLinear(nn.Linear):
+    """A W4A16 layer the int4 kernel cannot take, dequantized once at load to the model's dtype.
 
-    Returns how many were replaced; layers in any other format are left as they are.
+    ``reason`` says why; :func:`weights_held` counts these. The weight is what compressed-tensors
+    itself decompresses (its ``PackedQuantizationCompressor``), so outputs equal its own.
     """
-    if not any(hasattr(m, "weight_packed") for m in model.modules()):
-        return 0
+
+    reason: str = ""
+
+
+def _shape_unsupported(out_features: int, in_features: int, group: int, device: str) -> str | None:
+    if group not in INT4_GROUPS:
+        return f"group size {group} (the kernel takes {', '.join(map(str, INT4_GROUPS))})"
+    if in_features % group:
+        return f"{in_features} input features are not a whole number of groups of {group}"
+    # The kernels' tiling: the CPU one packs 16 output rows at a time (_convert_weight_to_int4pack_cpu
+    # refuses others), tinygemm 8.
+    rows = 16 if device == "cpu" else 8
+    if out_features % rows:
+        return f"{out_features} output features are not a multiple of {rows} ({device} kernel tiling)"
+    return None
+
+
+def int4_unsupported(module: Any, device: str) -> str | None:
+    """Why a compressed-tensors packed linear cannot run on the int4 kernel on ``device`` (None: it can)."""
+    w = getattr(getattr(module, "quantization_scheme", None), "weights", None)
+    if w is None:
+        return "no weight quantization scheme"
+    if w.num_bits != 4 or w.type != "int":  # compressed-tensors' enums are str enums
+        return f"{w.num_bits}-bit {w.type} weights (the kernel takes int4)"
+    if w.strategy != "group":
+        return f"strategy {w.strategy} (the kernel takes group-wise scales)"
+    # Activation-order "group" permutes columns across groups (weight_g_idx); the kernel's groups
+    # are contiguous. "static" and "weight" reorder only during calibration and leave no g_idx.
+    g_idx = getattr(module, "weight_g_idx", None)
+    if g_idx is not None and not torch.equal(g_idx.cpu(), torch.arange(g_idx.numel()) // w.group_size):
+        return f"activation order {w.actorder} (weight_g_idx permutes the groups)"
+    if getattr(module, "input_scale", None) is not None or getattr(module, "input_zero_point", None) is not None:
+        return "quantized activations"
+    shape = [int(v) for v in module.weight_shape.tolist()]
+    return _shape_unsupported(shape[0], shape[1], w.group_size, device)
+
+
+def _unpacked(module: Any) -> tuple[Any, Any, Any]:
+    """The int8 codes, scales and (asymmetric) zero points of a compressed-tensors packed linear."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
+    w = module.quantization_scheme.weights
+    shape = [int(v) for v in module.weight_shape.tolist()]
+    q = unpack_from_int32(module.weight_packed, w.num_bits, shape)
+    zp = None
+    if not w.symmetric:
+        zp = unpack_from_int32(module.weight_zero_point, w.num_bits, (shape[0], module.weight_scale.shape[-1]),
+                               packed_dim=0)
+    return q, module.weight_scale, zp
+
+
+def _dequantized_linear(module: Any, dtype: Any, device: str, reason: str) -> DequantizedLinear:
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    state = {n: t for n, t in module.named_parameters(recurse=False)}
+    state.update({n: t for n, t in module.named_buffers(recurse=False)})
+    weight = PackedQuantizationCompressor.decompress(state, module.quantization_scheme)["weight"]
+    bias = getattr(module, "bias", None)
+    new = DequantizedLinear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    new.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype), requires_grad=False)
+    new.reason = reason
+    return new
+
+
+def int4_linears(model: Any, device: str, dtype: Any = None) -> tuple[int, int]:
+    """Replace every compressed-tensors W4A16 linear by an int4-kernel one, or a dequantized one.
+
+    Call it before the model's first forward: compressed-tensors decompresses every layer to full
+    precision then, and keeps it so. A layer the kernel cannot take (:func:`int4_unsupported`)
+    becomes a :class:`DequantizedLinear` once, here, and a log line says why.
+
+    Args:
+        model: a causal LM loaded by transformers (its W4A16 layers still packed).
+        device: where it runs (``cuda`` or ``cpu``).
+        dtype: the activations' dtype (default: the model's).
+
+    Returns:
+        ``(packed, dequantized)``: how many layers run on the int4 kernel, how many fell back.
+    """
+    if not any(hasattr(m, "weight_packed") for m in model.modules()):
+        return 0, 0
+    dtype = dtype or model.dtype
     undispatch(model, device)
-    swapped = 0
-    for name, module in list(model.named_modules()):
-        scheme = getattr(module, "quantization_scheme", None)
-        w = getattr(scheme, "weights", None)
-        if w is None or not hasattr(module, "weight_packed"):
-            continue
-        if not (w.num_bits == 4 and w.symmetric and str(w.strategy).endswith("group") and w.group_size in (32, 64, 128, 256)
-                and w.actorder in (None, "static") and getattr(module, "weight_g_idx", None) is None):
-            continue
-        shape = [int(v) for v in module.weight_shape.tolist()]
-        if shape[0] % 8 or shape[1] % w.group_size:  # the kernel's tiling
-            continue
-        q = unpack_from_int32(module.weight_packed, 4, shape)
-        new = Int4Linear(q, module.weight_scale, w.group_size, getattr(module, "bias", None), device)
+    packed, fallback = 0, 0
+    # Names, not modules: a list of the modules would keep every replaced layer alive to the end.
+    for name in [n for n, m in model.named_modules() if hasattr(m, "weight_packed")]:
+        module = model.get_submodule(name)
+        reason = int4_unsupported(module, device)
+        if reason is None:
+            q, scale, zp = _unpacked(module)
+            new: nn.Module = Int4Linear(q, scale, module.quantization_scheme.weights.group_size,
+                                        getattr(module, "bias", None), device, zero_point=zp, dtype=dtype)
+            packed += 1
+        else:
+            new = _dequantized_linear(module, dtype, device, reason)
+            log.warning("W4A16 layer %s dequantized to %s: %s", name, str(dtype).removeprefix("torch."), reason)
+            fallback += 1
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
-        swapped += 1
-    return swapped
+        del module, new
+    # Each layer's unpacked codes (5 bytes a weight, freed at once) leave glibc's heap fragmented:
+    # SmolLM2-135M's swap left 513 MB more RSS than its 116 MB of weights until trimmed.
+    # And the replaced modules sit in reference cycles holding the checkpoint's mmapped pages
+    # (170 MB of RSS) until a collection.
+    import gc
+
+    from phiops.serve.engine import _TRIM
+
+    gc.collect()
+    if device == "cpu" and _TRIM is not None:
+        _TRIM(0)
+    return packed, fallback
+
+
+def weights_held(model: Any) -> str:
+    """How the model's linear layers hold their weights, for the eval table and the service's log.
+
+    Returns:
+        e.g. ``int4 packed 210/210 linears``, ``int4 packed 200/210 linears; 10 dequantized``,
+        ``dequantized 210/210 linears`` (compressed-tensors decompressed them), or
+        ``bfloat16 dense`` for a model without W4A16 layers.
+    """
+    total = int4 = fallback = ct_packed = 0
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            int4 += 1
+        elif isinstance(m, DequantizedLinear):
+            fallback += 1
+        elif hasattr(m, "weight_packed"):
+            ct_packed += 1
+        elif getattr(m, "quantization_scheme", None) is not None and isinstance(m, nn.Linear):
+            fallback += 1  # compressed-tensors' own module, decompressed at its first forward
+        else:
+            continue
+        total += 1
+    if total == 0:
+        return f"{str(model.dtype).removeprefix('torch.')} dense"
+    parts = []
+    if int4:
+        parts.append(f"int4 packed {int4}/{total} linears")
+    if ct_packed:
+        parts.append(f"compressed-tensors packed {ct_packed}/{total} (dequantized at the first forward)")
+    if fallback:
+        parts.append(f"{fallback} dequantized" if parts else f"dequantized {fallback}/{total} linears")
+    return "; ".join(parts)  # no commas: it is a cell of the eval table's CSV

@@ -1,22 +1,26 @@
 """Load the stored model a service serves: verify it, load it, pick its dtype and decoder.
 
-On CUDA two more things happen at load (``PHIOPS_CUDA_FASTPATH=0`` turns both off):
+Compressed-tensors W4A16 linears (the GPTQ/AWQ candidates) are swapped for PyTorch's int4
+weight-only kernel (``decode.int4_linears``) right after loading, before the first forward, on
+CPU and on CUDA alike (``PHIOPS_INT4=0`` turns it off). Otherwise compressed-tensors
+decompresses every layer at the first forward and serves a full-precision model: SmolLM2-135M's
+173 MB GPTQ file then held 544.7 MB on a float32 CPU. A layer the kernel cannot take (a shape it
+cannot tile, activation-order groups) is dequantized once at load instead, and logged; the
+weights' form is logged too (``decode.weights_held``). The CPU kernel runs bf16 and float32
+activations, so ``dtype: auto`` keeps its meaning (bench/w4a16_cpu.py measures both).
 
-- compressed-tensors W4A16 linears (the GPTQ/AWQ candidates) are swapped for PyTorch's int4
-  weight-only kernel (``decode.int4_linears``) before the first forward; otherwise
-  compressed-tensors dequantizes them to bf16 and serves a bf16-sized model;
-- a request that is alone decodes over a static cache of ``max_prompt_tokens + max_new_tokens``
-  tokens, one CUDA graph replay per token: through ``decode.FusedDecoder`` (Triton kernels,
-  ``kernels``) for llama-family models in bf16/fp16/fp32 (SmolLM2, Phi-3, Phi-4-mini, Phi-4),
-  else through ``decode.GraphDecoder`` (the step compiled by torch.compile; W4A16 models,
-  Phi-2); the warm-up generation tunes or compiles it and captures the graph.
+On CUDA one more thing happens at load (``PHIOPS_CUDA_FASTPATH=0`` turns it off): a request
+that is alone decodes over a static cache of ``max_prompt_tokens + max_new_tokens`` tokens, one
+CUDA graph replay per token: through ``decode.FusedDecoder`` (Triton kernels, ``kernels``) for
+llama-family models in bf16/fp16/fp32 (SmolLM2, Phi-3, Phi-4-mini, Phi-4), else through
+``decode.GraphDecoder`` (the step compiled by torch.compile; W4A16 models, Phi-2); the warm-up
+generation tunes or compiles it and captures the graph.
 
 ``dtype: auto`` means bfloat16 on CUDA, and on CPUs with AMX tiles (their bf16 matrix units):
 there the batched forward passes that serving runs measured 1.5x (decode, 32 rows) to 3.3x
 (prefill) faster than float32 for SmolLM2-135M; float32 on other CPUs (bf16 emulated there is
 slower).
 """
-
 from __future__ import annotations
 
 import logging
@@ -136,23 +140,34 @@ def load_checkpoint(path: str, dtype_setting: str = "auto", device: str | None =
         raise RuntimeError(f"{label}: the tokenizer has no chat template; save one with the checkpoint")
     # compressed-tensors W4A16 (GPTQ/AWQ) checkpoints load through the same call: the
     # quantization_config in config.json selects transformers' compressed-tensors quantizer.
+    # Its layers stay packed until their first forward (then a hook decompresses the whole model
+    # for good), so the int4 swap below sees the packed codes and full-precision weights never
+    # exist. (transformers 5.17: CompressedTensorsConfig(dequantize=False), the default;
+    # run_compressed is deprecated and there is no CompressedLinear module any more.)
     model = AutoModelForCausalLM.from_pretrained(
         path, use_safetensors=True, trust_remote_code=False, dtype=getattr(torch, dtype)
     ).to(device).eval()
     ids = eos_ids(model, tokenizer)
-    log.info("loaded %s on %s (%s) in %.1fs", label, device, dtype, time.perf_counter() - t0)
+    if os.environ.get("PHIOPS_INT4", "1") != "0":
+        from phiops.serve.decode import int4_linears
+
+        packed, fallback = int4_linears(model, device)
+        if packed or fallback:
+            log.info("%s: %d W4A16 linear layers run on the int4 weight-only kernel, %d dequantized "
+                     "(the kernel cannot take them; see the warnings above)", label, packed, fallback)
+    from phiops.serve.decode import weights_held
+
+    log.info("loaded %s on %s (%s; weights: %s) in %.1fs", label, device, dtype, weights_held(model),
+             time.perf_counter() - t0)
     return model, tokenizer, ids, device, dtype
 
 
 def cuda_fastpath(model: Any, settings: Settings, device: str) -> Any:
-    """Int4 kernels for W4A16 layers and the solo-request decoder (module doc); None when off."""
+    """The solo-request decoder (module doc); None when off."""
     if os.environ.get("PHIOPS_CUDA_FASTPATH", "1") == "0":
         return None
-    from phiops.serve.decode import FusedDecoder, GraphDecoder, fused_unsupported, int4_linears, sliding_window
+    from phiops.serve.decode import FusedDecoder, GraphDecoder, fused_unsupported, sliding_window
 
-    swapped = int4_linears(model, device)
-    if swapped:
-        log.info("%d W4A16 linear layers run on the int4 weight-only kernel", swapped)
     max_len = settings.max_prompt_tokens + settings.max_new_tokens
     # Longer than the sliding window: those requests take the batched (dynamic cache) path.
     max_len = min(max_len, sliding_window(model) or max_len)

@@ -17,8 +17,11 @@ its place at the next step; no batch waits for its longest answer.
 
 For each variant: perplexity on the assistant tokens of the test split (in the served dtype);
 the task metric (`evaluate.metric`) and JSON validity of greedy answers; optionally embedding
-similarity of answer and reference (:mod:`phiops.embeddings`); size on disk; peak memory
-(process RSS, and the CUDA allocator's peak on GPU) of that variant alone; and speed, as the
+similarity of answer and reference (:mod:`phiops.embeddings`); size on disk; the weights' bytes
+in memory and how they are held (``weights``: ``int4 packed 210/210 linears`` where the W4A16
+layers run on the int4 kernel, as the service runs them, ``dequantized ...`` where they were
+unpacked); peak memory (process RSS, and the CUDA allocator's peak on GPU) of that variant
+alone; and speed, as the
 engine serves the sample with all of it submitted at once:
 
 - ``tokens_per_s``: every generated token (stop tokens counted) over the wall time of the whole
@@ -303,6 +306,8 @@ def score_variant(
     """
     import torch
 
+    from phiops.serve.decode import weights_held  # torch: imported where a model is loaded
+
     models.check_safetensors(path)  # before the tokenizer too: a pickle-only directory fails here, clearly
     device = models.pick_device(cfg.train.device)
     t0 = time.perf_counter()
@@ -317,7 +322,10 @@ def score_variant(
             sample = test[: cfg.evaluate.max_samples]
             gen = generate(served.engine, tok, [r["messages"][:-1] for r in sample], cfg.evaluate.max_new_tokens,
                            desc=f"{name} generate")
+            # Bytes of parameters and buffers as held: packed int4 buffers for W4A16 layers on the
+            # int4 kernel, full precision for layers that fell back; `weights` says which.
             footprint = memory_bytes(served.model)
+            held = weights_held(served.model)
             s = served.engine.stats
             engine = {"finished": s.finished, "failed": s.failed, "prefill_passes": s.prefill_passes,
                       "forward_passes": s.forward_passes, "generated_tokens": s.generated_tokens,
@@ -346,6 +354,7 @@ def score_variant(
         "tokens_per_s": round(sum(gen.tokens) / gen.seconds, 1) if gen.seconds else None,
         "size_bytes": weights_size(path),
         "memory_bytes": footprint,
+        "weights": held,
         "peak_rss_bytes": mem["peak_rss_bytes"],
         "peak_cuda_bytes": mem["peak_cuda_bytes"],
         "n_samples": n,
@@ -422,6 +431,9 @@ def _vs_merged(table: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
                 "perplexity_increase": round(row["perplexity"] / merged["perplexity"] - 1, 4),
                 "task_metric_change": round(row["task_metric"] / merged["task_metric"] - 1, 4) if merged["task_metric"] else None,
                 "size_ratio": round(row["size_bytes"] / merged["size_bytes"], 4) if merged["size_bytes"] else None,
+                # What serving holds, not the file: a dequantized W4A16 model holds as much as merged.
+                "memory_ratio": (round(row["memory_bytes"] / merged["memory_bytes"], 4)
+                                 if row.get("memory_bytes") and merged.get("memory_bytes") else None),
             }
     return out
 
