@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,3 +100,18 @@ def git_dvc_project(tmp_path, monkeypatch) -> Callable[..., Path]:
 
     return make
 
+
+def greedy_reference(model: Any, prompt: list[int], n: int, device: str = "cpu") -> tuple[list[int], list[Any]]:
+    """Greedy tokens and last-position logits from the plain forward over a DynamicCache (what
+    generate does): the reference the decoders and the int4 layers are held to."""
+    from transformers import DynamicCache
+
+    cache, tokens, logits = DynamicCache(), [], []
+    ids = torch.tensor([prompt], device=device)
+    with torch.inference_mode():
+        for _ in range(n):
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1].float())
+            ids = out.logits[:, -1:].argmax(-1)
+            tokens.append(int(ids))
+    return tokens, logits

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import greedy_reference
 
 from phiops import models
 from phiops.models import word_tokenizer  # a tokenizer made in code, no files
@@ -39,25 +40,10 @@ def _build(arch: str, dtype: str = "float32", device: str = "cpu", **overrides: 
     return models.random_model({**ARCHS[arch], **overrides}, dtype=dtype, device=device)
 
 
-def _reference(model: Any, prompt: list[int], n: int, device: str = "cpu") -> tuple[list[int], list[Any]]:
-    """Greedy tokens and logits from the plain forward over a DynamicCache (what generate does)."""
-    from transformers import DynamicCache
-
-    cache, tokens, logits = DynamicCache(), [], []
-    ids = torch.tensor([prompt], device=device)
-    with torch.inference_mode():
-        for _ in range(n):
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-            logits.append(out.logits[:, -1].float())
-            ids = out.logits[:, -1:].argmax(-1)
-            tokens.append(int(ids))
-    return tokens, logits
-
-
 @pytest.mark.parametrize("arch,compiled", [("phi3", False), ("llama", False), ("phi3", True)])
 def test_solo_decoder_matches_the_dynamic_cache_forward(arch: str, compiled: bool) -> None:
     model = _build(arch)
-    want, want_logits = _reference(model, PROMPT, 10)
+    want, want_logits = greedy_reference(model, PROMPT, 10)
     _check_decoder(GraphDecoder(model, 64, "cpu", compile=compiled), want, want_logits)
 
 
@@ -141,7 +127,7 @@ def _engine_scenarios(device: str, tol: float, decoder: Any = GraphDecoder, **ov
     model = _build("llama" if device == "cpu" else "phi3", device=device, **overrides)
     tok = word_tokenizer(model.config.vocab_size)
     second = [1, 88, 4021, 7, 310, 29]
-    refs = [_reference(model, p, 12, device) for p in (PROMPT, second)]
+    refs = [greedy_reference(model, p, 12, device) for p in (PROMPT, second)]
     want, want_logits = [r[0] for r in refs], [r[1] for r in refs]
     # EOS = an id these random weights do not pick in 12 steps: every request runs to its length.
     eos = [next(i for i in range(3, model.config.vocab_size) if all(i not in w for w in want))]
@@ -221,7 +207,7 @@ _SMALL = {"vocab_size": 16384}
 def test_fused_decoder_matches_the_dynamic_cache_forward(kernels: Any, arch: str, overrides: dict[str, Any]) -> None:
     device = _device(kernels)
     model = _build(arch, device=device, **_SMALL, **overrides)
-    want, want_logits = _reference(model, PROMPT, 10, device)
+    want, want_logits = greedy_reference(model, PROMPT, 10, device)
     # 8 positions per attention split: the 21 positions span 3 splits and cross two boundaries.
     dec = FusedDecoder(model, 32, device, chunk=8)
     assert dec._attn.splits == 4
@@ -318,7 +304,7 @@ def test_cuda_graph_decode_matches_the_eager_forward() -> None:
     # kernels round differently, and larger weights magnify that. The float32 engine test
     # above checks the graph path to 1e-3.
     model = _build("phi3", "bfloat16", "cuda", initializer_range=0.02)
-    _, want_logits = _reference(model, PROMPT, 8, "cuda")
+    _, want_logits = greedy_reference(model, PROMPT, 8, "cuda")
     dec = GraphDecoder(model, 64, "cuda")
     with torch.inference_mode():
         logits = dec.prefill(PROMPT)

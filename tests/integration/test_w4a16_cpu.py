@@ -122,17 +122,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _greedy(model: Any, n: int = 12) -> tuple[list[int], list[Any]]:
-    from transformers import DynamicCache
+    from conftest import greedy_reference
 
-    cache, tokens, logits = DynamicCache(), [], []
-    ids = torch.tensor([PROMPT])
-    with torch.inference_mode():
-        for _ in range(n):
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-            logits.append(out.logits[:, -1].float())
-            ids = out.logits[:, -1:].argmax(-1)
-            tokens.append(int(ids))
-    return tokens, logits
+    return greedy_reference(model, PROMPT, n)
 
 
 @pytest.mark.parametrize("case", list(CASES))
