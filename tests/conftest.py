@@ -101,7 +101,20 @@ def git_dvc_project(tmp_path, monkeypatch) -> Callable[..., Path]:
     return make
 
 
-def greedy_reference(model: Any, prompt: list[int], n: int, device: str = "cpu") -> tuple[list[int], list[Any]]:
+@pytest.fixture(scope="session")
+def tiny_configs() -> dict[str, dict[str, Any]]:
+    """The tiny architectures above, for tests that build their own model."""
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def greedy_reference() -> Callable[..., tuple[list[int], list[Any]]]:
+    """The greedy reference below, as a fixture: a test module cannot import it by name, since
+    `conftest` in sys.modules is whichever tier's conftest pytest imported last."""
+    return _greedy_reference
+
+
+def _greedy_reference(model: Any, prompt: list[int], n: int, device: str = "cpu") -> tuple[list[int], list[Any]]:
     """Greedy tokens and last-position logits from the plain forward over a DynamicCache (what
     generate does): the reference the decoders and the int4 layers are held to."""
     from transformers import DynamicCache

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import greedy_reference
 
 from phiops import models
 from phiops.models import word_tokenizer  # a tokenizer made in code, no files
@@ -41,7 +40,7 @@ def _build(arch: str, dtype: str = "float32", device: str = "cpu", **overrides: 
 
 
 @pytest.mark.parametrize("arch,compiled", [("phi3", False), ("llama", False), ("phi3", True)])
-def test_solo_decoder_matches_the_dynamic_cache_forward(arch: str, compiled: bool) -> None:
+def test_solo_decoder_matches_the_dynamic_cache_forward(greedy_reference: Any, arch: str, compiled: bool) -> None:
     model = _build(arch)
     want, want_logits = greedy_reference(model, PROMPT, 10)
     _check_decoder(GraphDecoder(model, 64, "cpu", compile=compiled), want, want_logits)
@@ -123,7 +122,8 @@ def _run(engine: Engine, prompts: list[list[int]], n: int, join_after: int | Non
     return [r.tokens for r in requests]
 
 
-def _engine_scenarios(device: str, tol: float, decoder: Any = GraphDecoder, **overrides: Any) -> None:
+def _engine_scenarios(greedy_reference: Any, device: str, tol: float, decoder: Any = GraphDecoder,
+                      **overrides: Any) -> None:
     model = _build("llama" if device == "cpu" else "phi3", device=device, **overrides)
     tok = word_tokenizer(model.config.vocab_size)
     second = [1, 88, 4021, 7, 310, 29]
@@ -154,8 +154,8 @@ def _engine_scenarios(device: str, tol: float, decoder: Any = GraphDecoder, **ov
     assert solo.length == 0
 
 
-def test_engine_decodes_a_lone_request_through_the_solo_decoder_and_hands_over() -> None:
-    _engine_scenarios("cpu", 1e-4)
+def test_engine_decodes_a_lone_request_through_the_solo_decoder_and_hands_over(greedy_reference: Any) -> None:
+    _engine_scenarios(greedy_reference, "cpu", 1e-4)
 
 
 # ---- FusedDecoder: the Triton kernels (phiops.serve.kernels), under the interpreter without a GPU ------
@@ -204,7 +204,8 @@ _SMALL = {"vocab_size": 16384}
     ("llama", {}),  # GQA (4 query heads over 2), tied embeddings
     ("phi3", {"partial_rotary_factor": 0.75, "num_key_value_heads": 2}),  # Phi-4-mini: rotary on 3/4 of each head
 ])
-def test_fused_decoder_matches_the_dynamic_cache_forward(kernels: Any, arch: str, overrides: dict[str, Any]) -> None:
+def test_fused_decoder_matches_the_dynamic_cache_forward(greedy_reference: Any, kernels: Any, arch: str,
+                                                        overrides: dict[str, Any]) -> None:
     device = _device(kernels)
     model = _build(arch, device=device, **_SMALL, **overrides)
     want, want_logits = greedy_reference(model, PROMPT, 10, device)
@@ -232,8 +233,8 @@ def test_fused_decoder_keeps_the_model_working_and_refuses_other_architectures(k
         FusedDecoder(phi2, 32, "cpu")
 
 
-def test_engine_hands_over_from_the_fused_decoder(kernels: Any) -> None:
-    _engine_scenarios(_device(kernels), 1e-3 if not kernels.INTERPRET else 1e-4, FusedDecoder, **_SMALL)
+def test_engine_hands_over_from_the_fused_decoder(greedy_reference: Any, kernels: Any) -> None:
+    _engine_scenarios(greedy_reference, _device(kernels), 1e-3 if not kernels.INTERPRET else 1e-4, FusedDecoder, **_SMALL)
 
 
 def _w4a16(tmp_path: Path, arch: str) -> Path:
@@ -298,7 +299,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and
 
 @pytest.mark.gpu
 @cuda
-def test_cuda_graph_decode_matches_the_eager_forward() -> None:
+def test_cuda_graph_decode_matches_the_eager_forward(greedy_reference: Any) -> None:
     # transformers' default init (0.02), with which this passed on an H100. With the CPU tests'
     # wide init (0.2) it failed there once (message not kept): in bf16, inductor's and the eager
     # kernels round differently, and larger weights magnify that. The float32 engine test
@@ -318,10 +319,10 @@ def test_cuda_graph_decode_matches_the_eager_forward() -> None:
 
 @pytest.mark.gpu
 @cuda
-def test_engine_with_the_cuda_graph_decoder_hands_over() -> None:
+def test_engine_with_the_cuda_graph_decoder_hands_over(greedy_reference: Any) -> None:
     # float32 (TF32 off, PyTorch's default for matmuls): the compiled graph and the eager
     # forward agree to ~1e-5, so greedy choices cannot flip and every step's logits are compared.
-    _engine_scenarios("cuda", 1e-3)
+    _engine_scenarios(greedy_reference, "cuda", 1e-3)
 
 
 @pytest.mark.gpu

@@ -28,13 +28,11 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def phi3_tiny(tmp_path_factory) -> Path:
+def phi3_tiny(tmp_path_factory, tiny_configs) -> Path:
     from phiops.models import ensure_builtin, tiny_random
 
-    from conftest import TINY
-
     tok = os.environ.get("PHIOPS_TEST_TOKENIZER") or ensure_builtin()
-    return tiny_random(TINY["phi3"], tmp_path_factory.mktemp("gpu") / "phi3", tokenizer_from=tok)
+    return tiny_random(tiny_configs["phi3"], tmp_path_factory.mktemp("gpu") / "phi3", tokenizer_from=tok)
 
 
 def test_qlora_defaults_on_cuda(phi3_tiny, tmp_path):

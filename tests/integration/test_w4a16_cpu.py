@@ -121,15 +121,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def _greedy(model: Any, n: int = 12) -> tuple[list[int], list[Any]]:
-    from conftest import greedy_reference
-
-    return greedy_reference(model, PROMPT, n)
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_loaded_w4a16_stays_packed_and_decodes_as_the_dequantized_model(
-        checkpoints: dict[str, Path], case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        checkpoints: dict[str, Path], case: str, monkeypatch: pytest.MonkeyPatch, greedy_reference: Any) -> None:
     path, (_, symmetric, group, (n_packed, n_fallback)) = checkpoints[case], CASES[case]
     model, *_ = load_checkpoint(str(path), "float32", "cpu", require_chat_template=False)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (Int4Linear, DequantizedLinear))}
@@ -143,7 +137,7 @@ def test_loaded_w4a16_stays_packed_and_decodes_as_the_dequantized_model(
     # What the service served before: compressed-tensors' modules, decompressed at the first forward.
     monkeypatch.setenv("PHIOPS_INT4", "0")
     dense, *_ = load_checkpoint(str(path), "float32", "cpu", require_chat_template=False)
-    want, want_logits = _greedy(dense)
+    want, want_logits = greedy_reference(dense, PROMPT, 12)
     assert weights_held(dense) == f"dequantized {n_packed + n_fallback}/{n_packed + n_fallback} linears"
     # Teacher-forced along the dequantized model's greedy tokens: the logits differ by the
     # kernel's bfloat16 activations (Int4Linear: float32 ones run ~200x slower there), ~2^-9

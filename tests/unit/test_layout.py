@@ -42,6 +42,19 @@ def test_test_modules_have_unique_names() -> None:
     assert clashes == []
 
 
+def test_test_modules_never_import_a_conftest() -> None:
+    # Each tier has its own conftest.py, all imported as the module `conftest`: which one a test
+    # module's `from conftest import X` finds depends on the collection order (CI collects e2e
+    # first and failed on it). Shared helpers are fixtures.
+    offenders = []
+    for path in (ROOT / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n == "conftest"]
+    assert offenders == []
+
+
 def test_src_never_imports_flows_or_bench() -> None:
     offenders = []
     for path in (ROOT / "src").rglob("*.py"):
