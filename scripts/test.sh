@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # .venv from the lock (scripts/lock/pipeline-test.txt), with uv where it can, else pip: README, Install.
 bash scripts/install.sh pipeline,test
-.venv/bin/python -m pytest -ra "$@"
+# --durations: every run (CI included) lists its slowest tests, so a slower suite names its cause.
+.venv/bin/python -m pytest -ra --durations=40 "$@"
