@@ -15,8 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Offline by construction: nothing may reach a model hub during tests.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# The temporary Prefect servers of `phiops run` and of this process (tests that run a flow in
+# process start Prefect's own, which lives until the session ends) get the same defaults.
+from phiops.prefect_api import TEMPORARY_SERVER_ENV  # noqa: E402
+
+for _key, _value in TEMPORARY_SERVER_ENV.items():
+    os.environ.setdefault(_key, _value)
 # Prefect's temporary server logs its shutdown at interpreter exit, after pytest has closed the
 # streams ("I/O operation on closed file"); tests read no Prefect INFO logs.
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

@@ -74,3 +74,29 @@ def test_the_run_is_recorded_in_prefect_home_and_the_server_is_gone_after(tmp_pa
     seen = subprocess.run([sys.executable, "-c", READ_RUNS], env=env, capture_output=True, text=True, timeout=600)
     assert seen.returncode == 0, seen.stderr[-3000:]
     assert json.loads(seen.stdout.strip().splitlines()[-1]) == [[True, "Completed"]]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+@pytest.mark.parametrize("user", [None, "true"])
+def test_the_temporary_server_runs_without_automations_unless_the_user_asks(monkeypatch, user):
+    key = "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED"
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    # An earlier in-process flow test imports Prefect's server application; start_early then keeps
+    # Prefect's way. This test is about phiops' own server.
+    monkeypatch.delitem(sys.modules, "prefect.server.api.server", raising=False)
+    if user is None:
+        monkeypatch.delenv(key, raising=False)  # tests/conftest.py sets the same default
+    else:
+        monkeypatch.setenv(key, user)
+    server = prefect_api.start_early()
+    assert server is not None
+    try:
+        env = _environ(server._proc.pid)
+    finally:
+        server.stop()
+    assert env[key] == (user or "false")
+    assert env["PREFECT__SERVER_EPHEMERAL"] == "1"
