@@ -6,7 +6,8 @@ One background thread owns the model. Each iteration it
    together, left-padded, into a fresh KV cache that is then merged into the running batch's
    (both left-padded to the longer length, concatenated on the batch dimension);
 2. runs one decode step for every running row: input ``[B, 1]``, a 2-D padding mask and
-   per-row position ids over the shared ``DynamicCache``;
+   per-row position ids over the shared ``DynamicCache`` (whose layers append in place,
+   ``phiops.serve.batched``);
 3. samples each row with its own settings (``phiops.serve.sampling``: greedy, or temperature /
    top-p / penalties from the row's own ``torch.Generator``, so a seeded request draws the same
    numbers whoever shares its batch), checks EOS / stop strings / length / its response-format
@@ -342,7 +343,7 @@ class Engine:
 
     def _prefill_group(self, new: list[Request]) -> None:
         torch = self._torch
-        from transformers import DynamicCache
+        from phiops.serve.batched import new_cache
 
         r = new[0]
         if (self.solo is not None and not self.rows and len(new) == 1 and r.prompt_logprobs is None
@@ -364,7 +365,7 @@ class Engine:
             self._seed(r)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = new_cache()  # appends in place (phiops.serve.batched)
         every = new[0].prompt_logprobs is not None  # a group of one (see _prefill)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                          use_cache=True, logits_to_keep=0 if every else 1)

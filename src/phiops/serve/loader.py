@@ -155,6 +155,12 @@ def load_checkpoint(path: str, dtype_setting: str = "auto", device: str | None =
         if packed or fallback:
             log.info("%s: %d W4A16 linear layers run on the int4 weight-only kernel, %d dequantized "
                      "(the kernel cannot take them; see the warnings above)", label, packed, fallback)
+    if device == "cpu":
+        # Batched decode steps read each grouped-query key/value head once (phiops.serve.batched);
+        # measured on CPU only, so CUDA keeps transformers' SDPA path.
+        from phiops.serve.batched import use_grouped_decode
+
+        use_grouped_decode(model)
     from phiops.serve.decode import weights_held
 
     log.info("loaded %s on %s (%s; weights: %s) in %.1fs", label, device, dtype, weights_held(model),
