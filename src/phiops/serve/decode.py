@@ -188,11 +188,24 @@ def fused_unsupported(model: Any) -> str | None:
     if model.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"dtype {model.dtype}"
     for layer in model.model.layers:
-        for m in (*_attn_linears(layer), layer.self_attn.o_proj, *_mlp_linears(layer), layer.mlp.down_proj):
-            if type(m) is not nn.Linear or m.bias is not None:
-                return f"layer {type(m).__name__}{' with a bias' if getattr(m, 'bias', None) is not None else ''}"
-    if type(model.lm_head) is not nn.Linear or model.lm_head.bias is not None:
-        return "lm_head is not a plain linear layer"
+        for group in (_attn_linears(layer), (layer.self_attn.o_proj,), _mlp_linears(layer), (layer.mlp.down_proj,)):
+            reason = _matrix_unsupported(group)
+            if reason:
+                return reason
+    if _matrix_unsupported((model.lm_head,)):
+        return f"lm_head: {_matrix_unsupported((model.lm_head,))}"
+    return None
+
+
+def _matrix_unsupported(linears: tuple[Any, ...]) -> str | None:
+    """Why linears applied to one input cannot be one GEMV: all plain bf16/fp linears, or all
+    ``W4A16Linear`` of one group size and kind (symmetric or not); no biases."""
+    for m in linears:
+        if type(m) not in (nn.Linear, W4A16Linear) or m.bias is not None:
+            return f"layer {type(m).__name__}{' with a bias' if getattr(m, 'bias', None) is not None else ''}"
+    kinds = {(type(m), getattr(m, "group_size", None), getattr(m, "weight_zero_point", None) is None) for m in linears}
+    if len(kinds) > 1:
+        return f"layers {', '.join(type(m).__name__ for m in linears)} of different kinds on one input"
     return None
 
 
@@ -206,13 +219,9 @@ def _mlp_linears(layer: Any) -> tuple[Any, ...]:
     return (m.gate_up_proj,) if hasattr(m, "gate_up_proj") else (m.gate_proj, m.up_proj)
 
 
-def _fused_weight(linears: tuple[Any, ...]) -> Any:
-    """One ``[sum(out), in]`` weight for linears applied to the same input (Llama's q/k/v, gate/up).
-
-    The layers' own weights become row views of it, so the model keeps working and the memory
-    is not doubled; a second call finds them already adjacent and returns the same storage.
-    """
-    ws = [m.weight.data for m in linears]
+def _fuse_rows(ws: list[Any]) -> tuple[Any, list[Any] | None]:
+    """One ``[sum(rows), cols]`` tensor of row-major 2-d tensors, and row views of it to put back
+    (None: they already lie adjacent in one storage, and the fused tensor is a view of it)."""
     rows, k = sum(w.shape[0] for w in ws), ws[0].shape[1]
     first = ws[0]
     adjacent, offset = True, first.storage_offset()
@@ -221,13 +230,46 @@ def _fused_weight(linears: tuple[Any, ...]) -> Any:
                      and w.storage_offset() == offset)
         offset += w.numel()
     if adjacent:
-        return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, k), (k, 1))
+        return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, k), (k, 1)), None
     fused = torch.cat(ws).contiguous()
-    start = 0
-    for m, w in zip(linears, ws):
-        m.weight.data = fused[start:start + w.shape[0]]
+    views, start = [], 0
+    for w in ws:
+        views.append(fused[start:start + w.shape[0]])
         start += w.shape[0]
+    return fused, views
+
+
+def _fused_weight(linears: tuple[Any, ...]) -> Any:
+    """One ``[sum(out), in]`` weight for linears applied to the same input (Llama's q/k/v, gate/up).
+
+    The layers' own weights become row views of it, so the model keeps working and the memory
+    is not doubled; a second call finds them already adjacent and returns the same storage.
+    """
+    fused, views = _fuse_rows([m.weight.data for m in linears])
+    for m, v in zip(linears, views or ()):
+        m.weight.data = v
     return fused
+
+
+def _fused_matrix(linears: tuple[Any, ...]) -> Any:
+    """``_fused_weight`` for dense layers; for ``W4A16Linear`` ones the same over their packed
+    weights and scales (the layers keep row views), as ``(packed, scale, zero_point, group)``.
+    Zero points are packed 8 rows to a word, so a fused set of them is repacked (a copy: they are
+    1/512 of the weights at group 128)."""
+    if type(linears[0]) is nn.Linear:
+        return _fused_weight(linears)
+    packed, views = _fuse_rows([m.weight_packed for m in linears])
+    for m, v in zip(linears, views or ()):
+        m.weight_packed = v
+    scale, views = _fuse_rows([m.weight_scale for m in linears])
+    for m, v in zip(linears, views or ()):
+        m.weight_scale = v
+    zp = linears[0].weight_zero_point
+    if zp is not None and len(linears) > 1:
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+        zp = pack_to_int32(torch.cat([m.zero_point_codes() for m in linears]), 4, packed_dim=0).contiguous()
+    return packed, scale, zp, linears[0].group_size
 
 
 class FusedDecoder(GraphDecoder):
@@ -266,30 +308,36 @@ class FusedDecoder(GraphDecoder):
         self._cos[:, :rot], self._sin[:, :rot] = cos[0], sin[0]
         self._attn = K.Attention(heads=hq, kv_heads=hkv, head_dim=head_dim, rotary_dim=rot, max_len=max_len,
                                  scaling=float(attn0.scaling), device=device, chunk=chunk)
-        self._layers = [(_fused_weight(_attn_linears(layer)), layer.self_attn.o_proj.weight.data,
-                         _fused_weight(_mlp_linears(layer)), layer.mlp.down_proj.weight.data,
+        # Each matrix is a dense weight (``kernels.gemv``) or a packed W4A16 one (``kernels.gemv_w4``).
+        self._layers = [(_fused_matrix(_attn_linears(layer)), _fused_matrix((layer.self_attn.o_proj,)),
+                         _fused_matrix(_mlp_linears(layer)), _fused_matrix((layer.mlp.down_proj,)),
                          layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data,
                          float(layer.input_layernorm.variance_epsilon)) for layer in inner.layers]
         self._embed = inner.embed_tokens.weight.data
         self._norm, self._norm_eps = inner.norm.weight.data, float(inner.norm.variance_epsilon)
-        self._lm_head = model.lm_head.weight.data
+        self._lm_head = _fused_matrix((model.lm_head,))
         dtype = model.dtype
         new = lambda n: torch.empty((n,), dtype=dtype, device=device)
         self._x, self._qkv, self._ao = new(cfg.hidden_size), new((hq + 2 * hkv) * head_dim), new(hq * head_dim)
-        self._h = new(self._layers[0][3].shape[1])
-        self._logits = torch.empty((1, self._lm_head.shape[0]), dtype=dtype, device=device)
+        self._h = new(inner.layers[0].mlp.down_proj.in_features)
+        self._logits = torch.empty((1, model.lm_head.out_features), dtype=dtype, device=device)
         self._fn = self._fused_step
 
+    def _mv(self, w: Any, a: Any, out: Any, **fused: Any) -> Any:
+        if isinstance(w, torch.Tensor):
+            return self._K.gemv(w, a, out, **fused)
+        return self._K.gemv_w4(*w, a, out, **fused)
+
     def _fused_step(self, tok: Any, pos: Any) -> Any:
-        K, x = self._K, self._x
+        x, mv = self._x, self._mv
         torch.index_select(self._embed, 0, tok.view(1), out=x.view(1, -1))
         for layer, (qkv, o, gate_up, down, ln1, ln2, eps) in zip(self.cache.layers, self._layers):
-            K.gemv(qkv, x, self._qkv, norm=ln1, eps=eps)
+            mv(qkv, x, self._qkv, norm=ln1, eps=eps)
             self._attn(self._qkv, layer.keys, layer.values, pos, self._cos, self._sin, self._ao)
-            K.gemv(o, self._ao, x, residual=x)
-            K.gemv(gate_up, x, self._h, norm=ln2, eps=eps, gated=True)
-            K.gemv(down, self._h, x, residual=x)
-        return K.gemv(self._lm_head, x, self._logits, norm=self._norm, eps=self._norm_eps)
+            mv(o, self._ao, x, residual=x)
+            mv(gate_up, x, self._h, norm=ln2, eps=eps, gated=True)
+            mv(down, self._h, x, residual=x)
+        return mv(self._lm_head, x, self._logits, norm=self._norm, eps=self._norm_eps)
 
 
 # ---- W4A16 through PyTorch's int4 kernel ---------------------------------------------------------
@@ -392,6 +440,58 @@ class DequantizedLinear(nn.Linear):
     reason: str = ""
 
 
+class W4A16Linear(nn.Module):
+    """A compressed-tensors W4A16 layer kept as it is stored, run by our Triton kernels (CUDA).
+
+    The buffers are compressed-tensors' own (``kernels`` above ``_gemv_w4`` gives the layout), so
+    the model holds int4-sized weights once; ``FusedDecoder`` streams them through ``kernels.gemv_w4``
+    with its fused stages, and this module's own forward (prefill, the batched engine) runs
+    ``kernels.gemv_w4`` for one row and ``kernels.matmul_w4`` for more.
+
+    Args:
+        packed: int32 ``[out, ceil(in / 8)]`` (``weight_packed``).
+        scale: ``[out, ceil(in / group)]``, stored in ``dtype``.
+        zero_point: int32 ``[ceil(out / 8), ceil(in / group)]`` (``weight_zero_point``, asymmetric
+            schemes) or None.
+        group, in_features: the scheme's group size and the layer's input width.
+        bias: ``[out]`` or None. dtype: the activations' dtype, in and out.
+    """
+
+    def __init__(self, packed: Any, scale: Any, zero_point: Any, group: int, in_features: int, bias: Any,
+                 dtype: Any) -> None:
+        super().__init__()
+        self.out_features, self.in_features, self.group_size, self.dtype = packed.shape[0], in_features, group, dtype
+        self.register_buffer("weight_packed", packed.contiguous())
+        self.register_buffer("weight_scale", scale.to(dtype).contiguous())
+        self.register_buffer("weight_zero_point", None if zero_point is None else zero_point.contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+
+    def zero_point_codes(self) -> Any:
+        """The zero points as int8 ``[out, ceil(in / group)]`` in [-8, 7]."""
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        return unpack_from_int32(self.weight_zero_point, 4, (self.out_features, self.weight_scale.shape[1]),
+                                 packed_dim=0)
+
+    def forward(self, x: Any) -> Any:
+        from phiops.serve import kernels as K
+
+        x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
+        out = torch.empty((x2.shape[0], self.out_features), dtype=self.dtype, device=x.device)
+        w = (self.weight_packed, self.weight_scale, self.weight_zero_point, self.group_size)
+        if x2.shape[0] == 1:
+            K.gemv_w4(*w, x2[0], out[0])
+        elif x2.shape[0] > 1:
+            K.matmul_w4(*w, x2, out)
+        if self.bias is not None:
+            out += self.bias
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"int4 {'asymmetric' if self.weight_zero_point is not None else 'symmetric'}, Triton kernels")
+
+
 def _shape_unsupported(out_features: int, in_features: int, group: int, device: str) -> str | None:
     if group not in INT4_GROUPS:
         return f"group size {group} (the kernel takes {', '.join(map(str, INT4_GROUPS))})"
@@ -407,6 +507,31 @@ def _shape_unsupported(out_features: int, in_features: int, group: int, device: 
 
 def int4_unsupported(module: Any, device: str) -> str | None:
     """Why a compressed-tensors packed linear cannot run on the int4 kernel on ``device`` (None: it can)."""
+    reason = _scheme_unsupported(module)
+    if reason:
+        return reason
+    w = module.quantization_scheme.weights
+    shape = [int(v) for v in module.weight_shape.tolist()]
+    return _shape_unsupported(shape[0], shape[1], w.group_size, device)
+
+
+def w4a16_unsupported(module: Any) -> str | None:
+    """Why a compressed-tensors packed linear cannot be a ``W4A16Linear`` (None: it can).
+
+    The Triton kernels take any shape (masked tiles, a last group that is short) and any group
+    size that is a whole number of packed words (a multiple of 8); llm-compressor writes 32-256.
+    """
+    reason = _scheme_unsupported(module)
+    if reason:
+        return reason
+    if module.quantization_scheme.weights.group_size % 8:
+        return f"group size {module.quantization_scheme.weights.group_size} (the Triton kernel takes multiples of 8)"
+    if module.weight_packed.dtype != torch.int32:
+        return f"weight_packed of {module.weight_packed.dtype}"
+    return None
+
+
+def _scheme_unsupported(module: Any) -> str | None:
     w = getattr(getattr(module, "quantization_scheme", None), "weights", None)
     if w is None:
         return "no weight quantization scheme"
@@ -421,8 +546,7 @@ def int4_unsupported(module: Any, device: str) -> str | None:
         return f"activation order {w.actorder} (weight_g_idx permutes the groups)"
     if getattr(module, "input_scale", None) is not None or getattr(module, "input_zero_point", None) is not None:
         return "quantized activations"
-    shape = [int(v) for v in module.weight_shape.tolist()]
-    return _shape_unsupported(shape[0], shape[1], w.group_size, device)
+    return None
 
 
 def _unpacked(module: Any) -> tuple[Any, Any, Any]:
@@ -454,7 +578,26 @@ def _dequantized_linear(module: Any, dtype: Any, device: str, reason: str) -> De
     return new
 
 
-def int4_linears(model: Any, device: str, dtype: Any = None) -> tuple[int, int]:
+def w4a16_kernel(model: Any, device: str) -> str:
+    """Which kernel ``int4_linears`` should give a W4A16 model's layers on ``device``.
+
+    ``"triton"`` (``W4A16Linear``, and ``FusedDecoder`` for a lone request) on CUDA for the
+    llama-family model types ``FusedDecoder`` covers, when every packed layer fits it; else
+    ``"tinygemm"`` (``Int4Linear``, PyTorch's kernels: the CPU, Phi-2, which ``GraphDecoder``
+    compiles). ``PHIOPS_W4A16_KERNEL=tinygemm`` forces the latter.
+    """
+    import os
+
+    cfg = model.config.get_text_config(decoder=True)
+    packed = [m for m in model.modules() if hasattr(m, "weight_packed")]
+    if (device != "cuda" or os.environ.get("PHIOPS_W4A16_KERNEL", "triton") == "tinygemm"
+            or cfg.model_type not in FUSED_MODEL_TYPES or not packed
+            or any(w4a16_unsupported(m) for m in packed)):
+        return "tinygemm"
+    return "triton"
+
+
+def int4_linears(model: Any, device: str, dtype: Any = None, kernel: str = "tinygemm") -> tuple[int, int]:
     """Replace every compressed-tensors W4A16 linear by an int4-kernel one, or a dequantized one.
 
     Call it before the model's first forward: compressed-tensors decompresses every layer to full
@@ -465,10 +608,14 @@ def int4_linears(model: Any, device: str, dtype: Any = None) -> tuple[int, int]:
         model: a causal LM loaded by transformers (its W4A16 layers still packed).
         device: where it runs (``cuda`` or ``cpu``).
         dtype: the activations' dtype (default: the model's).
+        kernel: ``"tinygemm"`` (:class:`Int4Linear`) or ``"triton"`` (:class:`W4A16Linear`, the
+            packed tensors kept as they are; :func:`w4a16_kernel` says which the service uses).
 
     Returns:
-        ``(packed, dequantized)``: how many layers run on the int4 kernel, how many fell back.
+        ``(packed, dequantized)``: how many layers run on an int4 kernel, how many fell back.
     """
+    if kernel not in ("tinygemm", "triton"):
+        raise ValueError(f"unknown W4A16 kernel {kernel!r} (tinygemm or triton)")
     if not any(hasattr(m, "weight_packed") for m in model.modules()):
         return 0, 0
     dtype = dtype or model.dtype
@@ -477,11 +624,16 @@ def int4_linears(model: Any, device: str, dtype: Any = None) -> tuple[int, int]:
     # Names, not modules: a list of the modules would keep every replaced layer alive to the end.
     for name in [n for n, m in model.named_modules() if hasattr(m, "weight_packed")]:
         module = model.get_submodule(name)
-        reason = int4_unsupported(module, device)
-        if reason is None:
+        if kernel == "triton" and w4a16_unsupported(module) is None:
+            w = module.quantization_scheme.weights
+            new: nn.Module = W4A16Linear(module.weight_packed.data, module.weight_scale.data,
+                                         None if w.symmetric else module.weight_zero_point.data, w.group_size,
+                                         int(module.weight_shape[1]), getattr(module, "bias", None), dtype)
+            packed += 1
+        elif (reason := int4_unsupported(module, device)) is None:
             q, scale, zp = _unpacked(module)
-            new: nn.Module = Int4Linear(q, scale, module.quantization_scheme.weights.group_size,
-                                        getattr(module, "bias", None), device, zero_point=zp, dtype=dtype)
+            new = Int4Linear(q, scale, module.quantization_scheme.weights.group_size,
+                             getattr(module, "bias", None), device, zero_point=zp, dtype=dtype)
             packed += 1
         else:
             new = _dequantized_linear(module, dtype, device, reason)
@@ -514,7 +666,7 @@ def weights_held(model: Any) -> str:
     """
     total = int4 = fallback = ct_packed = 0
     for m in model.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, (Int4Linear, W4A16Linear)):
             int4 += 1
         elif isinstance(m, DequantizedLinear):
             fallback += 1

@@ -250,3 +250,204 @@ class Attention:
                                  BLOCK_S=triton.next_power_of_2(self.splits), PDL=pdl, num_warps=4,
                                  **launch)
         return out
+
+
+# ---- W4A16: the same GEMV over compressed-tensors' packed int4 weights -----------------------------
+#
+# The layout is compressed-tensors' pack-quantized one, read as llm-compressor writes it, with no
+# repacking: ``weight_packed`` int32 ``[N, ceil(K / 8)]``, input column ``k`` in word ``k // 8`` at
+# bits ``4 * (k % 8)`` (low nibble first) as the unsigned code ``u = q + 8``; ``weight_scale``
+# ``[N, ceil(K / G)]``; asymmetric schemes add ``weight_zero_point``, int32 ``[ceil(N / 8), ceil(K / G)]``,
+# packed the same way along the *output* dim. The weight is ``(q - z) * s = (u - 8 - z) * s``.
+# Row-major words already give each row ``BLOCK_K / 2`` contiguous bytes per tile, so the loads
+# coalesce as the bf16 kernel's do, and the model keeps one int4-sized copy.
+#
+# Dequantizing costs ALU time that a batch-1 GEMV at 4.8 TB/s does not have to spare (~10^13 weights/s
+# against ~3.4 * 10^13 fp32 lane-ops/s on an H200), so each weight gets three instructions:
+#   1. ``(word & (15 << 4j)) | 0x4B000000``: one LOP3 makes the float ``2^23 + u * 16^j`` (the code
+#      sits in the mantissa, nibbles 0-4 directly, 5-7 from ``word >> 20``; no int->float convert,
+#      which runs at a quarter of the rate);
+#   2. ``- 2^23``: exactly ``u * 16^j``;
+#   3. an FMA with the activation pre-scaled by ``16^-j`` (per column, shared by the tile's rows).
+# The scale and the centre ``8 + z`` are applied once per word, through the group sums of the
+# activations: ``sum_k (u_k - c) s a_k = s (sum_k u_k a_k - c sum_k a_k)``.
+
+
+def _gemv_w4_configs() -> list[Any]:
+    if INTERPRET:  # BLOCK_K 128 with groups of 64 and 128: one and two groups per tile are both tested;
+        # the interpreter's time goes by programs, not by their size
+        return [triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4)]
+    shapes = [(8, 256, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4), (32, 256, 8), (32, 512, 8),
+              (64, 128, 4), (64, 256, 8), (128, 128, 8), (8, 1024, 4), (16, 1024, 8)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in shapes]
+
+
+@triton.jit
+def _w4_centre(z_ptr, rows, grp, mask, NG: tl.constexpr, ZP: tl.constexpr):
+    """``8 + z`` per (row, group of the word): the unsigned zero-point code, or 8 when symmetric."""
+    if ZP:
+        zw = tl.load(z_ptr + (rows[:, None] // 8) * NG + grp[None, :], mask=mask, other=0)
+        return ((zw >> ((rows[:, None] % 8) * 4)) & 15).to(tl.float32)
+    else:
+        return 8.0
+
+
+@triton.jit
+def _w4_partial(q, qh, a, J: tl.constexpr):
+    """``sum`` over nibble ``J`` of the words: ``u * a`` per (row, word), by the float trick above."""
+    if J < 5:
+        f = (q & (15 << (4 * J))) | 0x4B000000
+        a = a * (1.0 / (1 << (4 * J)))
+    else:
+        f = (qh & (15 << (4 * (J - 5)))) | 0x4B000000
+        a = a * (1.0 / (1 << (4 * (J - 5))))
+    return (f.to(tl.float32, bitcast=True) - 8388608.0) * a[None, :]
+
+
+@triton.autotune(configs=_gemv_w4_configs(), key=["N", "K", "G", "ZP", "NORM", "GATED", "RESIDUAL"],
+                 restore_value=["out_ptr"])
+@triton.jit
+def _gemv_w4(q_ptr, s_ptr, z_ptr, a_ptr, g_ptr, r_ptr, out_ptr, N, eps,
+             K: tl.constexpr, G: tl.constexpr, ZP: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
+             RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    if PDL:
+        gdc_launch_dependents()
+    KW: tl.constexpr = (K + 7) // 8  # int32 words per row
+    NG: tl.constexpr = (K + G - 1) // G  # groups (scales) per row
+    BW: tl.constexpr = BLOCK_K // 8
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    acc = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
+    sumsq = tl.zeros([BW], dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BLOCK_K):
+        words = k0 // 8 + tl.arange(0, BW)
+        mask = rmask[:, None] & (words < KW)[None, :]
+        grp = words * 8 // G
+        # Weights, scales and zero points first: under PDL they are in flight before the wait.
+        q = tl.load(q_ptr + rows[:, None] * KW + words[None, :], mask=mask, other=0, eviction_policy="evict_first")
+        s = tl.load(s_ptr + rows[:, None] * NG + grp[None, :], mask=mask, other=0.0).to(tl.float32)
+        c = _w4_centre(z_ptr, rows, grp, mask, NG, ZP)
+        if GATED:
+            q_up = tl.load(q_ptr + (rows[:, None] + N) * KW + words[None, :], mask=mask, other=0,
+                           eviction_policy="evict_first")
+            s_up = tl.load(s_ptr + (rows[:, None] + N) * NG + grp[None, :], mask=mask, other=0.0).to(tl.float32)
+            c_up = _w4_centre(z_ptr, rows + N, grp, mask, NG, ZP)
+        if PDL and k0 == 0:
+            gdc_wait()
+        qh = q >> 20
+        if GATED:
+            qh_up = q_up >> 20
+        p = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
+        p_up = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
+        asum = tl.zeros([BW], dtype=tl.float32)
+        for j in tl.static_range(8):
+            cols = words * 8 + j
+            a = tl.load(a_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            if NORM:
+                sumsq += a * a
+                a = a * tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            asum += a
+            p += _w4_partial(q, qh, a, j)
+            if GATED:
+                p_up += _w4_partial(q_up, qh_up, a, j)
+        acc += s * (p - c * asum[None, :])
+        if GATED:
+            acc_up += s_up * (p_up - c_up * asum[None, :])
+    y = tl.sum(acc, axis=1)
+    if NORM:
+        scale = tl.rsqrt(tl.sum(sumsq, axis=0) / K + eps)
+        y = y * scale
+    if GATED:
+        up = tl.sum(acc_up, axis=1)
+        if NORM:
+            up = up * scale
+        y = y * tl.sigmoid(y) * up
+    if RESIDUAL:
+        y += tl.load(r_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
+
+
+def _w4_check(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, k: int, group: int) -> None:
+    n = packed.shape[0]
+    if group % 8 or packed.dtype != torch.int32 or not packed.is_contiguous() or packed.shape[1] != triton.cdiv(k, 8):
+        raise ValueError(f"W4A16: packed {tuple(packed.shape)} {packed.dtype}, K {k}, group {group}: "
+                         "not compressed-tensors' int32 packing of a group a multiple of 8")
+    if tuple(scale.shape) != (n, triton.cdiv(k, group)) or not scale.is_contiguous():
+        raise ValueError(f"W4A16: scale {tuple(scale.shape)} for {n} rows and {triton.cdiv(k, group)} groups")
+    if zero_point is not None and (tuple(zero_point.shape) != (triton.cdiv(n, 8), scale.shape[1])
+                                   or zero_point.dtype != torch.int32 or not zero_point.is_contiguous()):
+        raise ValueError(f"W4A16: zero point {tuple(zero_point.shape)} {zero_point.dtype} for scale {tuple(scale.shape)}")
+
+
+def gemv_w4(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group: int,
+            a: torch.Tensor, out: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
+            gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``out = dequant(W) @ a`` for a packed W4A16 weight (layout above), with ``gemv``'s fused stages.
+
+    Args:
+        packed, scale, zero_point, group: the layer's compressed-tensors tensors (``[N, ...]``;
+            ``[2N, ...]`` when ``gated``) and its group size; ``zero_point`` None when symmetric.
+        a: the input, ``K`` elements; ``out``: ``N`` elements (may be ``residual`` itself).
+    """
+    k = a.numel()
+    _w4_check(packed, scale, zero_point, k, group)
+    rows = packed.shape[0]
+    n = rows // 2 if gated else rows
+    if out.numel() != n:
+        raise ValueError(f"gemv_w4: {rows} weight rows, output {out.numel()}")
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
+    pdl = pdl_enabled()
+    _gemv_w4[grid](packed, scale, zero_point if zero_point is not None else packed, a,
+                   norm if norm is not None else a, residual if residual is not None else out, out, n, eps,
+                   K=k, G=group, ZP=zero_point is not None, NORM=norm is not None, GATED=gated,
+                   RESIDUAL=residual is not None, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+    return out
+
+
+@triton.jit
+def _matmul_w4(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K: tl.constexpr, G: tl.constexpr, ZP: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out[M, N] = x[M, K] @ dequant(W).T``: tiles dequantized in registers, then a tensor-core dot."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kw: tl.constexpr = (K + 7) // 8
+    ng: tl.constexpr = (K + G - 1) // G
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        kmask = rk < K
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm < M)[:, None] & kmask[None, :], other=0.0)
+        wmask = kmask[:, None] & (rn < N)[None, :]
+        grp = rk // G
+        word = tl.load(q_ptr + rn[None, :] * kw + (rk // 8)[:, None], mask=wmask, other=0)  # [BLOCK_K, BLOCK_N]
+        u = (word >> ((rk % 8) * 4)[:, None]) & 15
+        s = tl.load(s_ptr + rn[None, :] * ng + grp[:, None], mask=wmask, other=0.0).to(tl.float32)
+        if ZP:
+            zw = tl.load(z_ptr + (rn[None, :] // 8) * ng + grp[:, None], mask=wmask, other=0)
+            u = u - ((zw >> ((rn % 8) * 4)[None, :]) & 15)
+        else:
+            u = u - 8
+        w = (u.to(tl.float32) * s).to(x.dtype)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def matmul_w4(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group: int,
+              x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = x @ dequant(W).T`` for ``x`` ``[M, K]`` (contiguous) and ``out`` ``[M, N]``: the layer's
+    forward for more than one row (prefill, the batched engine). Not tuned: a batch-1 step uses ``gemv_w4``."""
+    m, k = x.shape
+    _w4_check(packed, scale, zero_point, k, group)
+    n = packed.shape[0]
+    if not x.is_contiguous() or tuple(out.shape) != (m, n):
+        raise ValueError(f"matmul_w4: input {tuple(x.shape)}, output {tuple(out.shape)}, {n} weight rows")
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    block_n, block_k = 64, 64
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _matmul_w4[grid](x, packed, scale, zero_point if zero_point is not None else packed, out, m, n, k,
+                     G=group, ZP=zero_point is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+                     **({} if INTERPRET else {"num_stages": 3}))
+    return out
