@@ -385,6 +385,23 @@ def logits_agreement(a: Any, b: Any, device: str) -> dict[str, float]:
             "argmax_agreement": round(float((la.argmax(-1) == lb.argmax(-1)).float().mean()), 4)}
 
 
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's W4A16 figures side by side: tokens/s, fraction of each path's own bound, and the
+    fused W4A16 path over bf16 `fused` (the raw decoder) and over bf16 `engine_solo_fused` (a lone request)."""
+    rows: dict[str, Any] = {}
+    for section in ("bf16_batch1", "w4a16_batch1", "w4a16_fused_batch1"):
+        for run in result.get(section, {}).get("runs", []):
+            if "tokens_per_s" in run:
+                rows[run["mode"]] = {"tokens_per_s": run["tokens_per_s"], "fraction_of_bound": run["fraction_of_bound"],
+                                     "bound_tokens_per_s": result[section]["bound_tokens_per_s"]}
+    out: dict[str, Any] = {"modes": rows}
+    for new, base in (("w4a16_fused", "fused"), ("w4a16_fused", "engine_solo_fused"), ("w4a16_fused", "int4_graph"),
+                      ("w4a16_engine_solo_fused", "engine_solo_fused"), ("w4a16_engine_solo_fused", "int4_engine_solo")):
+        if new in rows and base in rows:
+            out[f"{new}_over_{base}"] = round(rows[new]["tokens_per_s"] / rows[base]["tokens_per_s"], 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -401,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graph-variants", default="", help=f"bf16 ablations of the compiled step, of {','.join(VARIANTS)}")
     ap.add_argument("--profile", action="store_true", help="profile each variant's graph replays (GPU kernel time)")
     ap.add_argument("--only", default="", help="run only these modes (comma-separated names as in the JSON; "
-                    "'concurrent' and 'accuracy' for those parts)")
+                    "'concurrent', 'accuracy' and 'w4a16_accuracy' for those parts)")
     args = ap.parse_args(argv)
 
     import torch
@@ -470,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         GraphDecoder,
         fused_unsupported,
         int4_linears,
+        w4a16_kernel,
     )
 
     only = set(filter(None, args.only.split(",")))
@@ -482,10 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     max_len = args.prompt_len + steps + 8
 
     def modes(m: Any, prefix: str = "", eager_mode: str = "eager", graphs: bool = True,
-              tuned: bool = False) -> list[tuple[str, Any]]:
+              tuned: bool = False, compiled: bool = True) -> list[tuple[str, Any]]:
         out: list[tuple[str, Any]] = [(eager_mode, lambda: {**decode_eager(m, prompt_len=args.prompt_len, steps=steps,
                                                                              device=device), "mode": eager_mode})]
-        if compile_on and graphs:
+        if compile_on and graphs and compiled:
             dec = GraphDecoder(m, max_len, device, compile=True)
             def graph() -> dict[str, Any]:
                 run = decode_graph(dec, prompt_len=args.prompt_len, steps=steps, device=device, mode=prefix + "graph")
@@ -516,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
                     (prefix + "engine_solo_fused", lambda: decode_engine_solo(
                         m, fdec(), prompt_len=args.prompt_len, steps=steps, device=device,
                         mode=prefix + "engine_solo_fused"))]
-        if compile_on and graphs:
+        if compile_on and graphs and compiled:
             for variant in (args.graph_variants.split(",") if tuned and args.graph_variants else []):
                 out.append((prefix + "graph_" + variant, variant_run(m, variant, prefix)))
         return out
@@ -593,6 +611,26 @@ def main(argv: list[str] | None = None) -> int:
                         modes(qmodel, eager_mode="compressed_tensors_eager", graphs=False), nbytes=dense_bytes)
                 del qmodel
                 measure("w4a16_batch1", imodel, modes(imodel, "int4_", "int4_eager"))
+                del imodel
+                # The service's W4A16 path on CUDA: the packed tensors kept as stored (W4A16Linear),
+                # the lone request through FusedDecoder's gemv_w4 kernels.
+                tmodel, _ = load_w4a16(Path(tmp), device)
+                qinfo["service_kernel"] = w4a16_kernel(tmodel, device)
+                qinfo["triton_linears"] = int4_linears(tmodel, device, kernel="triton")
+                qinfo["triton_model_bytes_per_token"] = bytes_per_token(tmodel)
+                measure("w4a16_fused_batch1", tmodel, modes(tmodel, "w4a16_", "w4a16_eager", compiled=False))
+                if device == "cuda" and (not only or "w4a16_accuracy" in only):
+                    # teacher-forced logits of the fused W4A16 step against a float32 copy of the
+                    # dequantized model (compressed-tensors' own path, decompressed at its first forward)
+                    qmodel, _ = load_w4a16(Path(tmp), device)
+                    try:
+                        result["w4a16_accuracy"] = accuracy(qmodel, {"w4a16_fused": FusedDecoder(tmodel, max_len, device)},
+                                                            prompt_len=args.prompt_len, steps=16, device=device)
+                    except Exception as exc:
+                        result["w4a16_accuracy"] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+                    print("w4a16 accuracy", json.dumps(result["w4a16_accuracy"]), flush=True)
+                    del qmodel
+                result["summary"] = summary(result)
                 save()
         except Exception as exc:
             result["w4a16"] = {"error": f"{type(exc).__name__}: {exc}"[:800], "trace": traceback.format_exc()[-1500:]}
@@ -600,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     result["total_s"] = round(time.perf_counter() - t0, 1)
     save()
     print(json.dumps({k: result[k] for k in ("bf16_batch1", "w4a16_batch1") if k in result}, indent=2)[:3000])
+    print(json.dumps(result.get("summary"), indent=1))
     return 0
 
 

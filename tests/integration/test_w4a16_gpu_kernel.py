@@ -50,8 +50,8 @@ def _packed_weight(n: int, k: int, group: int, symmetric: bool, g: torch.Generat
     return (packed.to(device), scale.to(device), None if zp is None else zp.to(device), group), w
 
 
-# Ragged against the interpreter's 128-row, 128-column tiles: 300 rows, 320 and 384 inputs (2.5 and 3
-# tiles), 200 = 3 groups of 64 and a short one. Every fused stage, both group sizes, both schemes.
+# Ragged against the interpreter's 128-row, 128-column tiles: 300 rows, 320, 384 and 192 inputs (2.5,
+# 3 and 1.5 tiles). Every fused stage, both group sizes, both schemes.
 CASES = [  # k, group, symmetric, norm, gated, residual
     (320, 64, True, False, False, False),
     (384, 128, False, False, False, False),
@@ -59,7 +59,7 @@ CASES = [  # k, group, symmetric, norm, gated, residual
     (384, 128, True, False, False, True),
     (320, 64, True, True, True, False),
     (384, 128, False, False, True, True),
-    (200, 64, False, True, False, True),
+    (192, 64, False, True, False, True),
 ]
 
 
@@ -78,7 +78,8 @@ def test_gemv_w4_matches_the_float64_dequantized_weight(kernels: Any, k: int, gr
         y = torch.nn.functional.silu(y[:n]) * y[n:]
     want = (y + r.double() if residual else y).float()
     out = r.clone().to(device) if residual else torch.full((n,), float("nan"), device=device)  # poisoned
-    kernels.gemv_w4(*w4, a.to(device), out, norm=None if gain is None else gain.to(device), eps=1e-5, gated=gated,
+    packed = kernels.interleave_w4(w4[0], k, group)  # what W4A16Linear holds
+    kernels.gemv_w4(packed, *w4[1:], a.to(device), out, norm=None if gain is None else gain.to(device), eps=1e-5, gated=gated,
                     residual=out if residual else None)
     assert float((out.cpu() - want).norm() / want.norm()) < 1e-5
 
@@ -92,14 +93,19 @@ def test_matmul_w4_and_the_layer_match_the_dequantized_weight(kernels: Any, m: i
     x = torch.randn(m, k, generator=g)
     want = (x.double() @ w.T).float()
     out = torch.full((m, n), float("nan"), device=device)
-    kernels.matmul_w4(*w4, x.to(device), out)
+    kernels.matmul_w4(kernels.interleave_w4(w4[0], k, group), *w4[1:], x.to(device), out)
     assert float((out.cpu() - want).norm() / want.norm()) < 1e-5
     bias = torch.randn(n, generator=g)
+    with pytest.raises(ValueError, match="whole number of groups"):  # a short last group: not what the kernels take
+        kernels.interleave_w4(w4[0][:, :-1].contiguous(), k - 8, group)
     layer = W4A16Linear(w4[0], w4[1], w4[2], group, k, bias.to(device), torch.float32)
+    bf16 = W4A16Linear(w4[0], w4[1], w4[2], group, k, bias.to(device), torch.bfloat16)
     for rows in (x[:1], x.view(1, m, k)):  # one row: the GEMV; several: the matmul
-        got = layer(rows.to(device)).cpu()
         ref = (rows.double() @ w.T + bias.double()).float()
+        got = layer(rows.to(device)).cpu()
         assert got.shape == ref.shape and float((got - ref).norm() / ref.norm()) < 1e-5
+        got = bf16(rows.to(device, torch.bfloat16)).float().cpu()  # bf16 in, scales and out: ~2^-8 each
+        assert got.shape == ref.shape and float((got - ref).norm() / ref.norm()) < 1e-2
 
 
 _TINY = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
@@ -177,3 +183,40 @@ def test_the_service_picks_the_triton_kernel_for_llama_family_on_cuda_only(tmp_p
     monkeypatch.delenv("PHIOPS_W4A16_KERNEL")
     model.config.model_type = "phi"  # Phi-2 stays on tinygemm and the compiled GraphDecoder
     assert w4a16_kernel(model, "cuda") == "tinygemm"
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the service's CUDA load path: needs a GPU (CI has none)")
+
+
+@pytest.mark.gpu
+@cuda
+def test_the_service_decodes_a_w4a16_checkpoint_through_the_fused_triton_path(tmp_path: Path,
+                                                                              greedy_reference: Any) -> None:
+    import threading
+
+    from transformers import AutoModelForCausalLM
+
+    from phiops.models import word_tokenizer
+    from phiops.serve.engine import Engine, Request
+    from phiops.serve.loader import cuda_fastpath, load_checkpoint
+    from phiops.serve.settings import Settings
+
+    path = _w4a16_checkpoint(tmp_path, "phi3", "W4A16", 128)
+    word_tokenizer(ARCHS["phi3"]["vocab_size"]).save_pretrained(path)
+    # float32: the kernels and the dequantized reference agree to rounding, so greedy ids cannot flip
+    model, tok, _, device, _ = load_checkpoint(str(path), "float32", "cuda", require_chat_template=False)
+    assert sum(isinstance(m, W4A16Linear) for m in model.modules()) == 8
+    settings = Settings(model_tag="t", served_model_name="t", max_prompt_tokens=16, max_new_tokens=8)
+    dec = cuda_fastpath(model, settings, device)
+    assert type(dec) is FusedDecoder
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to("cuda").eval()
+    want, _ = greedy_reference(dense, PROMPT, 8, "cuda")
+    done = threading.Event()
+    request = Request(prompt=PROMPT, max_new_tokens=8, emit=lambda ev: done.set() if ev.finish_reason or ev.error else None)
+    eos = next(i for i in range(ARCHS["phi3"]["vocab_size"]) if i not in want)  # all 8 tokens come out
+    engine = Engine(model, tok, [eos], device, max_wait_ms=0, solo=dec)
+    engine.submit(request)
+    assert done.wait(120)
+    engine.close()
+    assert request.error is None and request.tokens == want
+    assert dec._graph is not None  # the lone request ran on the captured fused step

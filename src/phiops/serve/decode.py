@@ -258,9 +258,9 @@ def _fused_matrix(linears: tuple[Any, ...]) -> Any:
     1/512 of the weights at group 128)."""
     if type(linears[0]) is nn.Linear:
         return _fused_weight(linears)
-    packed, views = _fuse_rows([m.weight_packed for m in linears])
+    packed, views = _fuse_rows([m.weight_interleaved for m in linears])
     for m, v in zip(linears, views or ()):
-        m.weight_packed = v
+        m.weight_interleaved = v
     scale, views = _fuse_rows([m.weight_scale for m in linears])
     for m, v in zip(linears, views or ()):
         m.weight_scale = v
@@ -443,15 +443,16 @@ class DequantizedLinear(nn.Linear):
 class W4A16Linear(nn.Module):
     """A compressed-tensors W4A16 layer kept as it is stored, run by our Triton kernels (CUDA).
 
-    The buffers are compressed-tensors' own (``kernels`` above ``_gemv_w4`` gives the layout), so
-    the model holds int4-sized weights once; ``FusedDecoder`` streams them through ``kernels.gemv_w4``
+    The buffers are compressed-tensors' own, the weight's nibbles reordered within each group
+    (``kernels.interleave_w4``, int4-sized still), so the model holds int4-sized weights once; ``FusedDecoder`` streams them through ``kernels.gemv_w4``
     with its fused stages, and this module's own forward (prefill, the batched engine) runs
     ``kernels.gemv_w4`` for one row and ``kernels.matmul_w4`` for more.
 
     Args:
-        packed: int32 ``[out, ceil(in / 8)]`` (``weight_packed``).
-        scale: ``[out, ceil(in / group)]``, stored in ``dtype``.
-        zero_point: int32 ``[ceil(out / 8), ceil(in / group)]`` (``weight_zero_point``, asymmetric
+        packed: compressed-tensors' ``weight_packed``, int32 ``[out, in / 8]``; held interleaved
+            (``weight_interleaved``).
+        scale: ``[out, in / group]``, stored in ``dtype``.
+        zero_point: int32 ``[ceil(out / 8), in / group]`` (``weight_zero_point``, asymmetric
             schemes) or None.
         group, in_features: the scheme's group size and the layer's input width.
         bias: ``[out]`` or None. dtype: the activations' dtype, in and out.
@@ -461,7 +462,9 @@ class W4A16Linear(nn.Module):
                  dtype: Any) -> None:
         super().__init__()
         self.out_features, self.in_features, self.group_size, self.dtype = packed.shape[0], in_features, group, dtype
-        self.register_buffer("weight_packed", packed.contiguous())
+        from phiops.serve.kernels import interleave_w4
+
+        self.register_buffer("weight_interleaved", interleave_w4(packed, in_features, group))
         self.register_buffer("weight_scale", scale.to(dtype).contiguous())
         self.register_buffer("weight_zero_point", None if zero_point is None else zero_point.contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
@@ -478,7 +481,7 @@ class W4A16Linear(nn.Module):
 
         x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
         out = torch.empty((x2.shape[0], self.out_features), dtype=self.dtype, device=x.device)
-        w = (self.weight_packed, self.weight_scale, self.weight_zero_point, self.group_size)
+        w = (self.weight_interleaved, self.weight_scale, self.weight_zero_point, self.group_size)
         if x2.shape[0] == 1:
             K.gemv_w4(*w, x2[0], out[0])
         elif x2.shape[0] > 1:
@@ -518,14 +521,17 @@ def int4_unsupported(module: Any, device: str) -> str | None:
 def w4a16_unsupported(module: Any) -> str | None:
     """Why a compressed-tensors packed linear cannot be a ``W4A16Linear`` (None: it can).
 
-    The Triton kernels take any shape (masked tiles, a last group that is short) and any group
-    size that is a whole number of packed words (a multiple of 8); llm-compressor writes 32-256.
+    The Triton kernels take any number of rows and whole groups of a multiple of 32 columns
+    (llm-compressor writes 32-256, and K a multiple of the group).
     """
     reason = _scheme_unsupported(module)
     if reason:
         return reason
-    if module.quantization_scheme.weights.group_size % 8:
-        return f"group size {module.quantization_scheme.weights.group_size} (the Triton kernel takes multiples of 8)"
+    group = module.quantization_scheme.weights.group_size
+    if group % 32:
+        return f"group size {group} (the Triton kernel takes multiples of 32)"
+    if int(module.weight_shape[1]) % group:
+        return f"{int(module.weight_shape[1])} input features are not a whole number of groups of {group}"
     if module.weight_packed.dtype != torch.int32:
         return f"weight_packed of {module.weight_packed.dtype}"
     return None

@@ -252,20 +252,23 @@ class Attention:
         return out
 
 
-# ---- W4A16: the same GEMV over compressed-tensors' packed int4 weights -----------------------------
+# ---- W4A16: the same GEMV over packed int4 weights -------------------------------------------------
 #
-# The layout is compressed-tensors' pack-quantized one, read as llm-compressor writes it, with no
-# repacking: ``weight_packed`` int32 ``[N, ceil(K / 8)]``, input column ``k`` in word ``k // 8`` at
-# bits ``4 * (k % 8)`` (low nibble first) as the unsigned code ``u = q + 8``; ``weight_scale``
-# ``[N, ceil(K / G)]``; asymmetric schemes add ``weight_zero_point``, int32 ``[ceil(N / 8), ceil(K / G)]``,
-# packed the same way along the *output* dim. The weight is ``(q - z) * s = (u - 8 - z) * s``.
-# Row-major words already give each row ``BLOCK_K / 2`` contiguous bytes per tile, so the loads
-# coalesce as the bf16 kernel's do, and the model keeps one int4-sized copy.
+# compressed-tensors' pack-quantized layout, as llm-compressor writes it: ``weight_packed`` int32
+# ``[N, K / 8]``, input column ``k`` in word ``k // 8`` at bits ``4 * (k % 8)`` (low nibble first) as
+# the unsigned code ``u = q + 8``; ``weight_scale`` ``[N, K / G]``; asymmetric schemes add
+# ``weight_zero_point``, int32 ``[ceil(N / 8), K / G]``, packed the same way along the *output* dim.
+# The weight is ``(q - z) * s = (u - 8 - z) * s``.
 #
-# Dequantizing costs ALU time that a batch-1 GEMV at 4.8 TB/s does not have to spare (~10^13 weights/s
+# ``interleave_w4`` repacks the weights once at load, int4-sized still: within each group of ``G``
+# columns, word ``w`` (of ``G / 8``) holds columns ``w, w + G/8, ..., w + 7 G/8``. Then nibble ``j``
+# of a tile's words meets a contiguous run of activations (one vector load per nibble position,
+# shared by the thread's rows), and each word lies in one group (one scale per word).
+#
+# Dequantizing costs ALU time that a batch-1 GEMV at 4.8 TB/s has little of (~10^13 weights/s
 # against ~3.4 * 10^13 fp32 lane-ops/s on an H200), so each weight gets three instructions:
 #   1. ``(word & (15 << 4j)) | 0x4B000000``: one LOP3 makes the float ``2^23 + u * 16^j`` (the code
-#      sits in the mantissa, nibbles 0-4 directly, 5-7 from ``word >> 20``; no int->float convert,
+#      sits in the mantissa: nibbles 0-4 directly, 5-7 from ``word >> 20``; no int->float convert,
 #      which runs at a quarter of the rate);
 #   2. ``- 2^23``: exactly ``u * 16^j``;
 #   3. an FMA with the activation pre-scaled by ``16^-j`` (per column, shared by the tile's rows).
@@ -273,28 +276,44 @@ class Attention:
 # activations: ``sum_k (u_k - c) s a_k = s (sum_k u_k a_k - c sum_k a_k)``.
 
 
+def interleave_w4(packed: torch.Tensor, k: int, group: int) -> torch.Tensor:
+    """compressed-tensors' ``weight_packed`` (``[N, K / 8]`` int32) in the kernels' order (above)."""
+    if group % 32 or k % group or packed.dtype != torch.int32 or tuple(packed.shape[1:]) != (k // 8,):
+        raise ValueError(f"W4A16: packed {tuple(packed.shape)} {packed.dtype}, K {k}, group {group}: the kernels "
+                         "take compressed-tensors' int32 packing, K a whole number of groups, groups of 32n")
+    n, gw = packed.shape[0], group // 8
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    u = (packed[:, :, None] >> shifts) & 15  # [N, K/8, 8]: column order
+    u = u.reshape(n, k // group, 8, gw).transpose(2, 3)  # [N, groups, word, nibble]
+    return (u << shifts).sum(-1, dtype=torch.int32).reshape(n, k // 8).contiguous()
+
+
 def _gemv_w4_configs() -> list[Any]:
-    if INTERPRET:  # BLOCK_K 128 with groups of 64 and 128: one and two groups per tile are both tested;
-        # the interpreter's time goes by programs, not by their size
+    if INTERPRET:  # 128-column tiles over groups of 64 and 128: two groups and one group per tile
         return [triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4)]
-    shapes = [(8, 256, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4), (32, 256, 8), (32, 512, 8),
-              (64, 128, 4), (64, 256, 8), (128, 128, 8), (8, 1024, 4), (16, 1024, 8)]
+    # 256+ columns: 128+ contiguous bytes a row per tile; rows enough that a thread reuses its
+    # activations over several (loop bodies are small: every config compiles in about a second)
+    shapes = [(16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8)]
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in shapes]
 
 
 @triton.jit
-def _w4_centre(z_ptr, rows, grp, mask, NG: tl.constexpr, ZP: tl.constexpr):
-    """``8 + z`` per (row, group of the word): the unsigned zero-point code, or 8 when symmetric."""
+def _w4_tile(q_ptr, s_ptr, z_ptr, rows, rmask, words, KW: tl.constexpr, NG: tl.constexpr, GW: tl.constexpr,
+             ZP: tl.constexpr):
+    """One tile's words, scales and (asymmetric) zero-point words; nothing past K is read."""
+    mask = rmask[:, None] & (words < KW)[None, :]
+    q = tl.load(q_ptr + rows[:, None] * KW + words[None, :], mask=mask, other=0, eviction_policy="evict_first")
+    s = tl.load(s_ptr + rows[:, None] * NG + (words // GW)[None, :], mask=mask, other=0.0)
     if ZP:
-        zw = tl.load(z_ptr + (rows[:, None] // 8) * NG + grp[None, :], mask=mask, other=0)
-        return ((zw >> ((rows[:, None] % 8) * 4)) & 15).to(tl.float32)
+        zw = tl.load(z_ptr + (rows[:, None] // 8) * NG + (words // GW)[None, :], mask=mask, other=0)
     else:
-        return 8.0
+        zw = tl.zeros([1, 1], dtype=tl.int32)
+    return q, s, zw
 
 
 @triton.jit
 def _w4_partial(q, qh, a, J: tl.constexpr):
-    """``sum`` over nibble ``J`` of the words: ``u * a`` per (row, word), by the float trick above."""
+    """``u * a`` per (row, word) for nibble ``J`` of the words, by the float trick above."""
     if J < 5:
         f = (q & (15 << (4 * J))) | 0x4B000000
         a = a * (1.0 / (1 << (4 * J)))
@@ -302,6 +321,41 @@ def _w4_partial(q, qh, a, J: tl.constexpr):
         f = (qh & (15 << (4 * (J - 5)))) | 0x4B000000
         a = a * (1.0 / (1 << (4 * (J - 5))))
     return (f.to(tl.float32, bitcast=True) - 8388608.0) * a[None, :]
+
+
+@triton.jit
+def _w4_dot(q, s, zw, rows, q2, s2, zw2, rows2, a_ptr, g_ptr, col0, cmask, acc, acc2, sumsq,
+            GW: tl.constexpr, ZP: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr):
+    """``acc += s * (sum_j u_j a_j - c * sum_j a_j)`` over one tile, and the same into ``acc2`` for the
+    up rows (``GATED``) from the same activation loads; the norm's sum of squares on the way."""
+    qh = q >> 20
+    p = tl.zeros(q.shape, dtype=tl.float32)
+    if GATED:
+        qh2 = q2 >> 20
+        p2 = tl.zeros(q2.shape, dtype=tl.float32)
+    asum = tl.zeros(col0.shape, dtype=tl.float32)
+    for j in tl.static_range(8):
+        cols = col0 + j * GW
+        a = tl.load(a_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        if NORM:
+            sumsq += a * a
+            a = a * tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        asum += a
+        p += _w4_partial(q, qh, a, j)
+        if GATED:
+            p2 += _w4_partial(q2, qh2, a, j)
+    if ZP:
+        c = ((zw >> ((rows[:, None] % 8) * 4)) & 15).to(tl.float32)
+    else:
+        c = 8.0
+    acc += s.to(tl.float32) * (p - c * asum[None, :])
+    if GATED:
+        if ZP:
+            c2 = ((zw2 >> ((rows2[:, None] % 8) * 4)) & 15).to(tl.float32)
+        else:
+            c2 = 8.0
+        acc2 += s2.to(tl.float32) * (p2 - c2 * asum[None, :])
+    return acc, acc2, sumsq
 
 
 @triton.autotune(configs=_gemv_w4_configs(), key=["N", "K", "G", "ZP", "NORM", "GATED", "RESIDUAL"],
@@ -312,48 +366,41 @@ def _gemv_w4(q_ptr, s_ptr, z_ptr, a_ptr, g_ptr, r_ptr, out_ptr, N, eps,
              RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
-    KW: tl.constexpr = (K + 7) // 8  # int32 words per row
-    NG: tl.constexpr = (K + G - 1) // G  # groups (scales) per row
+    KW: tl.constexpr = K // 8  # int32 words per row
+    NG: tl.constexpr = K // G  # groups (scales) per row
+    GW: tl.constexpr = G // 8  # words per group
     BW: tl.constexpr = BLOCK_K // 8
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
+    t = tl.arange(0, BW)
     acc = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
     sumsq = tl.zeros([BW], dtype=tl.float32)
-    for k0 in tl.static_range(0, K, BLOCK_K):
-        words = k0 // 8 + tl.arange(0, BW)
-        mask = rmask[:, None] & (words < KW)[None, :]
-        grp = words * 8 // G
-        # Weights, scales and zero points first: under PDL they are in flight before the wait.
-        q = tl.load(q_ptr + rows[:, None] * KW + words[None, :], mask=mask, other=0, eviction_policy="evict_first")
-        s = tl.load(s_ptr + rows[:, None] * NG + grp[None, :], mask=mask, other=0.0).to(tl.float32)
-        c = _w4_centre(z_ptr, rows, grp, mask, NG, ZP)
+    # The first tile is requested before waiting for the previous kernel (PDL); in the loop, the
+    # next tile is requested before this one is computed (a tile in flight behind the compute).
+    up_rows = rows + N if GATED else rows
+    q, s, zw = _w4_tile(q_ptr, s_ptr, z_ptr, rows, rmask, t, KW, NG, GW, ZP)
+    if GATED:
+        q_up, s_up, zw_up = _w4_tile(q_ptr, s_ptr, z_ptr, up_rows, rmask, t, KW, NG, GW, ZP)
+    else:  # unused placeholders of the same types
+        q_up, s_up, zw_up = q, s, zw
+    if PDL:
+        gdc_wait()
+    for w0 in range(0, KW, BW):
+        words = w0 + t
+        cmask = words < KW
+        # column of nibble 0 of each word; runs of GW (a multiple of 4) contiguous columns
+        col0 = tl.max_contiguous(tl.multiple_of((words // GW) * G + words % GW, 4), 4)
+        q_n, s_n, zw_n = _w4_tile(q_ptr, s_ptr, z_ptr, rows, rmask, words + BW, KW, NG, GW, ZP)
         if GATED:
-            q_up = tl.load(q_ptr + (rows[:, None] + N) * KW + words[None, :], mask=mask, other=0,
-                           eviction_policy="evict_first")
-            s_up = tl.load(s_ptr + (rows[:, None] + N) * NG + grp[None, :], mask=mask, other=0.0).to(tl.float32)
-            c_up = _w4_centre(z_ptr, rows + N, grp, mask, NG, ZP)
-        if PDL and k0 == 0:
-            gdc_wait()
-        qh = q >> 20
+            q_up_n, s_up_n, zw_up_n = _w4_tile(q_ptr, s_ptr, z_ptr, up_rows, rmask, words + BW, KW, NG, GW, ZP)
+        acc, acc_up, sumsq = _w4_dot(q, s, zw, rows, q_up, s_up, zw_up, up_rows, a_ptr, g_ptr, col0, cmask,
+                                     acc, acc_up, sumsq, GW, ZP, NORM, GATED)
+        q, s, zw = q_n, s_n, zw_n
         if GATED:
-            qh_up = q_up >> 20
-        p = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
-        p_up = tl.zeros([BLOCK_N, BW], dtype=tl.float32)
-        asum = tl.zeros([BW], dtype=tl.float32)
-        for j in tl.static_range(8):
-            cols = words * 8 + j
-            a = tl.load(a_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-            if NORM:
-                sumsq += a * a
-                a = a * tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-            asum += a
-            p += _w4_partial(q, qh, a, j)
-            if GATED:
-                p_up += _w4_partial(q_up, qh_up, a, j)
-        acc += s * (p - c * asum[None, :])
-        if GATED:
-            acc_up += s_up * (p_up - c_up * asum[None, :])
+            q_up, s_up, zw_up = q_up_n, s_up_n, zw_up_n
+        else:
+            q_up, s_up, zw_up = q_n, s_n, zw_n
     y = tl.sum(acc, axis=1)
     if NORM:
         scale = tl.rsqrt(tl.sum(sumsq, axis=0) / K + eps)
@@ -370,11 +417,11 @@ def _gemv_w4(q_ptr, s_ptr, z_ptr, a_ptr, g_ptr, r_ptr, out_ptr, N, eps,
 
 def _w4_check(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, k: int, group: int) -> None:
     n = packed.shape[0]
-    if group % 8 or packed.dtype != torch.int32 or not packed.is_contiguous() or packed.shape[1] != triton.cdiv(k, 8):
-        raise ValueError(f"W4A16: packed {tuple(packed.shape)} {packed.dtype}, K {k}, group {group}: "
-                         "not compressed-tensors' int32 packing of a group a multiple of 8")
-    if tuple(scale.shape) != (n, triton.cdiv(k, group)) or not scale.is_contiguous():
-        raise ValueError(f"W4A16: scale {tuple(scale.shape)} for {n} rows and {triton.cdiv(k, group)} groups")
+    if group % 32 or k % group or packed.dtype != torch.int32 or not packed.is_contiguous() or packed.shape[1] != k // 8:
+        raise ValueError(f"W4A16: packed {tuple(packed.shape)} {packed.dtype}, K {k}, group {group}: not an "
+                         "interleave_w4 weight of whole groups of 32n")
+    if tuple(scale.shape) != (n, k // group) or not scale.is_contiguous():
+        raise ValueError(f"W4A16: scale {tuple(scale.shape)} for {n} rows and {k // group} groups")
     if zero_point is not None and (tuple(zero_point.shape) != (triton.cdiv(n, 8), scale.shape[1])
                                    or zero_point.dtype != torch.int32 or not zero_point.is_contiguous()):
         raise ValueError(f"W4A16: zero point {tuple(zero_point.shape)} {zero_point.dtype} for scale {tuple(scale.shape)}")
@@ -386,8 +433,9 @@ def gemv_w4(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor 
     """``out = dequant(W) @ a`` for a packed W4A16 weight (layout above), with ``gemv``'s fused stages.
 
     Args:
-        packed, scale, zero_point, group: the layer's compressed-tensors tensors (``[N, ...]``;
-            ``[2N, ...]`` when ``gated``) and its group size; ``zero_point`` None when symmetric.
+        packed: ``interleave_w4`` of the layer's ``weight_packed`` (``[N, K / 8]``; ``[2N, ...]`` gated).
+        scale, zero_point, group: the layer's compressed-tensors scales, packed zero points (None
+            when symmetric) and group size.
         a: the input, ``K`` elements; ``out``: ``N`` elements (may be ``residual`` itself).
     """
     k = a.numel()
@@ -407,29 +455,35 @@ def gemv_w4(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor 
 
 @triton.jit
 def _matmul_w4(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K: tl.constexpr, G: tl.constexpr, ZP: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
     """``out[M, N] = x[M, K] @ dequant(W).T``: tiles dequantized in registers, then a tensor-core dot."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    kw: tl.constexpr = (K + 7) // 8
-    ng: tl.constexpr = (K + G - 1) // G
+    kw: tl.constexpr = K // 8
+    ng: tl.constexpr = K // G
+    gw: tl.constexpr = G // 8
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         kmask = rk < K
         x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm < M)[:, None] & kmask[None, :], other=0.0)
         wmask = kmask[:, None] & (rn < N)[None, :]
-        grp = rk // G
-        word = tl.load(q_ptr + rn[None, :] * kw + (rk // 8)[:, None], mask=wmask, other=0)  # [BLOCK_K, BLOCK_N]
-        u = (word >> ((rk % 8) * 4)[:, None]) & 15
+        grp, r = rk // G, rk % G
+        word_of = grp * gw + r % gw  # the interleaved order: column r of a group is nibble r // gw of word r % gw
+        word = tl.load(q_ptr + rn[None, :] * kw + word_of[:, None], mask=wmask, other=0)  # [BLOCK_K, BLOCK_N]
+        u = (word >> ((r // gw) * 4)[:, None]) & 15
         s = tl.load(s_ptr + rn[None, :] * ng + grp[:, None], mask=wmask, other=0.0).to(tl.float32)
         if ZP:
             zw = tl.load(z_ptr + (rn[None, :] // 8) * ng + grp[:, None], mask=wmask, other=0)
             u = u - ((zw >> ((rn % 8) * 4)[None, :]) & 15)
         else:
             u = u - 8
-        w = (u.to(tl.float32) * s).to(x.dtype)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        w = u.to(tl.float32) * s
+        if UPCAST:
+            acc = tl.dot(x.to(tl.float32), w, acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
     tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rm < M)[:, None] & (rn < N)[None, :])
 
@@ -448,6 +502,9 @@ def matmul_w4(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _matmul_w4[grid](x, packed, scale, zero_point if zero_point is not None else packed, out, m, n, k,
                      G=group, ZP=zero_point is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                     # Triton 3.6's interpreter multiplies bf16 operands of a dot as their raw 16-bit
+                     # patterns (it stores bf16 as uint16): there, the dot runs in float32
+                     UPCAST=INTERPRET and x.dtype == torch.bfloat16,
                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
                      **({} if INTERPRET else {"num_stages": 3}))
     return out
