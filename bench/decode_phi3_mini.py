@@ -2,6 +2,8 @@
 
     python bench/decode_phi3_mini.py --out bench/results/decode_phi3_mini_h100.json
     python bench/decode_phi3_mini.py --tiny --out /tmp/decode_tiny.json     # CPU smoke test
+    python bench/decode_phi3_mini.py --skip-cb --profile --out bench/results/decode_w4a16_h200.json \
+        --only fused,engine_solo_fused,int4_graph,w4a16_fused,w4a16_engine_solo_fused,w4a16_accuracy
 
 The model is Phi-3-mini-4k-instruct's public shape (configs/phi-3-mini.yaml: hidden 3072, 32
 layers, intermediate 8192, 32 heads, vocab 32064) with random weights built on the GPU: no hub,
@@ -35,6 +37,12 @@ Measured, each after a warm-up, on random prompt ids (the numbers do not depend 
      weight-only kernel on the packed weights, what the service does on CUDA), through the
      solo decoder. Their bound uses the bytes the int4 model holds (packed weights, scales,
      the bf16 LM head).
+   - `w4a16_eager` / `w4a16_fused` / `w4a16_fused_no_pdl` / `w4a16_engine_solo_fused`: after
+     `int4_linears(kernel="triton")` (`W4A16Linear`: the packed tensors kept, interleaved within
+     each group, run by our Triton kernels `kernels.gemv_w4` / `matmul_w4`), the step through
+     `FusedDecoder` (one `gemv_w4` per weight matrix, norm / gating / residual fused); bound
+     over that model's bytes. `w4a16_accuracy`: its logits against the dequantized model in
+     float32. `summary` puts the W4A16 paths over bf16 `fused`, `engine_solo_fused` and `int4_graph`.
 3. `--concurrency` (32) requests of `--gen-tokens` each: output tokens/s of the service's batching
    engine (services/phiops_engine.py), and of transformers' continuous batching manager for comparison,
    against batch-1 eager decoding.
@@ -200,8 +208,9 @@ def decode_engine_solo(model: Any, dec: Any, *, prompt_len: int, steps: int, dev
             "prefill_s_incl_first_token": round(t_first - t0, 4)}
 
 
-def accuracy(model: Any, decoders: dict[str, Any], *, prompt_len: int, steps: int, device: str) -> dict[str, Any]:
-    """Each path's logits against a float32 copy of the model, teacher-forced on one token sequence.
+def accuracy(model: Any, decoders: dict[str, Any], *, prompt_len: int, steps: int, device: str,
+             reference: Any = None) -> dict[str, Any]:
+    """Each path's logits against a float32 copy of the model (or `reference`), teacher-forced on one token sequence.
 
     Random weights give near-tied logits, so greedy ids drift apart between bf16 paths from
     rounding alone; the error against float32 says whether a path is as exact as eager bf16.
@@ -224,7 +233,7 @@ def accuracy(model: Any, decoders: dict[str, Any], *, prompt_len: int, steps: in
         return logits, [int(x.argmax()) for x in logits]
 
     _, feed = plain(model, None)  # the eager bf16 greedy sequence, fed to every path
-    ref, _ = plain(copy.deepcopy(model).float(), feed)
+    ref, _ = plain(copy.deepcopy(model).float() if reference is None else reference, feed)
     torch.cuda.empty_cache()
     scale = max(float(x.abs().max()) for x in ref)
     paths: dict[str, list[Any]] = {"eager": plain(model, feed)[0]}
@@ -363,14 +372,14 @@ def quantize_w4a16(model: Any, workdir: Path, device: str) -> tuple[Any, dict[st
     return q, info
 
 
-def load_w4a16(workdir: Path, device: str) -> tuple[Any, float]:
+def load_w4a16(workdir: Path, device: str, dtype: str = "bfloat16") -> tuple[Any, float]:
     """The saved W4A16 checkpoint through from_pretrained and .to(device), as the service loads it."""
     import torch
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
     q = AutoModelForCausalLM.from_pretrained(workdir / "w4a16", use_safetensors=True, trust_remote_code=False,
-                                             dtype=torch.bfloat16).to(device).eval()
+                                             dtype=getattr(torch, dtype)).to(device).eval()
     return q, time.perf_counter() - t0
 
 
@@ -620,16 +629,19 @@ def main(argv: list[str] | None = None) -> int:
                 qinfo["triton_model_bytes_per_token"] = bytes_per_token(tmodel)
                 measure("w4a16_fused_batch1", tmodel, modes(tmodel, "w4a16_", "w4a16_eager", compiled=False))
                 if device == "cuda" and (not only or "w4a16_accuracy" in only):
-                    # teacher-forced logits of the fused W4A16 step against a float32 copy of the
-                    # dequantized model (compressed-tensors' own path, decompressed at its first forward)
+                    # teacher-forced logits of the fused W4A16 step against the dequantized model in
+                    # float32 (compressed-tensors' own path, decompressed at its first forward; a
+                    # quantized transformers model refuses `.float()`, so it is loaded in float32)
                     qmodel, _ = load_w4a16(Path(tmp), device)
+                    qref, _ = load_w4a16(Path(tmp), device, "float32")
                     try:
                         result["w4a16_accuracy"] = accuracy(qmodel, {"w4a16_fused": FusedDecoder(tmodel, max_len, device)},
-                                                            prompt_len=args.prompt_len, steps=16, device=device)
+                                                            prompt_len=args.prompt_len, steps=16, device=device,
+                                                            reference=qref)
                     except Exception as exc:
                         result["w4a16_accuracy"] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
                     print("w4a16 accuracy", json.dumps(result["w4a16_accuracy"]), flush=True)
-                    del qmodel
+                    del qmodel, qref
                 result["summary"] = summary(result)
                 save()
         except Exception as exc:

@@ -14,7 +14,9 @@ kernels per layer, each streaming one weight matrix with the step's small work f
   into the static cache at the step's position, and attention over the cache, split over the
   sequence (flash-decoding) so that a short sequence still spreads over the GPU;
 - ``combine``: the splits' partial softmax sums merged into the attention output (launched only
-  when there is more than one split).
+  when there is more than one split);
+- ``gemv_w4`` / ``matmul_w4``: the GEMV (same fused stages) and a small-M matmul over W4A16 weights in
+  compressed-tensors' packing, dequantized in registers (section at the end).
 
 The position is read from a device tensor, so a CUDA graph of the whole step replays for every
 token. On Hopper the kernels are chained by programmatic dependent launch (``pdl_enabled``). Everything runs under Triton's interpreter on CPU (``TRITON_INTERPRET=1``), which is how
