@@ -73,6 +73,7 @@ def dvc_env() -> dict[str, str]:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
+PROGRESS_INTERVAL_S = 10  # seconds between a progress bar's lines in a stage's log
 REFUSAL_ROWS = 5  # rows a refusal's message names; the report holds the rest
 
 
@@ -117,13 +118,19 @@ def run_dvc_stage(root: Path, stage: str, on_line: Callable[[str], None], *,
         DataRefused: the validate stage failed and left its row-level report.
         StageError: any other failure of the stage (or of dvc itself).
     """
+    env = dvc_env()
+    # Every line becomes a log record sent to the Prefect server: tqdm's default 0.1 s refresh made
+    # the embedded demo's AWQ stage alone ~4,000 records (a bar per layer's grid search), and the
+    # server's share of the 2 CPUs went with them. A bar now prints at its start, every
+    # PROGRESS_INTERVAL_S and at its end (the user's own TQDM_MININTERVAL wins).
+    env.setdefault("TQDM_MININTERVAL", str(PROGRESS_INTERVAL_S))
     proc = subprocess.Popen(
         [dvc_bin(), "repro", "--single-item", stage],
         cwd=root,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=dvc_env(),
+        env=env,
         start_new_session=True,
     )
     ran = False

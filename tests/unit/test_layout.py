@@ -16,6 +16,17 @@ def _py_files() -> list[Path]:
     return [p for d in PY_DIRS for p in (ROOT / d).rglob("*.py") if "__pycache__" not in p.parts]
 
 
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) for every `import m` and `from m import ...` in a file."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            out.append((node.lineno, node.module or ""))
+    return out
+
+
 def test_nothing_is_loaded_through_sys_path() -> None:
     # A bench script may import its own folder's helper (Python puts a script's folder on
     # sys.path itself); nothing anywhere edits sys.path to reach code.
@@ -46,23 +57,14 @@ def test_test_modules_never_import_a_conftest() -> None:
     # Each tier has its own conftest.py, all imported as the module `conftest`: which one a test
     # module's `from conftest import X` finds depends on the collection order (CI collects e2e
     # first and failed on it). Shared helpers are fixtures.
-    offenders = []
-    for path in (ROOT / "tests").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            offenders += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n == "conftest"]
+    offenders = [f"{path.relative_to(ROOT)}:{line}" for path in (ROOT / "tests").rglob("*.py")
+                 for line, name in _imports(path) if name == "conftest"]
     assert offenders == []
 
 
 def test_src_never_imports_flows_or_bench() -> None:
-    offenders = []
-    for path in (ROOT / "src").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
-                          if n.split(".")[0] in ("flows", "bench", "_common", "service")]
+    offenders = [f"{path.relative_to(ROOT)}:{line} {name}" for path in (ROOT / "src").rglob("*.py")
+                 for line, name in _imports(path) if name.split(".")[0] in ("flows", "bench", "_common", "service")]
     assert offenders == []
 
 

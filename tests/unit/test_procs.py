@@ -72,6 +72,8 @@ stages:
     outs:
       - reports/validate.md:
           cache: false
+  bar:
+    cmd: python -c "import sys, time, tqdm; [time.sleep(0.01) for _ in tqdm.tqdm(range(200), file=sys.stdout)]"
   slow:
     cmd: python -c "import os, time; open('pid', 'w').write(str(os.getpid())); print('started', flush=True); time.sleep(60)"
 """
@@ -93,6 +95,15 @@ def test_a_stage_runs_once_then_is_up_to_date(dvc_project):
     lines.clear()
     assert procs.run_dvc_stage(dvc_project, "hello", lines.append) is False
     assert not any(line.startswith("Running stage") for line in lines)
+
+
+def test_a_progress_bar_is_a_few_log_lines_not_one_per_refresh(dvc_project):
+    # 2 s of a tqdm bar: at tqdm's default 0.1 s refresh ~20 lines (each a record on the Prefect
+    # server); at the stage log's interval, its first and last.
+    lines: list[str] = []
+    assert procs.run_dvc_stage(dvc_project, "bar", lines.append) is True
+    bars = [line for line in lines if "it/s]" in line or "?it/s" in line]
+    assert any("200/200" in line for line in bars) and len(bars) <= 3, bars
 
 
 def test_a_failed_stage_raises_a_stage_error(dvc_project):
