@@ -63,10 +63,9 @@ CASES = [  # k, group, symmetric, norm, gated, residual
 ]
 
 
-@pytest.mark.parametrize("k,group,symmetric,norm,gated,residual", CASES)
-def test_gemv_w4_matches_the_float64_dequantized_weight(kernels: Any, k: int, group: int, symmetric: bool,
-                                                        norm: bool, gated: bool, residual: bool) -> None:
-    device, n = _device(kernels), 300
+def _check_gemv_w4(kernels: Any, n: int, k: int, group: int, symmetric: bool, norm: bool, gated: bool,
+                   residual: bool, config: tuple[int, int, int] | None = None) -> None:
+    device = _device(kernels)
     g = torch.Generator().manual_seed(k + group + 2 * symmetric + 4 * norm + 8 * gated + 16 * residual)
     w4, w = _packed_weight(2 * n if gated else n, k, group, symmetric, g, device)
     a = torch.randn(k, generator=g) * 3
@@ -79,9 +78,33 @@ def test_gemv_w4_matches_the_float64_dequantized_weight(kernels: Any, k: int, gr
     want = (y + r.double() if residual else y).float()
     out = r.clone().to(device) if residual else torch.full((n,), float("nan"), device=device)  # poisoned
     packed = kernels.interleave_w4(w4[0], k, group)  # what W4A16Linear holds
-    kernels.gemv_w4(packed, *w4[1:], a.to(device), out, norm=None if gain is None else gain.to(device), eps=1e-5, gated=gated,
-                    residual=out if residual else None)
+    kernels.gemv_w4(packed, *w4[1:], a.to(device), out, norm=None if gain is None else gain.to(device), eps=1e-5,
+                    gated=gated, residual=out if residual else None, config=config)
     assert float((out.cpu() - want).norm() / want.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("k,group,symmetric,norm,gated,residual", CASES)
+def test_gemv_w4_matches_the_float64_dequantized_weight(kernels: Any, k: int, group: int, symmetric: bool,
+                                                        norm: bool, gated: bool, residual: bool) -> None:
+    _check_gemv_w4(kernels, 300, k, group, symmetric, norm, gated, residual)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the service's CUDA load path: needs a GPU (CI has none)")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("config", [(2, 128, 1), (4, 128, 1), (8, 128, 1), (2, 256, 2), (4, 256, 2), (4, 512, 4),
+                                    (8, 512, 4)])
+@pytest.mark.parametrize("k,group,symmetric,norm,gated,residual", [
+    (3200, 64, False, True, True, False),  # 400 words a row: a last tile part-filled (all tile widths)
+    (9216, 128, True, False, False, True),  # 1,152 words: more than four tiles of 128 or 256, the batch loop
+])
+def test_every_tuned_gemv_w4_config_matches_on_long_ragged_rows(kernels: Any, config: tuple[int, int, int], k: int,
+                                                                group: int, symmetric: bool, norm: bool, gated: bool,
+                                                                residual: bool) -> None:
+    assert config in kernels.W4_CONFIGS  # the configs the autotuner picks from, each held to the reference
+    _check_gemv_w4(kernels, 300, k, group, symmetric, norm, gated, residual, config=config)
 
 
 @pytest.mark.parametrize("m,k,group,symmetric", [(5, 320, 64, False), (17, 384, 128, True)])
@@ -184,9 +207,6 @@ def test_the_service_takes_the_triton_kernel_only_when_asked_on_cuda_for_llama_f
     assert w4a16_kernel(model, "cpu") == "tinygemm"  # the CPU path is unchanged
     model.config.model_type = "phi"  # Phi-2 stays on tinygemm and the compiled GraphDecoder
     assert w4a16_kernel(model, "cuda") == "tinygemm"
-
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the service's CUDA load path: needs a GPU (CI has none)")
 
 
 @pytest.mark.gpu
