@@ -26,7 +26,8 @@ the layer for the call and run the dense GEMM, which beats the int4 kernel there
 
 ``W4A16Linear`` keeps a W4A16 layer packed as compressed-tensors stores it and runs our Triton
 kernels (``kernels.gemv_w4``, ``kernels.matmul_w4``); ``FusedDecoder`` streams such layers too.
-It is opt-in (``w4a16_kernel`` says why): ``int4_linears(..., kernel="triton")``.
+It is the CUDA default for the llama-family models ``FusedDecoder`` covers (``w4a16_kernel`` says
+when; ``PHIOPS_W4A16_KERNEL=tinygemm`` turns it off): ``int4_linears(..., kernel="triton")``.
 
 On CPU the decoders run without the CUDA graph (tests check them against the plain forward).
 This module needs only torch and transformers (and compressed-tensors for W4A16); it ships in
@@ -594,20 +595,21 @@ def _dequantized_linear(module: Any, dtype: Any, device: str, reason: str) -> De
 def w4a16_kernel(model: Any, device: str) -> str:
     """Which kernel ``int4_linears`` should give a W4A16 model's layers on ``device``.
 
-    ``"tinygemm"`` (``Int4Linear``, PyTorch's kernels, ``GraphDecoder`` for a lone request) unless
-    ``PHIOPS_W4A16_KERNEL=triton`` asks for ours (``W4A16Linear``, ``FusedDecoder``), which it gets
-    on CUDA for the llama-family model types ``FusedDecoder`` covers when every packed layer fits.
-    Opt-in because on the one H200 run so far (bench/results/decode_w4a16_h200.json, Phi-3-mini
-    shape) the fused Triton path decoded 220 tokens/s against tinygemm's 467: its GEMVs keep too
-    few bytes in flight (0.36-1.4 TB/s a kernel); the default flips when a run shows it faster.
+    ``"triton"`` (``W4A16Linear``, our kernels, ``FusedDecoder`` for a lone request) on CUDA for the
+    llama-family model types ``FusedDecoder`` covers when every packed layer fits, unless
+    ``PHIOPS_W4A16_KERNEL=tinygemm`` asks for PyTorch's (``Int4Linear``, ``GraphDecoder``). The
+    default since the H200 run in bench/results/decode_w4a16_h200.json, where the fused Triton
+    path decoded faster than tinygemm in the compiled graph (bench/README.md has the figures).
     The CPU and Phi-2 always take tinygemm.
     """
     import os
 
+    choice = os.environ.get("PHIOPS_W4A16_KERNEL", "triton")
+    if choice not in ("triton", "tinygemm"):
+        raise ValueError(f"PHIOPS_W4A16_KERNEL={choice!r}: triton or tinygemm")
     cfg = model.config.get_text_config(decoder=True)
     packed = [m for m in model.modules() if hasattr(m, "weight_packed")]
-    if (device != "cuda" or os.environ.get("PHIOPS_W4A16_KERNEL", "tinygemm") != "triton"
-            or cfg.model_type not in FUSED_MODEL_TYPES or not packed
+    if (device != "cuda" or choice != "triton" or cfg.model_type not in FUSED_MODEL_TYPES or not packed
             or any(w4a16_unsupported(m) for m in packed)):
         return "tinygemm"
     return "triton"

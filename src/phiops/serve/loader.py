@@ -2,10 +2,10 @@
 
 Compressed-tensors W4A16 linears (the GPTQ/AWQ candidates) are swapped for an int4 kernel
 (``decode.int4_linears``) right after loading, before the first forward (``PHIOPS_INT4=0`` turns
-it off): PyTorch's int4 weight-only kernel (``decode.Int4Linear``), or on CUDA, for the
-llama-family models ``FusedDecoder`` covers and with ``PHIOPS_W4A16_KERNEL=triton``, our Triton
-kernels on the packed tensors (``decode.W4A16Linear``; ``decode.w4a16_kernel`` says why that is
-still opt-in: slower than tinygemm on its first H200 run). Otherwise compressed-tensors
+it off): on CUDA, for the llama-family models ``FusedDecoder`` covers, our Triton kernels on the
+packed tensors (``decode.W4A16Linear``; ``decode.w4a16_kernel`` says when, and
+``PHIOPS_W4A16_KERNEL=tinygemm`` turns them off), else PyTorch's int4 weight-only kernel
+(``decode.Int4Linear``). Otherwise compressed-tensors
 decompresses every layer at the first forward and serves a full-precision model: SmolLM2-135M's
 173 MB GPTQ file then held 544.7 MB on a float32 CPU. A layer the kernel cannot take (a shape it
 cannot tile, activation-order groups) is dequantized once at load instead, and logged; the
@@ -15,8 +15,8 @@ activations, so ``dtype: auto`` keeps its meaning (bench/w4a16_cpu.py measures b
 On CUDA one more thing happens at load (``PHIOPS_CUDA_FASTPATH=0`` turns it off): a request
 that is alone decodes over a static cache of ``max_prompt_tokens + max_new_tokens`` tokens, one
 CUDA graph replay per token: through ``decode.FusedDecoder`` (Triton kernels, ``kernels``) for
-llama-family models in bf16/fp16/fp32 (SmolLM2, Phi-3, Phi-4-mini, Phi-4; W4A16 ones too with
-``PHIOPS_W4A16_KERNEL=triton``), else through ``decode.GraphDecoder`` (the step compiled by
+llama-family models in bf16/fp16/fp32 (SmolLM2, Phi-3, Phi-4-mini, Phi-4; their W4A16 checkpoints
+too), else through ``decode.GraphDecoder`` (the step compiled by
 torch.compile; W4A16 on ``Int4Linear``, Phi-2); the warm-up generation tunes or compiles it and
 captures the graph.
 
