@@ -330,22 +330,80 @@ class FusedDecoder(GraphDecoder):
         self._ao, self._h = new(hq * head_dim, ao_dtype), new(inner.layers[0].mlp.down_proj.in_features, h_dtype)
         self._logits = torch.empty((1, model.lm_head.out_features), dtype=dtype, device=device)
         self._fn = self._fused_step
+        self.w4_configs: dict[str, tuple[int, int, int]] = {}  # W4A16 launch config per matrix role (_tune_w4)
 
-    def _mv(self, w: Any, a: Any, out: Any, **fused: Any) -> Any:
+    def _mv(self, w: Any, a: Any, out: Any, role: str = "", **fused: Any) -> Any:
         if isinstance(w, torch.Tensor):
             return self._K.gemv(w, a, out, **fused)
-        return self._K.gemv_w4(*w, a, out, **fused)
+        return self._K.gemv_w4(*w, a, out, config=self.w4_configs.get(role), **fused)
+
+    def _calls(self, layer: tuple[Any, ...]) -> dict[str, tuple[Any, Any, Any, dict[str, Any]]]:
+        """A layer's four weight matrices as (weight, input, output, fused stages), by role."""
+        qkv, o, gate_up, down, ln1, ln2, eps = layer
+        x = self._x
+        return {"qkv": (qkv, x, self._qkv, {"norm": ln1, "eps": eps}),
+                "o": (o, self._ao, x, {"residual": x}),
+                "gate_up": (gate_up, x, self._h, {"norm": ln2, "eps": eps, "gated": True}),
+                "down": (down, self._h, x, {"residual": x})}
 
     def _fused_step(self, tok: Any, pos: Any) -> Any:
         x, mv = self._x, self._mv
         torch.index_select(self._embed, 0, tok.view(1), out=x.view(1, -1))
-        for layer, (qkv, o, gate_up, down, ln1, ln2, eps) in zip(self.cache.layers, self._layers):
-            mv(qkv, x, self._qkv, norm=ln1, eps=eps)
-            self._attn(self._qkv, layer.keys, layer.values, pos, self._cos, self._sin, self._ao)
-            mv(o, self._ao, x, residual=x)
-            mv(gate_up, x, self._h, norm=ln2, eps=eps, gated=True)
-            mv(down, self._h, x, residual=x)
+        for cache, layer in zip(self.cache.layers, self._layers):
+            calls = self._calls(layer)
+            mv(*calls["qkv"][:3], role="qkv", **calls["qkv"][3])
+            self._attn(self._qkv, cache.keys, cache.values, pos, self._cos, self._sin, self._ao)
+            for role in ("o", "gate_up", "down"):
+                mv(*calls[role][:3], role=role, **calls[role][3])
         return mv(self._lm_head, x, self._logits, norm=self._norm, eps=self._norm_eps)
+
+    def _capture(self) -> None:
+        if self._cuda:
+            self._tune_w4()
+        super()._capture()
+
+    def _tune_w4(self, replays: int = 5) -> None:
+        """Each W4A16 role's launch config: the one whose GEMVs over all the layers run fastest back to
+        back in a CUDA graph with PDL, as in the step (every layer's weights: far more than the L2).
+
+        Triton's autotuner (``kernels.gemv_w4`` without a config) times one launch alone after
+        flushing the L2, so it favours big register footprints that leave the next kernel no room
+        to start early: on the H200 its picks ran up to 1.2x slower in a graph than the best config
+        (bench/results/decode_kernels_w4a16_h200.json, ``sweep``). The buffers this scribbles on
+        are overwritten by the step.
+        """
+        import statistics
+
+        K = self._K
+        for buf in (self._x, self._ao, self._h):
+            buf.normal_()
+        for role in ("qkv", "o", "gate_up", "down"):
+            specs = [self._calls(layer)[role] for layer in self._layers]
+            if any(isinstance(w, torch.Tensor) for w, *_ in specs):
+                continue
+            times = {}
+            for cfg in K.w4_candidates(specs[0][1].numel()):
+                for w, a, out, fused in specs[:1]:  # compiles outside the capture
+                    K.gemv_w4(*w, a, out, config=cfg, **fused)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for w, a, out, fused in specs:
+                        K.gemv_w4(*w, a, out, config=cfg, **fused)
+                graph.replay()
+                runs = []
+                for _ in range(replays):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    graph.replay()
+                    end.record()
+                    end.synchronize()
+                    runs.append(start.elapsed_time(end) * 1000 / len(specs))
+                times[cfg] = statistics.median(runs)
+                del graph
+            self.w4_configs[role] = min(times, key=times.get)
+            log.info("W4A16 %s: config %s, %.2f us a layer (%s)", role, self.w4_configs[role], times[self.w4_configs[role]],
+                     ", ".join(f"{c}: {t:.2f}" for c, t in times.items()))
 
 
 # ---- W4A16 through PyTorch's int4 kernel ---------------------------------------------------------

@@ -326,17 +326,25 @@ def _w4_batches(args: dict[str, Any]) -> int:
     return triton.cdiv(args["K"] // 8, _w4_tiles(args) * args["BW"])
 
 
-def _w4_prune(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
+def w4_candidates(k: int) -> list[tuple[int, int, int]]:
     """The configs worth timing for a K: one batch of tiles where any config has it (a second batch
-    is requested only after the first is computed), then the fewest padded words (K = 3,072 is
-    three 128-word tiles: wider tiles would leave a quarter of their lanes idle). Fewer compiles at
-    load, too."""
-    def cost(c: Any) -> tuple[int, int]:
-        args = {"K": kwargs["K"], "BW": c.kwargs["BW"]}
-        return _w4_batches(args), _w4_batches(args) * _w4_tiles(args) * c.kwargs["BW"]
+    is requested only after the first is computed), and at most a third more words than K holds
+    (else the least padded): K = 3,072 (384 words) keeps its 512-word tiles, a quarter idle,
+    which won in graphs on the H200 (bench/results/decode_kernels_w4a16_h200.json, ``sweep``)."""
+    def cost(c: tuple[int, int, int]) -> tuple[int, int]:
+        args = {"K": k, "BW": c[1]}
+        return _w4_batches(args), _w4_batches(args) * _w4_tiles(args) * c[1]
 
-    best = min(cost(c) for c in configs)
-    return [c for c in configs if cost(c) == best]
+    configs = [W4_INTERPRET_CONFIG] if INTERPRET else W4_CONFIGS
+    batches = min(cost(c)[0] for c in configs)
+    one = [c for c in configs if cost(c)[0] == batches]
+    least = min(cost(c)[1] for c in one)
+    return [c for c in one if cost(c)[1] <= max(least, 4 * (k // 8) // 3)]
+
+
+def _w4_prune(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
+    keep = w4_candidates(kwargs["K"])
+    return [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BW"], c.num_warps) in keep]
 
 
 @triton.jit
