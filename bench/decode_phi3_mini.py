@@ -527,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
 
             def fused_run() -> dict[str, Any]:
                 run = decode_graph(fdec(), prompt_len=args.prompt_len, steps=steps, device=device, mode=prefix + "fused")
+                if fdec().w4_configs:  # the W4A16 launch configs the decoder picked at capture
+                    run["w4a16_configs"] = {role: list(c) for role, c in fdec().w4_configs.items()}
                 return {**run, "profile": profile_steps(fdec(), device)} if args.profile else run
 
             def fused_no_pdl() -> dict[str, Any]:  # the same kernels launched one after another
