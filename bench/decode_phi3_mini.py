@@ -34,14 +34,15 @@ Measured, each after a warm-up, on random prompt ids (the numbers do not depend 
    - `compressed_tensors_eager`: as compressed-tensors runs it (it dequantizes every layer to
      bf16 at the first forward: a bf16-sized model, so its bound is the bf16 one);
    - `int4_graph` / `int4_engine_solo`: after `phiops_decode.int4_linears` (PyTorch's int4
-     weight-only kernel on the packed weights, what the service does on CUDA), through the
-     solo decoder. Their bound uses the bytes the int4 model holds (packed weights, scales,
-     the bf16 LM head).
+     weight-only kernel on the packed weights, the service's CUDA path before the Triton one and
+     still with `PHIOPS_W4A16_KERNEL=tinygemm`), through the solo decoder. Their bound uses the
+     bytes the int4 model holds (packed weights, scales, the bf16 LM head).
    - `w4a16_eager` / `w4a16_fused` / `w4a16_fused_no_pdl` / `w4a16_engine_solo_fused`: after
      `int4_linears(kernel="triton")` (`W4A16Linear`: the packed tensors kept, interleaved within
      each group, run by our Triton kernels `kernels.gemv_w4` / `matmul_w4`), the step through
-     `FusedDecoder` (one `gemv_w4` per weight matrix, norm / gating / residual fused); bound
-     over that model's bytes. `w4a16_accuracy`: its logits against the dequantized model in
+     `FusedDecoder` (one `gemv_w4` per weight matrix, norm / gating / residual fused; the
+     service's CUDA path for llama-family W4A16 checkpoints; `w4a16_configs`: the launch configs
+     it picked); bound over that model's bytes. `w4a16_accuracy`: its logits against the dequantized model in
      float32. `summary` puts the W4A16 paths over bf16 `fused`, `engine_solo_fused` and `int4_graph`.
 3. `--concurrency` (32) requests of `--gen-tokens` each: output tokens/s of the service's batching
    engine (services/phiops_engine.py), and of transformers' continuous batching manager for comparison,
