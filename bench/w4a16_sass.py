@@ -25,9 +25,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
 STAGES = {  # Phi-3-mini: hidden 3072, intermediate 8192
     "qkv_proj (norm)": dict(k=3072, norm=True, gated=False, residual=False),
     "gate_up_proj (norm, gated)": dict(k=3072, norm=True, gated=True, residual=False),
