@@ -1,6 +1,8 @@
 """The decode kernels of services/phiops_kernels.py against what PyTorch runs for the same work.
 
     python bench/decode_kernels.py --out bench/results/decode_kernels_h100.json
+    python bench/decode_kernels.py --w4a16 --w4a16-sweep --skip-gemv --skip-attention \
+        --out bench/results/decode_kernels_w4a16_h200.json
 
 Phi-3-mini's shapes, bf16, one GPU. Each row is one stage of a decode step:
 
@@ -128,6 +130,111 @@ def _gemv_stage(name: str, rows: int, k: int, norm: bool, gated: bool, residual:
     return row
 
 
+def w4a16_rows(copies_bytes: int = 400_000_000, sweep: bool = False,
+               done: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """The same stages through ``gemv_w4`` on compressed-tensors' packed int4 layout (group 128), against
+    tinygemm (``aten._weight_int4pack_mm``, the matmul alone, what ``Int4Linear`` runs), and the
+    per-launch floor: a 256x256 W4A16 GEMV (32 KB), whose time is launch and ramp only.
+
+    Each stage also runs ``dry`` (the tuned config's weight loads without the arithmetic: what the
+    memory system and the launch give that tiling) and, with ``sweep``, every config of
+    ``kernels.W4_CONFIGS`` that takes K in one batch of tiles."""
+    stages = [  # name, weight rows, K, norm, gated, residual, symmetric
+        ("qkv_proj (norm fused)", 3 * HIDDEN, HIDDEN, True, False, False, True),
+        ("qkv_proj (norm fused), asymmetric", 3 * HIDDEN, HIDDEN, True, False, False, False),
+        ("o_proj (+ residual)", HIDDEN, HIDDEN, False, False, True, True),
+        ("gate_up_proj (norm, SiLU gate fused)", 2 * INTER, HIDDEN, True, True, False, True),
+        ("down_proj (+ residual)", HIDDEN, INTER, False, False, True, True),
+        ("launch floor: 256x256", 256, 256, False, False, True, True),
+    ]
+    rows = []
+    for stage in stages:
+        rows.append(_w4a16_stage(*stage, copies_bytes=copies_bytes, sweep=sweep))
+        if done:
+            done(rows[-1])
+    return rows
+
+
+def _w4a16_stage(name: str, rows: int, k: int, norm: bool, gated: bool, residual: bool, symmetric: bool, *,
+                 copies_bytes: int, group: int = 128, sweep: bool = False) -> dict[str, Any]:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from phiops.serve import kernels as K
+    import torch
+
+    dev, bf, eps = "cuda", torch.bfloat16, 1e-5
+    q = torch.randint(-8, 8, (rows, k), device=dev, dtype=torch.int8)
+    scale = (torch.rand(rows, k // group, device=dev) * 0.01 + 0.001).to(bf)
+    z = None if symmetric else torch.randint(-8, 8, (rows, k // group), device=dev, dtype=torch.int8)
+    w4 = (K.interleave_w4(pack_to_int32(q, 4).contiguous(), k, group), scale,
+          None if z is None else pack_to_int32(z, 4, packed_dim=0).contiguous())
+    nbytes = sum(t.numel() * t.element_size() for t in w4 if t is not None)
+    n_copies = max(2, -(-copies_bytes // nbytes))
+    copies = [w4] + [tuple(None if t is None else t.clone() for t in w4) for _ in range(n_copies - 1)]
+    # the activations as FusedDecoder holds them: the residual stream in bf16 (the norm-fused
+    # stages' input), the attention output and the gated product in float32 (o_proj's, down_proj's)
+    a = torch.randn(k, device=dev, dtype=bf if norm else torch.float32)
+    g = torch.rand(k, device=dev, dtype=bf) + 0.5
+    n = rows // 2 if gated else rows
+    y = torch.empty(n, device=dev, dtype=bf)
+    x = torch.randn(n, device=dev, dtype=bf)
+
+    def ours(w: Any, **kw: Any) -> Callable[[], Any]:
+        return lambda: K.gemv_w4(*w, group, a, x if residual else y, norm=g if norm else None, eps=eps,
+                                 gated=gated, residual=x if residual else None, **kw)
+
+    # correctness on this shape: against the weight dequantized in float32, every config
+    cols = torch.arange(k, device=dev) // group
+    wf = (q.float() - (0 if z is None else z.float()[:, cols])) * scale.float()[:, cols]
+    v = a.float() * torch.rsqrt(a.float().pow(2).mean() + eps) * g.float() if norm else a.float()
+    want = wf @ v
+    if gated:
+        want = torch.nn.functional.silu(want[:n]) * want[n:]
+    x0 = x.clone()
+
+    def error(**kw: Any) -> float:  # the timed runs (and the dry one) leave x drifted: start from x0
+        x.copy_(x0)
+        y.fill_(float("nan"))
+        ours(w4, **kw)()
+        got = (x.float() - x0.float()) if residual else y.float()
+        x.copy_(x0)
+        return round(float((got - want).norm() / want.norm()), 5)
+
+    rel = error()
+    t_ours = graph_time_us([ours(w) for w in copies])
+    row: dict[str, Any] = {"stage": name, "weight_bytes": nbytes, "rel_err_vs_float32": rel,
+                           "w4a16_us": round(t_ours, 2), "w4a16_tbs": round(nbytes / t_ours / 1e6, 3)}
+    tuned = [c for key, c in K._gemv_w4.cache.items() if key[:2] == (n, k)]
+    chosen = (tuned[-1].kwargs["BLOCK_N"], tuned[-1].kwargs["BW"], tuned[-1].num_warps) if tuned else K.W4_CONFIGS[0]
+    row["w4a16_config"] = {"block_n": chosen[0], "words_per_tile": chosen[1], "num_warps": chosen[2],
+                           "tiles": K._w4_tiles({"K": k, "BW": chosen[1]}), "programs": -(-n // chosen[0])}
+    t_dry = graph_time_us([ours(w, config=chosen, dry=True) for w in copies])
+    row.update(dry_us=round(t_dry, 2), dry_tbs=round(nbytes / t_dry / 1e6, 3))
+    if sweep:
+        row["sweep"] = []
+        for cfg in K.W4_CONFIGS:
+            if K._w4_batches({"K": k, "BW": cfg[1]}) > 1:
+                continue
+            t = graph_time_us([ours(w, config=cfg) for w in copies])
+            row["sweep"].append({"config": list(cfg), "us": round(t, 2), "tbs": round(nbytes / t / 1e6, 3),
+                                 "rel_err": error(config=cfg)})
+    try:  # tinygemm on the same weights: the bare matmul, no fused stages
+        u = (q.to(torch.int32) + 8)
+        packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), 8)
+        sz = torch.stack([scale.float(), torch.zeros_like(scale, dtype=torch.float32)], -1).transpose(0, 1).contiguous().to(bf)
+        tg = [(packed.clone(), sz.clone()) for _ in range(n_copies)]
+        abf = a.to(bf)
+        t_tg = graph_time_us([lambda p=p, s=s: torch.ops.aten._weight_int4pack_mm(abf[None], p, group, s) for p, s in tg])
+        row.update(tinygemm_us=round(t_tg, 2), tinygemm_tbs=round(nbytes / t_tg / 1e6, 3), speedup=round(t_tg / t_ours, 3))
+        del tg
+    except Exception as exc:  # recorded, not fatal
+        row["tinygemm_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    print(json.dumps(row), flush=True)
+    del copies
+    torch.cuda.empty_cache()
+    return row
+
+
 def attention_rows(lengths: list[tuple[int, int]], sweep: bool) -> list[dict[str, Any]]:
     return [_attention_stage(max_len, pos, sweep) for max_len, pos in lengths]
 
@@ -194,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--attention-sweep", action="store_true", help="also time attention's launch settings")
     ap.add_argument("--skip-gemv", action="store_true")
+    ap.add_argument("--skip-attention", action="store_true")
+    ap.add_argument("--w4a16", action="store_true", help="also time the W4A16 GEMV (gemv_w4) per stage")
+    ap.add_argument("--w4a16-sweep", action="store_true", help="with --w4a16: time every W4A16 config per stage")
     args = ap.parse_args(argv)
     import torch
 
@@ -204,10 +314,19 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", "bench/decode_kernels.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(), "versions": versions(("torch", "triton")), "dtype": "bfloat16",
         "gemv": [] if args.skip_gemv else gemv_rows(),
-        "attention": attention_rows([(392, 256), (1152, 1000), (2047, 2000)], args.attention_sweep),
+        "attention": [] if args.skip_attention else attention_rows([(392, 256), (1152, 1000), (2047, 2000)],
+                                                                   args.attention_sweep),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.w4a16:  # the file is rewritten after each stage: a run stopped by a time limit keeps what finished
+        result["w4a16_gemv"] = []
+
+        def done(row: dict[str, Any]) -> None:
+            result["w4a16_gemv"].append(row)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+        w4a16_rows(sweep=args.w4a16_sweep, done=done)
     return 0
 
 

@@ -2,6 +2,8 @@
 
     python bench/decode_phi3_mini.py --out bench/results/decode_phi3_mini_h100.json
     python bench/decode_phi3_mini.py --tiny --out /tmp/decode_tiny.json     # CPU smoke test
+    python bench/decode_phi3_mini.py --skip-cb --profile --out bench/results/decode_w4a16_h200.json \
+        --only fused,engine_solo_fused,int4_graph,w4a16_fused,w4a16_engine_solo_fused,w4a16_accuracy
 
 The model is Phi-3-mini-4k-instruct's public shape (configs/phi-3-mini.yaml: hidden 3072, 32
 layers, intermediate 8192, 32 heads, vocab 32064) with random weights built on the GPU: no hub,
@@ -32,9 +34,16 @@ Measured, each after a warm-up, on random prompt ids (the numbers do not depend 
    - `compressed_tensors_eager`: as compressed-tensors runs it (it dequantizes every layer to
      bf16 at the first forward: a bf16-sized model, so its bound is the bf16 one);
    - `int4_graph` / `int4_engine_solo`: after `phiops_decode.int4_linears` (PyTorch's int4
-     weight-only kernel on the packed weights, what the service does on CUDA), through the
-     solo decoder. Their bound uses the bytes the int4 model holds (packed weights, scales,
-     the bf16 LM head).
+     weight-only kernel on the packed weights, the service's CUDA path before the Triton one and
+     still with `PHIOPS_W4A16_KERNEL=tinygemm`), through the solo decoder. Their bound uses the
+     bytes the int4 model holds (packed weights, scales, the bf16 LM head).
+   - `w4a16_eager` / `w4a16_fused` / `w4a16_fused_no_pdl` / `w4a16_engine_solo_fused`: after
+     `int4_linears(kernel="triton")` (`W4A16Linear`: the packed tensors kept, interleaved within
+     each group, run by our Triton kernels `kernels.gemv_w4` / `matmul_w4`), the step through
+     `FusedDecoder` (one `gemv_w4` per weight matrix, norm / gating / residual fused; the
+     service's CUDA path for llama-family W4A16 checkpoints; `w4a16_configs`: the launch configs
+     it picked); bound over that model's bytes. `w4a16_accuracy`: its logits against the dequantized model in
+     float32. `summary` puts the W4A16 paths over bf16 `fused`, `engine_solo_fused` and `int4_graph`.
 3. `--concurrency` (32) requests of `--gen-tokens` each: output tokens/s of the service's batching
    engine (services/phiops_engine.py), and of transformers' continuous batching manager for comparison,
    against batch-1 eager decoding.
@@ -200,8 +209,9 @@ def decode_engine_solo(model: Any, dec: Any, *, prompt_len: int, steps: int, dev
             "prefill_s_incl_first_token": round(t_first - t0, 4)}
 
 
-def accuracy(model: Any, decoders: dict[str, Any], *, prompt_len: int, steps: int, device: str) -> dict[str, Any]:
-    """Each path's logits against a float32 copy of the model, teacher-forced on one token sequence.
+def accuracy(model: Any, decoders: dict[str, Any], *, prompt_len: int, steps: int, device: str,
+             reference: Any = None) -> dict[str, Any]:
+    """Each path's logits against a float32 copy of the model (or `reference`), teacher-forced on one token sequence.
 
     Random weights give near-tied logits, so greedy ids drift apart between bf16 paths from
     rounding alone; the error against float32 says whether a path is as exact as eager bf16.
@@ -224,7 +234,7 @@ def accuracy(model: Any, decoders: dict[str, Any], *, prompt_len: int, steps: in
         return logits, [int(x.argmax()) for x in logits]
 
     _, feed = plain(model, None)  # the eager bf16 greedy sequence, fed to every path
-    ref, _ = plain(copy.deepcopy(model).float(), feed)
+    ref, _ = plain(copy.deepcopy(model).float() if reference is None else reference, feed)
     torch.cuda.empty_cache()
     scale = max(float(x.abs().max()) for x in ref)
     paths: dict[str, list[Any]] = {"eager": plain(model, feed)[0]}
@@ -363,14 +373,14 @@ def quantize_w4a16(model: Any, workdir: Path, device: str) -> tuple[Any, dict[st
     return q, info
 
 
-def load_w4a16(workdir: Path, device: str) -> tuple[Any, float]:
+def load_w4a16(workdir: Path, device: str, dtype: str = "bfloat16") -> tuple[Any, float]:
     """The saved W4A16 checkpoint through from_pretrained and .to(device), as the service loads it."""
     import torch
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
     q = AutoModelForCausalLM.from_pretrained(workdir / "w4a16", use_safetensors=True, trust_remote_code=False,
-                                             dtype=torch.bfloat16).to(device).eval()
+                                             dtype=getattr(torch, dtype)).to(device).eval()
     return q, time.perf_counter() - t0
 
 
@@ -383,6 +393,23 @@ def logits_agreement(a: Any, b: Any, device: str) -> dict[str, float]:
         la, lb = a(input_ids=ids).logits.float(), b(input_ids=ids).logits.float()
     return {"max_abs_diff": round(float((la - lb).abs().max()), 4), "max_abs_logit": round(float(lb.abs().max()), 4),
             "argmax_agreement": round(float((la.argmax(-1) == lb.argmax(-1)).float().mean()), 4)}
+
+
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's W4A16 figures side by side: tokens/s, fraction of each path's own bound, and the
+    fused W4A16 path over bf16 `fused` (the raw decoder) and over bf16 `engine_solo_fused` (a lone request)."""
+    rows: dict[str, Any] = {}
+    for section in ("bf16_batch1", "w4a16_batch1", "w4a16_fused_batch1"):
+        for run in result.get(section, {}).get("runs", []):
+            if "tokens_per_s" in run:
+                rows[run["mode"]] = {"tokens_per_s": run["tokens_per_s"], "fraction_of_bound": run["fraction_of_bound"],
+                                     "bound_tokens_per_s": result[section]["bound_tokens_per_s"]}
+    out: dict[str, Any] = {"modes": rows}
+    for new, base in (("w4a16_fused", "fused"), ("w4a16_fused", "engine_solo_fused"), ("w4a16_fused", "int4_graph"),
+                      ("w4a16_engine_solo_fused", "engine_solo_fused"), ("w4a16_engine_solo_fused", "int4_engine_solo")):
+        if new in rows and base in rows:
+            out[f"{new}_over_{base}"] = round(rows[new]["tokens_per_s"] / rows[base]["tokens_per_s"], 3)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--graph-variants", default="", help=f"bf16 ablations of the compiled step, of {','.join(VARIANTS)}")
     ap.add_argument("--profile", action="store_true", help="profile each variant's graph replays (GPU kernel time)")
     ap.add_argument("--only", default="", help="run only these modes (comma-separated names as in the JSON; "
-                    "'concurrent' and 'accuracy' for those parts)")
+                    "'concurrent', 'accuracy' and 'w4a16_accuracy' for those parts)")
     args = ap.parse_args(argv)
 
     import torch
@@ -470,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         GraphDecoder,
         fused_unsupported,
         int4_linears,
+        w4a16_kernel,
     )
 
     only = set(filter(None, args.only.split(",")))
@@ -482,10 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     max_len = args.prompt_len + steps + 8
 
     def modes(m: Any, prefix: str = "", eager_mode: str = "eager", graphs: bool = True,
-              tuned: bool = False) -> list[tuple[str, Any]]:
+              tuned: bool = False, compiled: bool = True) -> list[tuple[str, Any]]:
         out: list[tuple[str, Any]] = [(eager_mode, lambda: {**decode_eager(m, prompt_len=args.prompt_len, steps=steps,
                                                                              device=device), "mode": eager_mode})]
-        if compile_on and graphs:
+        if compile_on and graphs and compiled:
             dec = GraphDecoder(m, max_len, device, compile=True)
             def graph() -> dict[str, Any]:
                 run = decode_graph(dec, prompt_len=args.prompt_len, steps=steps, device=device, mode=prefix + "graph")
@@ -500,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
 
             def fused_run() -> dict[str, Any]:
                 run = decode_graph(fdec(), prompt_len=args.prompt_len, steps=steps, device=device, mode=prefix + "fused")
+                if fdec().w4_configs:  # the W4A16 launch configs the decoder picked at capture
+                    run["w4a16_configs"] = {role: list(c) for role, c in fdec().w4_configs.items()}
                 return {**run, "profile": profile_steps(fdec(), device)} if args.profile else run
 
             def fused_no_pdl() -> dict[str, Any]:  # the same kernels launched one after another
@@ -516,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                     (prefix + "engine_solo_fused", lambda: decode_engine_solo(
                         m, fdec(), prompt_len=args.prompt_len, steps=steps, device=device,
                         mode=prefix + "engine_solo_fused"))]
-        if compile_on and graphs:
+        if compile_on and graphs and compiled:
             for variant in (args.graph_variants.split(",") if tuned and args.graph_variants else []):
                 out.append((prefix + "graph_" + variant, variant_run(m, variant, prefix)))
         return out
@@ -593,6 +623,29 @@ def main(argv: list[str] | None = None) -> int:
                         modes(qmodel, eager_mode="compressed_tensors_eager", graphs=False), nbytes=dense_bytes)
                 del qmodel
                 measure("w4a16_batch1", imodel, modes(imodel, "int4_", "int4_eager"))
+                del imodel
+                # The service's W4A16 path on CUDA: the packed tensors kept as stored (W4A16Linear),
+                # the lone request through FusedDecoder's gemv_w4 kernels.
+                tmodel, _ = load_w4a16(Path(tmp), device)
+                qinfo["service_kernel"] = w4a16_kernel(tmodel, device)
+                qinfo["triton_linears"] = int4_linears(tmodel, device, kernel="triton")
+                qinfo["triton_model_bytes_per_token"] = bytes_per_token(tmodel)
+                measure("w4a16_fused_batch1", tmodel, modes(tmodel, "w4a16_", "w4a16_eager", compiled=False))
+                if device == "cuda" and (not only or "w4a16_accuracy" in only):
+                    # teacher-forced logits of the fused W4A16 step against the dequantized model in
+                    # float32 (compressed-tensors' own path, decompressed at its first forward; a
+                    # quantized transformers model refuses `.float()`, so it is loaded in float32)
+                    qmodel, _ = load_w4a16(Path(tmp), device)
+                    qref, _ = load_w4a16(Path(tmp), device, "float32")
+                    try:
+                        result["w4a16_accuracy"] = accuracy(qmodel, {"w4a16_fused": FusedDecoder(tmodel, max_len, device)},
+                                                            prompt_len=args.prompt_len, steps=16, device=device,
+                                                            reference=qref)
+                    except Exception as exc:
+                        result["w4a16_accuracy"] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+                    print("w4a16 accuracy", json.dumps(result["w4a16_accuracy"]), flush=True)
+                    del qmodel, qref
+                result["summary"] = summary(result)
                 save()
         except Exception as exc:
             result["w4a16"] = {"error": f"{type(exc).__name__}: {exc}"[:800], "trace": traceback.format_exc()[-1500:]}
@@ -600,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     result["total_s"] = round(time.perf_counter() - t0, 1)
     save()
     print(json.dumps({k: result[k] for k in ("bf16_batch1", "w4a16_batch1") if k in result}, indent=2)[:3000])
+    print(json.dumps(result.get("summary"), indent=1))
     return 0
 
 

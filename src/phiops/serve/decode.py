@@ -24,6 +24,11 @@ Layers the kernel cannot take fall back to a dequantized ``nn.Linear`` (``Dequan
 logged and counted (``weights_held``). On CPU, prefill-sized inputs (``PREFILL_ROWS``) dequantize
 the layer for the call and run the dense GEMM, which beats the int4 kernel there.
 
+``W4A16Linear`` keeps a W4A16 layer packed as compressed-tensors stores it and runs our Triton
+kernels (``kernels.gemv_w4``, ``kernels.matmul_w4``); ``FusedDecoder`` streams such layers too.
+It is the CUDA default for the llama-family models ``FusedDecoder`` covers (``w4a16_kernel`` says
+when; ``PHIOPS_W4A16_KERNEL=tinygemm`` turns it off): ``int4_linears(..., kernel="triton")``.
+
 On CPU the decoders run without the CUDA graph (tests check them against the plain forward).
 This module needs only torch and transformers (and compressed-tensors for W4A16); it ships in
 the bento inside the phiops wheel; the service's loader (phiops.serve.loader) imports it on every
@@ -188,11 +193,24 @@ def fused_unsupported(model: Any) -> str | None:
     if model.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"dtype {model.dtype}"
     for layer in model.model.layers:
-        for m in (*_attn_linears(layer), layer.self_attn.o_proj, *_mlp_linears(layer), layer.mlp.down_proj):
-            if type(m) is not nn.Linear or m.bias is not None:
-                return f"layer {type(m).__name__}{' with a bias' if getattr(m, 'bias', None) is not None else ''}"
-    if type(model.lm_head) is not nn.Linear or model.lm_head.bias is not None:
-        return "lm_head is not a plain linear layer"
+        for group in (_attn_linears(layer), (layer.self_attn.o_proj,), _mlp_linears(layer), (layer.mlp.down_proj,)):
+            reason = _matrix_unsupported(group)
+            if reason:
+                return reason
+    if _matrix_unsupported((model.lm_head,)):
+        return f"lm_head: {_matrix_unsupported((model.lm_head,))}"
+    return None
+
+
+def _matrix_unsupported(linears: tuple[Any, ...]) -> str | None:
+    """Why linears applied to one input cannot be one GEMV: all plain bf16/fp linears, or all
+    ``W4A16Linear`` of one group size and kind (symmetric or not); no biases."""
+    for m in linears:
+        if type(m) not in (nn.Linear, W4A16Linear) or m.bias is not None:
+            return f"layer {type(m).__name__}{' with a bias' if getattr(m, 'bias', None) is not None else ''}"
+    kinds = {(type(m), getattr(m, "group_size", None), getattr(m, "weight_zero_point", None) is None) for m in linears}
+    if len(kinds) > 1:
+        return f"layers {', '.join(type(m).__name__ for m in linears)} of different kinds on one input"
     return None
 
 
@@ -206,13 +224,9 @@ def _mlp_linears(layer: Any) -> tuple[Any, ...]:
     return (m.gate_up_proj,) if hasattr(m, "gate_up_proj") else (m.gate_proj, m.up_proj)
 
 
-def _fused_weight(linears: tuple[Any, ...]) -> Any:
-    """One ``[sum(out), in]`` weight for linears applied to the same input (Llama's q/k/v, gate/up).
-
-    The layers' own weights become row views of it, so the model keeps working and the memory
-    is not doubled; a second call finds them already adjacent and returns the same storage.
-    """
-    ws = [m.weight.data for m in linears]
+def _fuse_rows(ws: list[Any]) -> tuple[Any, list[Any] | None]:
+    """One ``[sum(rows), cols]`` tensor of row-major 2-d tensors, and row views of it to put back
+    (None: they already lie adjacent in one storage, and the fused tensor is a view of it)."""
     rows, k = sum(w.shape[0] for w in ws), ws[0].shape[1]
     first = ws[0]
     adjacent, offset = True, first.storage_offset()
@@ -221,13 +235,46 @@ def _fused_weight(linears: tuple[Any, ...]) -> Any:
                      and w.storage_offset() == offset)
         offset += w.numel()
     if adjacent:
-        return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, k), (k, 1))
+        return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, k), (k, 1)), None
     fused = torch.cat(ws).contiguous()
-    start = 0
-    for m, w in zip(linears, ws):
-        m.weight.data = fused[start:start + w.shape[0]]
+    views, start = [], 0
+    for w in ws:
+        views.append(fused[start:start + w.shape[0]])
         start += w.shape[0]
+    return fused, views
+
+
+def _fused_weight(linears: tuple[Any, ...]) -> Any:
+    """One ``[sum(out), in]`` weight for linears applied to the same input (Llama's q/k/v, gate/up).
+
+    The layers' own weights become row views of it, so the model keeps working and the memory
+    is not doubled; a second call finds them already adjacent and returns the same storage.
+    """
+    fused, views = _fuse_rows([m.weight.data for m in linears])
+    for m, v in zip(linears, views or ()):
+        m.weight.data = v
     return fused
+
+
+def _fused_matrix(linears: tuple[Any, ...]) -> Any:
+    """``_fused_weight`` for dense layers; for ``W4A16Linear`` ones the same over their packed
+    weights and scales (the layers keep row views), as ``(packed, scale, zero_point, group)``.
+    Zero points are packed 8 rows to a word, so a fused set of them is repacked (a copy: they are
+    1/512 of the weights at group 128)."""
+    if type(linears[0]) is nn.Linear:
+        return _fused_weight(linears)
+    packed, views = _fuse_rows([m.weight_interleaved for m in linears])
+    for m, v in zip(linears, views or ()):
+        m.weight_interleaved = v
+    scale, views = _fuse_rows([m.weight_scale for m in linears])
+    for m, v in zip(linears, views or ()):
+        m.weight_scale = v
+    zp = linears[0].weight_zero_point
+    if zp is not None and len(linears) > 1:
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+        zp = pack_to_int32(torch.cat([m.zero_point_codes() for m in linears]), 4, packed_dim=0).contiguous()
+    return packed, scale, zp, linears[0].group_size
 
 
 class FusedDecoder(GraphDecoder):
@@ -266,30 +313,97 @@ class FusedDecoder(GraphDecoder):
         self._cos[:, :rot], self._sin[:, :rot] = cos[0], sin[0]
         self._attn = K.Attention(heads=hq, kv_heads=hkv, head_dim=head_dim, rotary_dim=rot, max_len=max_len,
                                  scaling=float(attn0.scaling), device=device, chunk=chunk)
-        self._layers = [(_fused_weight(_attn_linears(layer)), layer.self_attn.o_proj.weight.data,
-                         _fused_weight(_mlp_linears(layer)), layer.mlp.down_proj.weight.data,
+        # Each matrix is a dense weight (``kernels.gemv``) or a packed W4A16 one (``kernels.gemv_w4``).
+        self._layers = [(_fused_matrix(_attn_linears(layer)), _fused_matrix((layer.self_attn.o_proj,)),
+                         _fused_matrix(_mlp_linears(layer)), _fused_matrix((layer.mlp.down_proj,)),
                          layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data,
                          float(layer.input_layernorm.variance_epsilon)) for layer in inner.layers]
         self._embed = inner.embed_tokens.weight.data
         self._norm, self._norm_eps = inner.norm.weight.data, float(inner.norm.variance_epsilon)
-        self._lm_head = model.lm_head.weight.data
+        self._lm_head = _fused_matrix((model.lm_head,))
         dtype = model.dtype
-        new = lambda n: torch.empty((n,), dtype=dtype, device=device)
-        self._x, self._qkv, self._ao = new(cfg.hidden_size), new((hq + 2 * hkv) * head_dim), new(hq * head_dim)
-        self._h = new(self._layers[0][3].shape[1])
-        self._logits = torch.empty((1, self._lm_head.shape[0]), dtype=dtype, device=device)
+        new = lambda n, t=dtype: torch.empty((n,), dtype=t, device=device)
+        # The inputs of o_proj and down_proj stay float32 when those are W4A16: their kernel then
+        # reads them without a bf16 convert per activation (a tenth of its instructions).
+        ao_dtype, h_dtype = (dtype if isinstance(self._layers[0][i], torch.Tensor) else torch.float32 for i in (1, 3))
+        self._x, self._qkv = new(cfg.hidden_size), new((hq + 2 * hkv) * head_dim)
+        self._ao, self._h = new(hq * head_dim, ao_dtype), new(inner.layers[0].mlp.down_proj.in_features, h_dtype)
+        self._logits = torch.empty((1, model.lm_head.out_features), dtype=dtype, device=device)
         self._fn = self._fused_step
+        self.w4_configs: dict[str, tuple[int, int, int]] = {}  # W4A16 launch config per matrix role (_tune_w4)
+
+    def _mv(self, w: Any, a: Any, out: Any, role: str = "", **fused: Any) -> Any:
+        if isinstance(w, torch.Tensor):
+            return self._K.gemv(w, a, out, **fused)
+        return self._K.gemv_w4(*w, a, out, config=self.w4_configs.get(role), **fused)
+
+    def _calls(self, layer: tuple[Any, ...]) -> dict[str, tuple[Any, Any, Any, dict[str, Any]]]:
+        """A layer's four weight matrices as (weight, input, output, fused stages), by role."""
+        qkv, o, gate_up, down, ln1, ln2, eps = layer
+        x = self._x
+        return {"qkv": (qkv, x, self._qkv, {"norm": ln1, "eps": eps}),
+                "o": (o, self._ao, x, {"residual": x}),
+                "gate_up": (gate_up, x, self._h, {"norm": ln2, "eps": eps, "gated": True}),
+                "down": (down, self._h, x, {"residual": x})}
 
     def _fused_step(self, tok: Any, pos: Any) -> Any:
-        K, x = self._K, self._x
+        x, mv = self._x, self._mv
         torch.index_select(self._embed, 0, tok.view(1), out=x.view(1, -1))
-        for layer, (qkv, o, gate_up, down, ln1, ln2, eps) in zip(self.cache.layers, self._layers):
-            K.gemv(qkv, x, self._qkv, norm=ln1, eps=eps)
-            self._attn(self._qkv, layer.keys, layer.values, pos, self._cos, self._sin, self._ao)
-            K.gemv(o, self._ao, x, residual=x)
-            K.gemv(gate_up, x, self._h, norm=ln2, eps=eps, gated=True)
-            K.gemv(down, self._h, x, residual=x)
-        return K.gemv(self._lm_head, x, self._logits, norm=self._norm, eps=self._norm_eps)
+        for cache, layer in zip(self.cache.layers, self._layers):
+            calls = self._calls(layer)
+            mv(*calls["qkv"][:3], role="qkv", **calls["qkv"][3])
+            self._attn(self._qkv, cache.keys, cache.values, pos, self._cos, self._sin, self._ao)
+            for role in ("o", "gate_up", "down"):
+                mv(*calls[role][:3], role=role, **calls[role][3])
+        return mv(self._lm_head, x, self._logits, norm=self._norm, eps=self._norm_eps)
+
+    def _capture(self) -> None:
+        if self._cuda:
+            self._tune_w4()
+        super()._capture()
+
+    def _tune_w4(self, replays: int = 5) -> None:
+        """Each W4A16 role's launch config: the one whose GEMVs over all the layers run fastest back to
+        back in a CUDA graph with PDL, as in the step (every layer's weights: far more than the L2).
+
+        Triton's autotuner (``kernels.gemv_w4`` without a config) times one launch alone after
+        flushing the L2, so it favours big register footprints that leave the next kernel no room
+        to start early: on the H200 its picks ran up to 1.2x slower in a graph than the best config
+        (bench/results/decode_kernels_w4a16_h200.json, ``sweep``). The buffers this scribbles on
+        are overwritten by the step.
+        """
+        import statistics
+
+        K = self._K
+        for buf in (self._x, self._ao, self._h):
+            buf.normal_()
+        for role in ("qkv", "o", "gate_up", "down"):
+            specs = [self._calls(layer)[role] for layer in self._layers]
+            if any(isinstance(w, torch.Tensor) for w, *_ in specs):
+                continue
+            times = {}
+            for cfg in K.w4_candidates(specs[0][1].numel()):
+                for w, a, out, fused in specs[:1]:  # compiles outside the capture
+                    K.gemv_w4(*w, a, out, config=cfg, **fused)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for w, a, out, fused in specs:
+                        K.gemv_w4(*w, a, out, config=cfg, **fused)
+                graph.replay()
+                runs = []
+                for _ in range(replays):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    graph.replay()
+                    end.record()
+                    end.synchronize()
+                    runs.append(start.elapsed_time(end) * 1000 / len(specs))
+                times[cfg] = statistics.median(runs)
+                del graph
+            self.w4_configs[role] = min(times, key=times.get)
+            log.info("W4A16 %s: config %s, %.2f us a layer (%s)", role, self.w4_configs[role], times[self.w4_configs[role]],
+                     ", ".join(f"{c}: {t:.2f}" for c, t in times.items()))
 
 
 # ---- W4A16 through PyTorch's int4 kernel ---------------------------------------------------------
@@ -392,6 +506,61 @@ class DequantizedLinear(nn.Linear):
     reason: str = ""
 
 
+class W4A16Linear(nn.Module):
+    """A compressed-tensors W4A16 layer kept as it is stored, run by our Triton kernels (CUDA).
+
+    The buffers are compressed-tensors' own, the weight's nibbles reordered within each group
+    (``kernels.interleave_w4``, int4-sized still), so the model holds int4-sized weights once; ``FusedDecoder`` streams them through ``kernels.gemv_w4``
+    with its fused stages, and this module's own forward (prefill, the batched engine) runs
+    ``kernels.gemv_w4`` for one row and ``kernels.matmul_w4`` for more.
+
+    Args:
+        packed: compressed-tensors' ``weight_packed``, int32 ``[out, in / 8]``; held interleaved
+            (``weight_interleaved``).
+        scale: ``[out, in / group]``, stored in ``dtype``.
+        zero_point: int32 ``[ceil(out / 8), in / group]`` (``weight_zero_point``, asymmetric
+            schemes) or None.
+        group, in_features: the scheme's group size and the layer's input width.
+        bias: ``[out]`` or None. dtype: the activations' dtype, in and out.
+    """
+
+    def __init__(self, packed: Any, scale: Any, zero_point: Any, group: int, in_features: int, bias: Any,
+                 dtype: Any) -> None:
+        super().__init__()
+        self.out_features, self.in_features, self.group_size, self.dtype = packed.shape[0], in_features, group, dtype
+        from phiops.serve.kernels import interleave_w4
+
+        self.register_buffer("weight_interleaved", interleave_w4(packed, in_features, group))
+        self.register_buffer("weight_scale", scale.to(dtype).contiguous())
+        self.register_buffer("weight_zero_point", None if zero_point is None else zero_point.contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+
+    def zero_point_codes(self) -> Any:
+        """The zero points as int8 ``[out, ceil(in / group)]`` in [-8, 7]."""
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        return unpack_from_int32(self.weight_zero_point, 4, (self.out_features, self.weight_scale.shape[1]),
+                                 packed_dim=0)
+
+    def forward(self, x: Any) -> Any:
+        from phiops.serve import kernels as K
+
+        x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
+        out = torch.empty((x2.shape[0], self.out_features), dtype=self.dtype, device=x.device)
+        w = (self.weight_interleaved, self.weight_scale, self.weight_zero_point, self.group_size)
+        if x2.shape[0] == 1:
+            K.gemv_w4(*w, x2[0], out[0])
+        elif x2.shape[0] > 1:
+            K.matmul_w4(*w, x2, out)
+        if self.bias is not None:
+            out += self.bias
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"int4 {'asymmetric' if self.weight_zero_point is not None else 'symmetric'}, Triton kernels")
+
+
 def _shape_unsupported(out_features: int, in_features: int, group: int, device: str) -> str | None:
     if group not in INT4_GROUPS:
         return f"group size {group} (the kernel takes {', '.join(map(str, INT4_GROUPS))})"
@@ -407,6 +576,34 @@ def _shape_unsupported(out_features: int, in_features: int, group: int, device: 
 
 def int4_unsupported(module: Any, device: str) -> str | None:
     """Why a compressed-tensors packed linear cannot run on the int4 kernel on ``device`` (None: it can)."""
+    reason = _scheme_unsupported(module)
+    if reason:
+        return reason
+    w = module.quantization_scheme.weights
+    shape = [int(v) for v in module.weight_shape.tolist()]
+    return _shape_unsupported(shape[0], shape[1], w.group_size, device)
+
+
+def w4a16_unsupported(module: Any) -> str | None:
+    """Why a compressed-tensors packed linear cannot be a ``W4A16Linear`` (None: it can).
+
+    The Triton kernels take any number of rows and whole groups of a multiple of 32 columns
+    (llm-compressor writes 32-256, and K a multiple of the group).
+    """
+    reason = _scheme_unsupported(module)
+    if reason:
+        return reason
+    group = module.quantization_scheme.weights.group_size
+    if group % 32:
+        return f"group size {group} (the Triton kernel takes multiples of 32)"
+    if int(module.weight_shape[1]) % group:
+        return f"{int(module.weight_shape[1])} input features are not a whole number of groups of {group}"
+    if module.weight_packed.dtype != torch.int32:
+        return f"weight_packed of {module.weight_packed.dtype}"
+    return None
+
+
+def _scheme_unsupported(module: Any) -> str | None:
     w = getattr(getattr(module, "quantization_scheme", None), "weights", None)
     if w is None:
         return "no weight quantization scheme"
@@ -421,8 +618,7 @@ def int4_unsupported(module: Any, device: str) -> str | None:
         return f"activation order {w.actorder} (weight_g_idx permutes the groups)"
     if getattr(module, "input_scale", None) is not None or getattr(module, "input_zero_point", None) is not None:
         return "quantized activations"
-    shape = [int(v) for v in module.weight_shape.tolist()]
-    return _shape_unsupported(shape[0], shape[1], w.group_size, device)
+    return None
 
 
 def _unpacked(module: Any) -> tuple[Any, Any, Any]:
@@ -454,7 +650,30 @@ def _dequantized_linear(module: Any, dtype: Any, device: str, reason: str) -> De
     return new
 
 
-def int4_linears(model: Any, device: str, dtype: Any = None) -> tuple[int, int]:
+def w4a16_kernel(model: Any, device: str) -> str:
+    """Which kernel ``int4_linears`` should give a W4A16 model's layers on ``device``.
+
+    ``"triton"`` (``W4A16Linear``, our kernels, ``FusedDecoder`` for a lone request) on CUDA for the
+    llama-family model types ``FusedDecoder`` covers when every packed layer fits, unless
+    ``PHIOPS_W4A16_KERNEL=tinygemm`` asks for PyTorch's (``Int4Linear``, ``GraphDecoder``). The
+    default since the H200 run in bench/results/decode_w4a16_h200.json (Phi-3-mini shape): the fused
+    Triton step decoded 717 tokens/s against tinygemm's 455 in the compiled graph, and a lone
+    request through the engine 520 against 355. The CPU and Phi-2 always take tinygemm.
+    """
+    import os
+
+    choice = os.environ.get("PHIOPS_W4A16_KERNEL", "triton")
+    if choice not in ("triton", "tinygemm"):
+        raise ValueError(f"PHIOPS_W4A16_KERNEL={choice!r}: triton or tinygemm")
+    cfg = model.config.get_text_config(decoder=True)
+    packed = [m for m in model.modules() if hasattr(m, "weight_packed")]
+    if (device != "cuda" or choice != "triton" or cfg.model_type not in FUSED_MODEL_TYPES or not packed
+            or any(w4a16_unsupported(m) for m in packed)):
+        return "tinygemm"
+    return "triton"
+
+
+def int4_linears(model: Any, device: str, dtype: Any = None, kernel: str = "tinygemm") -> tuple[int, int]:
     """Replace every compressed-tensors W4A16 linear by an int4-kernel one, or a dequantized one.
 
     Call it before the model's first forward: compressed-tensors decompresses every layer to full
@@ -465,10 +684,14 @@ def int4_linears(model: Any, device: str, dtype: Any = None) -> tuple[int, int]:
         model: a causal LM loaded by transformers (its W4A16 layers still packed).
         device: where it runs (``cuda`` or ``cpu``).
         dtype: the activations' dtype (default: the model's).
+        kernel: ``"tinygemm"`` (:class:`Int4Linear`) or ``"triton"`` (:class:`W4A16Linear`, the
+            packed tensors kept as they are; :func:`w4a16_kernel` says which the service uses).
 
     Returns:
-        ``(packed, dequantized)``: how many layers run on the int4 kernel, how many fell back.
+        ``(packed, dequantized)``: how many layers run on an int4 kernel, how many fell back.
     """
+    if kernel not in ("tinygemm", "triton"):
+        raise ValueError(f"unknown W4A16 kernel {kernel!r} (tinygemm or triton)")
     if not any(hasattr(m, "weight_packed") for m in model.modules()):
         return 0, 0
     dtype = dtype or model.dtype
@@ -477,11 +700,16 @@ def int4_linears(model: Any, device: str, dtype: Any = None) -> tuple[int, int]:
     # Names, not modules: a list of the modules would keep every replaced layer alive to the end.
     for name in [n for n, m in model.named_modules() if hasattr(m, "weight_packed")]:
         module = model.get_submodule(name)
-        reason = int4_unsupported(module, device)
-        if reason is None:
+        if kernel == "triton" and w4a16_unsupported(module) is None:
+            w = module.quantization_scheme.weights
+            new: nn.Module = W4A16Linear(module.weight_packed.data, module.weight_scale.data,
+                                         None if w.symmetric else module.weight_zero_point.data, w.group_size,
+                                         int(module.weight_shape[1]), getattr(module, "bias", None), dtype)
+            packed += 1
+        elif (reason := int4_unsupported(module, device)) is None:
             q, scale, zp = _unpacked(module)
-            new: nn.Module = Int4Linear(q, scale, module.quantization_scheme.weights.group_size,
-                                        getattr(module, "bias", None), device, zero_point=zp, dtype=dtype)
+            new = Int4Linear(q, scale, module.quantization_scheme.weights.group_size,
+                             getattr(module, "bias", None), device, zero_point=zp, dtype=dtype)
             packed += 1
         else:
             new = _dequantized_linear(module, dtype, device, reason)
@@ -514,7 +742,7 @@ def weights_held(model: Any) -> str:
     """
     total = int4 = fallback = ct_packed = 0
     for m in model.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, (Int4Linear, W4A16Linear)):
             int4 += 1
         elif isinstance(m, DequantizedLinear):
             fallback += 1

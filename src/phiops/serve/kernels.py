@@ -14,7 +14,9 @@ kernels per layer, each streaming one weight matrix with the step's small work f
   into the static cache at the step's position, and attention over the cache, split over the
   sequence (flash-decoding) so that a short sequence still spreads over the GPU;
 - ``combine``: the splits' partial softmax sums merged into the attention output (launched only
-  when there is more than one split).
+  when there is more than one split);
+- ``gemv_w4`` / ``matmul_w4``: the GEMV (same fused stages) and a small-M matmul over W4A16 weights in
+  compressed-tensors' packing, dequantized in registers (section at the end).
 
 The position is read from a device tensor, so a CUDA graph of the whole step replays for every
 token. On Hopper the kernels are chained by programmatic dependent launch (``pdl_enabled``). Everything runs under Triton's interpreter on CPU (``TRITON_INTERPRET=1``), which is how
@@ -250,3 +252,343 @@ class Attention:
                                  BLOCK_S=triton.next_power_of_2(self.splits), PDL=pdl, num_warps=4,
                                  **launch)
         return out
+
+
+# ---- W4A16: the same GEMV over packed int4 weights -------------------------------------------------
+#
+# compressed-tensors' pack-quantized layout, as llm-compressor writes it: ``weight_packed`` int32
+# ``[N, K / 8]``, input column ``k`` in word ``k // 8`` at bits ``4 * (k % 8)`` (low nibble first) as
+# the unsigned code ``u = q + 8``; ``weight_scale`` ``[N, K / G]``; asymmetric schemes add
+# ``weight_zero_point``, int32 ``[ceil(N / 8), K / G]``, packed the same way along the *output* dim.
+# The weight is ``(q - z) * s = (u - 8 - z) * s``.
+#
+# ``interleave_w4`` repacks the weights once at load, int4-sized still: within each group of ``G``
+# columns, word ``w`` (of ``G / 8``) holds columns ``w, w + G/8, ..., w + 7 G/8``. Then nibble ``j``
+# of a tile's words meets a contiguous run of activations (one vector load per nibble position,
+# shared by the thread's rows), and each word lies in one group (one scale per word).
+#
+# A batch-1 GEMV at 4.8 TB/s leaves little ALU time per weight (~10^13 weights/s against ~3.3 * 10^13
+# fp32 lane-instructions/s on an H200), so each weight gets two instructions:
+#   1. ``word & (15 << e)``: one LOP3 leaves the code where it sits, at bit ``e`` (nibbles 0-4 of the
+#      word; 5-7 of ``word >> 12``, so that ``e <= 16``), which read as a float is the denormal
+#      ``u * 2^(e - 149)``: exact, with no int->float convert (a quarter-rate instruction) and no
+#      subtract (OR-ing the code into 2^23's mantissa, the usual trick, costs that FADD, and its OR
+#      and AND do not merge into one LOP3 when both masks are immediates);
+#   2. an FMA with the activation lifted by ``2^(80 - e)`` (once per column, shared by the thread's
+#      rows), so each product is ``u * a * 2^-69``, a normal float for any activation above ~1e-17
+#      and far from overflow. Triton's FMAs keep denormals (PTX ``fma.rn.f32``, no ``.ftz``).
+# The scale and the centre ``8 + z`` are applied once per four words (one group), through the sums of the
+# activations: ``sum_k (u_k - c) s a_k = s (sum_k u_k a_k - c sum_k a_k)``.
+#
+# Bytes in flight: a 4-bit matrix is small (Phi-3-mini's o_proj is 4.9 MB, a few microseconds at full
+# bandwidth), so a program must not walk K tile after tile. Each program takes a block of rows and
+# requests all of its K at once, as up to four tiles of ``BW`` words before it computes any (and,
+# under PDL, before it waits for the previous kernel); only a K longer than four tiles loops. Small
+# row blocks give every matrix several programs per SM: ~600-1,200 for a Phi-3-mini layer's four.
+
+
+def interleave_w4(packed: torch.Tensor, k: int, group: int) -> torch.Tensor:
+    """compressed-tensors' ``weight_packed`` (``[N, K / 8]`` int32) in the kernels' order (above)."""
+    if group % 32 or k % group or packed.dtype != torch.int32 or tuple(packed.shape[1:]) != (k // 8,):
+        raise ValueError(f"W4A16: packed {tuple(packed.shape)} {packed.dtype}, K {k}, group {group}: the kernels "
+                         "take compressed-tensors' int32 packing, K a whole number of groups, groups of 32n")
+    n, gw = packed.shape[0], group // 8
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    u = (packed[:, :, None] >> shifts) & 15  # [N, K/8, 8]: column order
+    u = u.reshape(n, k // group, 8, gw).transpose(2, 3)  # [N, groups, word, nibble]
+    return (u << shifts).sum(-1, dtype=torch.int32).reshape(n, k // 8).contiguous()
+
+
+MAX_TILES = 4  # tiles a program requests before computing; more registers than this spill
+
+
+# (rows a program, words a tile, warps), words = 128 x warps: the tile's chunks of four words span
+# the program's lanes exactly, so each thread holds four words of every row of the program (and of
+# its up rows, gated) and an activation it loads serves all of them. More rows a thread spend fewer
+# instructions per weight on the activations (bench/w4a16_sass.py counts them in the sm_90a build: ~3.8
+# a weight at 8 rows, ~4.9 at 4, for a norm-fused K of 3,072) but hold more registers: 8 rows x 3
+# tiles take ~240. The interpreter's one config makes the tests' small K take several tiles and,
+# past four, the loop: 8 words (64 or 128 columns) a tile.
+W4_INTERPRET_CONFIG = (64, 8, 4)
+W4_CONFIGS = [(2, 128, 1), (4, 128, 1), (8, 128, 1), (2, 256, 2), (4, 256, 2), (4, 512, 4), (8, 512, 4)]
+
+
+def _gemv_w4_configs() -> list[Any]:
+    shapes = [W4_INTERPRET_CONFIG] if INTERPRET else W4_CONFIGS
+    return [triton.Config({"BLOCK_N": n, "BW": w}, num_warps=nw) for n, w, nw in shapes]
+
+
+def _w4_tiles(args: dict[str, Any]) -> int:
+    return min(MAX_TILES, triton.cdiv(args["K"] // 8, args["BW"]))
+
+
+def _w4_batches(args: dict[str, Any]) -> int:
+    return triton.cdiv(args["K"] // 8, _w4_tiles(args) * args["BW"])
+
+
+def w4_candidates(k: int) -> list[tuple[int, int, int]]:
+    """The configs worth timing for a K: one batch of tiles where any config has it (a second batch
+    is requested only after the first is computed), and at most a third more words than K holds
+    (else the least padded): K = 3,072 (384 words) keeps its 512-word tiles, a quarter idle,
+    which won in graphs on the H200 (bench/results/decode_kernels_w4a16_h200.json, ``sweep``)."""
+    def cost(c: tuple[int, int, int]) -> tuple[int, int]:
+        args = {"K": k, "BW": c[1]}
+        return _w4_batches(args), _w4_batches(args) * _w4_tiles(args) * c[1]
+
+    configs = [W4_INTERPRET_CONFIG] if INTERPRET else W4_CONFIGS
+    batches = min(cost(c)[0] for c in configs)
+    one = [c for c in configs if cost(c)[0] == batches]
+    least = min(cost(c)[1] for c in one)
+    return [c for c in one if cost(c)[1] <= max(least, 4 * (k // 8) // 3)]
+
+
+def _w4_prune(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
+    keep = w4_candidates(kwargs["K"])
+    return [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BW"], c.num_warps) in keep]
+
+
+@triton.jit
+def _w4_tile(q_ptr, s_ptr, z_ptr, rows, rmask, c, i, KW: tl.constexpr, NG: tl.constexpr, GW: tl.constexpr,
+             ZP: tl.constexpr):
+    """One tile: the words of ``rows`` (``[1, R, P, 1]``) in chunks ``c`` (``[BC, 1, 1, 1]``) of four
+    (``i``, ``[1, 1, 1, 4]``: one 16-byte load), one scale and zero-point word a chunk (its four
+    words lie in one group); nothing past K is read. The chunk axis comes first: Triton lays
+    threads along the first of the axes it cannot tell apart, and the chunks must get them (so that
+    a thread holds every row of its chunk, and an activation it loads serves all of them)."""
+    w = c * 4 + i
+    q = tl.load(q_ptr + rows * KW + w, mask=rmask & (w < KW), other=0, eviction_policy="evict_first")
+    cmask = rmask & (c * 4 < KW)  # K is a whole number of groups: chunks are all in or all out
+    s = tl.load(s_ptr + rows * NG + (c * 4) // GW, mask=cmask, other=0.0)
+    if ZP:
+        zw = tl.load(z_ptr + (rows // 8) * NG + (c * 4) // GW, mask=cmask, other=0)
+    else:
+        zw = tl.zeros([1, 1, 1, 1], dtype=tl.int32)
+    return q, s, zw
+
+
+@triton.jit
+def _w4_code(q, qh, J: tl.constexpr):
+    """Nibble ``J`` of each word, left where it is and read as a float: ``u * 2^(e - 149)``, a
+    denormal, exactly (step 1 above; ``e`` is its bit position, ``qh`` the word shifted right 12)."""
+    if J < 5:
+        return (q & (15 << (4 * J))).to(tl.float32, bitcast=True)
+    else:
+        return (qh & (15 << (4 * J - 12))).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _w4_lift(a, J: tl.constexpr):
+    """The activation that multiplies nibble ``J``'s denormal: ``a * 2^(80 - e)``, so that every
+    product is ``u * a * 2^-69`` (step 2 above)."""
+    if J < 5:
+        return a * (1.2089258196146292e24 / (1 << (4 * J)))  # 2^80 / 2^e
+    else:
+        return a * (1.2089258196146292e24 / (1 << (4 * J - 12)))
+
+
+@triton.jit
+def _w4_dot(q, s, zw, rows, c, i, a_ptr, g_ptr, acc, sumsq, KW: tl.constexpr, G: tl.constexpr,
+            GW: tl.constexpr, ZP: tl.constexpr, NORM: tl.constexpr, DRY: tl.constexpr):
+    """``acc += s * (sum u a - c * sum a)`` per (row, chunk) of one tile, the sums over the chunk's
+    32 weights; the norm's sum of squares of the activations on the way. The activations are
+    ``[BC, 1, 1, 4]`` tensors in the tile's own layout (no shuffle through shared memory).
+    ``DRY`` (bench only): the loads alone, one add a word."""
+    if DRY:
+        return acc + tl.sum(q.to(tl.float32, bitcast=True), axis=3, keep_dims=True) + s.to(tl.float32), sumsq
+    w = c * 4 + i
+    cmask = w < KW
+    # column of nibble 0 of each word: runs of four contiguous columns
+    col0 = tl.max_contiguous(tl.multiple_of((w // GW) * G + w % GW, [1, 1, 1, 4]), [1, 1, 1, 4])
+    qh = q >> 12
+    p = tl.zeros(q.shape, dtype=tl.float32)
+    asum = tl.zeros(w.shape, dtype=tl.float32)
+    for j in tl.static_range(8):
+        cols = col0 + j * GW
+        a = tl.load(a_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        if NORM:
+            sumsq += a * a
+            a = a * tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        asum += a
+        p += _w4_code(q, qh, j) * _w4_lift(a, j)
+    if ZP:  # the stored nibble is 8 + z: the code's centre (a small integer, exact through the float trick)
+        centre = (((zw >> ((rows % 8) * 4)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    else:
+        centre = 8.0
+    return acc + s.to(tl.float32) * (tl.sum(p, axis=3, keep_dims=True) * 5.902958103587057e20  # 2^69
+                                     - centre * tl.sum(asum, axis=3, keep_dims=True)), sumsq
+
+
+@triton.jit
+def _gemv_w4_kernel(q_ptr, s_ptr, z_ptr, a_ptr, g_ptr, r_ptr, out_ptr, N, eps,
+                    K: tl.constexpr, G: tl.constexpr, ZP: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
+                    RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr, BW: tl.constexpr,
+                    T: tl.constexpr, NB: tl.constexpr, DRY: tl.constexpr = False):
+    """``BLOCK_N`` output rows a program (and their up rows when ``GATED``: the weight's row pairs
+    ``n``, ``N + n`` sit along a second axis ``P``), all of K as ``NB`` batches of ``T`` tiles of
+    ``BW`` words."""
+    if PDL:
+        gdc_launch_dependents()
+    KW: tl.constexpr = K // 8  # int32 words per row
+    NG: tl.constexpr = K // G  # groups (scales) per row
+    GW: tl.constexpr = G // 8  # words per group
+    P: tl.constexpr = 2 if GATED else 1
+    BC: tl.constexpr = BW // 4  # chunks of four words a tile
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < N
+    pair = tl.arange(0, P)
+    rows = (n[:, None] + pair[None, :] * N)[None, :, :, None]  # [1, BLOCK_N, P, 1] weight rows
+    rmask = (n[:, None] < N)[None, :, :, None] & (pair[None, :] < P)[None, :, :, None]
+    c = tl.arange(0, BC)[:, None, None, None]
+    i = tl.arange(0, 4)[None, None, None, :]
+    acc = tl.zeros([BC, BLOCK_N, P, 1], dtype=tl.float32)
+    sumsq = tl.zeros([BC, 1, 1, 4], dtype=tl.float32)
+    r = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for b in range(NB):  # one batch unless K is longer than T tiles
+        c0 = b * (T * BC)
+        # Every tile's weights requested before any is used; under PDL, before waiting for the
+        # previous kernel, whose output (the activations, the residual) is read only after.
+        q0, s0, z0 = _w4_tile(q_ptr, s_ptr, z_ptr, rows, rmask, c0 + c, i, KW, NG, GW, ZP)
+        if T > 1:
+            q1, s1, z1 = _w4_tile(q_ptr, s_ptr, z_ptr, rows, rmask, c0 + BC + c, i, KW, NG, GW, ZP)
+        if T > 2:
+            q2, s2, z2 = _w4_tile(q_ptr, s_ptr, z_ptr, rows, rmask, c0 + 2 * BC + c, i, KW, NG, GW, ZP)
+        if T > 3:
+            q3, s3, z3 = _w4_tile(q_ptr, s_ptr, z_ptr, rows, rmask, c0 + 3 * BC + c, i, KW, NG, GW, ZP)
+        if PDL:
+            gdc_wait()  # returns at once after the first batch
+        if RESIDUAL:  # requested early: its latency overlaps the arithmetic
+            r = tl.load(r_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+        acc, sumsq = _w4_dot(q0, s0, z0, rows, c0 + c, i, a_ptr, g_ptr, acc, sumsq, KW, G, GW, ZP, NORM, DRY)
+        if T > 1:
+            acc, sumsq = _w4_dot(q1, s1, z1, rows, c0 + BC + c, i, a_ptr, g_ptr, acc, sumsq, KW, G, GW, ZP, NORM,
+                                 DRY)
+        if T > 2:
+            acc, sumsq = _w4_dot(q2, s2, z2, rows, c0 + 2 * BC + c, i, a_ptr, g_ptr, acc, sumsq, KW, G, GW, ZP,
+                                 NORM, DRY)
+        if T > 3:
+            acc, sumsq = _w4_dot(q3, s3, z3, rows, c0 + 3 * BC + c, i, a_ptr, g_ptr, acc, sumsq, KW, G, GW, ZP,
+                                 NORM, DRY)
+    y = tl.sum(tl.sum(acc, axis=3), axis=0)  # [BLOCK_N, P]
+    if NORM:
+        y = y * tl.rsqrt(tl.sum(tl.sum(tl.sum(tl.sum(sumsq, axis=3), axis=2), axis=1), axis=0) / K + eps)
+    if GATED:
+        gate = tl.sum(tl.where(pair[None, :] == 0, y, 0.0), axis=1)
+        up = tl.sum(tl.where(pair[None, :] == 1, y, 0.0), axis=1)
+        o = gate * tl.sigmoid(gate) * up
+    else:
+        o = tl.sum(y, axis=1)
+    if RESIDUAL:
+        o += r
+    tl.store(out_ptr + n, o.to(out_ptr.dtype.element_ty), mask=nmask)
+
+
+_gemv_w4_fixed = triton.heuristics({"T": _w4_tiles, "NB": _w4_batches})(_gemv_w4_kernel)
+# Tuned once per shape and fused stages, at the first call (a decoder's warm-up, before its graph is
+# captured); short timing runs: the configs differ by microseconds and the warm-up should not.
+_gemv_w4 = triton.autotune(
+    configs=_gemv_w4_configs(), key=["N", "K", "G", "ZP", "NORM", "GATED", "RESIDUAL"], restore_value=["out_ptr"],
+    prune_configs_by={"early_config_prune": _w4_prune},
+    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
+)(_gemv_w4_fixed)
+
+
+def _w4_check(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, k: int, group: int) -> None:
+    n = packed.shape[0]
+    if group % 32 or k % group or packed.dtype != torch.int32 or not packed.is_contiguous() or packed.shape[1] != k // 8:
+        raise ValueError(f"W4A16: packed {tuple(packed.shape)} {packed.dtype}, K {k}, group {group}: not an "
+                         "interleave_w4 weight of whole groups of 32n")
+    if tuple(scale.shape) != (n, k // group) or not scale.is_contiguous():
+        raise ValueError(f"W4A16: scale {tuple(scale.shape)} for {n} rows and {k // group} groups")
+    if zero_point is not None and (tuple(zero_point.shape) != (triton.cdiv(n, 8), scale.shape[1])
+                                   or zero_point.dtype != torch.int32 or not zero_point.is_contiguous()):
+        raise ValueError(f"W4A16: zero point {tuple(zero_point.shape)} {zero_point.dtype} for scale {tuple(scale.shape)}")
+
+
+def gemv_w4(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group: int,
+            a: torch.Tensor, out: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
+            gated: bool = False, residual: torch.Tensor | None = None,
+            config: tuple[int, int, int] | None = None, dry: bool = False) -> torch.Tensor:
+    """``out = dequant(W) @ a`` for a packed W4A16 weight (layout above), with ``gemv``'s fused stages.
+
+    Args:
+        packed: ``interleave_w4`` of the layer's ``weight_packed`` (``[N, K / 8]``; ``[2N, ...]`` gated).
+        scale, zero_point, group: the layer's compressed-tensors scales, packed zero points (None
+            when symmetric) and group size.
+        a: the input, ``K`` elements; ``out``: ``N`` elements (may be ``residual`` itself).
+        config: ``(rows a program, words a tile, warps)`` instead of the tuned choice (tests, bench).
+        dry: the weight loads without the arithmetic (bench only: the output is meaningless).
+    """
+    k = a.numel()
+    _w4_check(packed, scale, zero_point, k, group)
+    rows = packed.shape[0]
+    n = rows // 2 if gated else rows
+    if out.numel() != n:
+        raise ValueError(f"gemv_w4: {rows} weight rows, output {out.numel()}")
+    pdl = pdl_enabled()
+    args = (packed, scale, zero_point if zero_point is not None else packed, a,
+            norm if norm is not None else a, residual if residual is not None else out, out, n, eps)
+    meta = dict(K=k, G=group, ZP=zero_point is not None, NORM=norm is not None, GATED=gated,
+                RESIDUAL=residual is not None, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+    if config is None and not dry:
+        _gemv_w4[lambda m: (triton.cdiv(n, m["BLOCK_N"]),)](*args, **meta)
+    else:
+        block_n, bw, warps = config or W4_CONFIGS[0]
+        _gemv_w4_fixed[(triton.cdiv(n, block_n),)](*args, **meta, BLOCK_N=block_n, BW=bw, num_warps=warps, DRY=dry)
+    return out
+
+
+@triton.jit
+def _matmul_w4(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K: tl.constexpr, G: tl.constexpr, ZP: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """``out[M, N] = x[M, K] @ dequant(W).T``: tiles dequantized in registers, then a tensor-core dot."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kw: tl.constexpr = K // 8
+    ng: tl.constexpr = K // G
+    gw: tl.constexpr = G // 8
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        kmask = rk < K
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm < M)[:, None] & kmask[None, :], other=0.0)
+        wmask = kmask[:, None] & (rn < N)[None, :]
+        grp, r = rk // G, rk % G
+        word_of = grp * gw + r % gw  # the interleaved order: column r of a group is nibble r // gw of word r % gw
+        word = tl.load(q_ptr + rn[None, :] * kw + word_of[:, None], mask=wmask, other=0)  # [BLOCK_K, BLOCK_N]
+        u = (word >> ((r // gw) * 4)[:, None]) & 15
+        s = tl.load(s_ptr + rn[None, :] * ng + grp[:, None], mask=wmask, other=0.0).to(tl.float32)
+        if ZP:
+            zw = tl.load(z_ptr + (rn[None, :] // 8) * ng + grp[:, None], mask=wmask, other=0)
+            u = u - ((zw >> ((rn % 8) * 4)[None, :]) & 15)
+        else:
+            u = u - 8
+        w = u.to(tl.float32) * s
+        if UPCAST:
+            acc = tl.dot(x.to(tl.float32), w, acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def matmul_w4(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group: int,
+              x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = x @ dequant(W).T`` for ``x`` ``[M, K]`` (contiguous) and ``out`` ``[M, N]``: the layer's
+    forward for more than one row (prefill, the batched engine). Not tuned: a batch-1 step uses ``gemv_w4``."""
+    m, k = x.shape
+    _w4_check(packed, scale, zero_point, k, group)
+    n = packed.shape[0]
+    if not x.is_contiguous() or tuple(out.shape) != (m, n):
+        raise ValueError(f"matmul_w4: input {tuple(x.shape)}, output {tuple(out.shape)}, {n} weight rows")
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    block_n, block_k = 64, 64
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _matmul_w4[grid](x, packed, scale, zero_point if zero_point is not None else packed, out, m, n, k,
+                     G=group, ZP=zero_point is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                     # Triton 3.6's interpreter multiplies bf16 operands of a dot as their raw 16-bit
+                     # patterns (it stores bf16 as uint16): there, the dot runs in float32
+                     UPCAST=INTERPRET and x.dtype == torch.bfloat16,
+                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+                     **({} if INTERPRET else {"num_stages": 3}))
+    return out

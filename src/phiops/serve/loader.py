@@ -1,8 +1,11 @@
 """Load the stored model a service serves: verify it, load it, pick its dtype and decoder.
 
-Compressed-tensors W4A16 linears (the GPTQ/AWQ candidates) are swapped for PyTorch's int4
-weight-only kernel (``decode.int4_linears``) right after loading, before the first forward, on
-CPU and on CUDA alike (``PHIOPS_INT4=0`` turns it off). Otherwise compressed-tensors
+Compressed-tensors W4A16 linears (the GPTQ/AWQ candidates) are swapped for an int4 kernel
+(``decode.int4_linears``) right after loading, before the first forward (``PHIOPS_INT4=0`` turns
+it off): on CUDA, for the llama-family models ``FusedDecoder`` covers, our Triton kernels on the
+packed tensors (``decode.W4A16Linear``; ``decode.w4a16_kernel`` says when, and
+``PHIOPS_W4A16_KERNEL=tinygemm`` turns them off), else PyTorch's int4 weight-only kernel
+(``decode.Int4Linear``). Otherwise compressed-tensors
 decompresses every layer at the first forward and serves a full-precision model: SmolLM2-135M's
 173 MB GPTQ file then held 544.7 MB on a float32 CPU. A layer the kernel cannot take (a shape it
 cannot tile, activation-order groups) is dequantized once at load instead, and logged; the
@@ -12,9 +15,10 @@ activations, so ``dtype: auto`` keeps its meaning (bench/w4a16_cpu.py measures b
 On CUDA one more thing happens at load (``PHIOPS_CUDA_FASTPATH=0`` turns it off): a request
 that is alone decodes over a static cache of ``max_prompt_tokens + max_new_tokens`` tokens, one
 CUDA graph replay per token: through ``decode.FusedDecoder`` (Triton kernels, ``kernels``) for
-llama-family models in bf16/fp16/fp32 (SmolLM2, Phi-3, Phi-4-mini, Phi-4), else through
-``decode.GraphDecoder`` (the step compiled by torch.compile; W4A16 models, Phi-2); the warm-up
-generation tunes or compiles it and captures the graph.
+llama-family models in bf16/fp16/fp32 (SmolLM2, Phi-3, Phi-4-mini, Phi-4; their W4A16 checkpoints
+too), else through ``decode.GraphDecoder`` (the step compiled by
+torch.compile; W4A16 on ``Int4Linear``, Phi-2); the warm-up generation tunes or compiles it and
+captures the graph.
 
 ``dtype: auto`` means bfloat16 on CUDA, and on CPUs with AMX tiles (their bf16 matrix units):
 there the batched forward passes that serving runs measured 1.5x (decode, 32 rows) to 3.3x
@@ -149,12 +153,14 @@ def load_checkpoint(path: str, dtype_setting: str = "auto", device: str | None =
     ).to(device).eval()
     ids = eos_ids(model, tokenizer)
     if os.environ.get("PHIOPS_INT4", "1") != "0":
-        from phiops.serve.decode import int4_linears
+        from phiops.serve.decode import int4_linears, w4a16_kernel
 
-        packed, fallback = int4_linears(model, device)
+        kernel = w4a16_kernel(model, device)
+        packed, fallback = int4_linears(model, device, kernel=kernel)
         if packed or fallback:
-            log.info("%s: %d W4A16 linear layers run on the int4 weight-only kernel, %d dequantized "
-                     "(the kernel cannot take them; see the warnings above)", label, packed, fallback)
+            log.info("%s: %d W4A16 linear layers run on the int4 kernel (%s), %d dequantized "
+                     "(the kernel cannot take them; see the warnings above)", label, packed,
+                     "Triton, packed as stored" if kernel == "triton" else "PyTorch's weight-only int4", fallback)
     if device == "cpu":
         # Batched decode steps read each grouped-query key/value head once (phiops.serve.batched);
         # measured on CPU only, so CUDA keeps transformers' SDPA path.
