@@ -133,3 +133,14 @@ def _greedy_reference(model: Any, prompt: list[int], n: int, device: str = "cpu"
             ids = out.logits[:, -1:].argmax(-1)
             tokens.append(int(ids))
     return tokens, logits
+
+
+@pytest.fixture
+def kernels() -> Any:
+    """phiops.serve.kernels; without CUDA under Triton's interpreter (turned on above), on ``kernels.DEVICE``."""
+    pytest.importorskip("triton")
+    from phiops.serve import kernels as phiops_kernels
+
+    assert phiops_kernels.INTERPRET == (not torch.cuda.is_available())
+    return phiops_kernels
+

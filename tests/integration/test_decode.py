@@ -161,24 +161,10 @@ def test_engine_decodes_a_lone_request_through_the_solo_decoder_and_hands_over(g
 # ---- FusedDecoder: the Triton kernels (phiops.serve.kernels), under the interpreter without a GPU ------
 
 
-@pytest.fixture
-def kernels() -> Any:
-    """phiops.serve.kernels; without CUDA under Triton's interpreter (tests/conftest.py turns it on)."""
-    pytest.importorskip("triton")
-    from phiops.serve import kernels as phiops_kernels
-
-    assert phiops_kernels.INTERPRET == (not torch.cuda.is_available())
-    return phiops_kernels
-
-
-def _device(kernels: Any) -> str:
-    return "cpu" if kernels.INTERPRET else "cuda"
-
-
 @pytest.mark.parametrize("norm,gated,residual", [(False, False, False), (True, False, False), (False, False, True),
                                                  (True, True, False), (False, True, True)])
 def test_gemv_kernel_computes_its_fused_stages(kernels: Any, norm: bool, gated: bool, residual: bool) -> None:
-    device = _device(kernels)
+    device = kernels.DEVICE
     g = torch.Generator(device="cpu").manual_seed(int(norm) * 4 + int(gated) * 2 + int(residual))
     n, k = 300, 200  # neither a multiple of any block size: the masks are exercised
     w = torch.randn(2 * n if gated else n, k, generator=g).to(device)
@@ -206,7 +192,7 @@ _SMALL = {"vocab_size": 16384}
 ])
 def test_fused_decoder_matches_the_dynamic_cache_forward(greedy_reference: Any, kernels: Any, arch: str,
                                                         overrides: dict[str, Any]) -> None:
-    device = _device(kernels)
+    device = kernels.DEVICE
     model = _build(arch, device=device, **_SMALL, **overrides)
     want, want_logits = greedy_reference(model, PROMPT, 10, device)
     # 8 positions per attention split: the 21 positions span 3 splits and cross two boundaries.
@@ -216,7 +202,7 @@ def test_fused_decoder_matches_the_dynamic_cache_forward(greedy_reference: Any, 
 
 
 def test_fused_decoder_keeps_the_model_working_and_refuses_other_architectures(kernels: Any) -> None:
-    device = _device(kernels)
+    device = kernels.DEVICE
     model = _build("llama", device=device, **_SMALL)
     ids = torch.tensor([PROMPT], device=device)
     with torch.inference_mode():
@@ -234,7 +220,7 @@ def test_fused_decoder_keeps_the_model_working_and_refuses_other_architectures(k
 
 
 def test_engine_hands_over_from_the_fused_decoder(greedy_reference: Any, kernels: Any) -> None:
-    _engine_scenarios(greedy_reference, _device(kernels), 1e-3 if not kernels.INTERPRET else 1e-4, FusedDecoder, **_SMALL)
+    _engine_scenarios(greedy_reference, kernels.DEVICE, 1e-3 if not kernels.INTERPRET else 1e-4, FusedDecoder, **_SMALL)
 
 
 def _w4a16(tmp_path: Path, arch: str) -> Path:

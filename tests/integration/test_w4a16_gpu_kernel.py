@@ -22,19 +22,6 @@ pytestmark = pytest.mark.integration
 pack = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
 
 
-@pytest.fixture
-def kernels() -> Any:
-    pytest.importorskip("triton")
-    from phiops.serve import kernels as phiops_kernels
-
-    assert phiops_kernels.INTERPRET == (not torch.cuda.is_available())
-    return phiops_kernels
-
-
-def _device(kernels: Any) -> str:
-    return "cpu" if kernels.INTERPRET else "cuda"
-
-
 def _packed_weight(n: int, k: int, group: int, symmetric: bool, g: torch.Generator, device: str
                    ) -> tuple[tuple[Any, ...], torch.Tensor]:
     """Random codes packed as compressed-tensors packs them, and the float64 weight they stand for."""
@@ -65,7 +52,7 @@ CASES = [  # k, group, symmetric, norm, gated, residual
 
 def _check_gemv_w4(kernels: Any, n: int, k: int, group: int, symmetric: bool, norm: bool, gated: bool,
                    residual: bool, config: tuple[int, int, int] | None = None) -> None:
-    device = _device(kernels)
+    device = kernels.DEVICE
     g = torch.Generator().manual_seed(k + group + 2 * symmetric + 4 * norm + 8 * gated + 16 * residual)
     w4, w = _packed_weight(2 * n if gated else n, k, group, symmetric, g, device)
     a = torch.randn(k, generator=g) * 3
@@ -110,7 +97,7 @@ def test_every_tuned_gemv_w4_config_matches_on_long_ragged_rows(kernels: Any, co
 @pytest.mark.parametrize("m,k,group,symmetric", [(5, 320, 64, False), (17, 384, 128, True)])
 def test_matmul_w4_and_the_layer_match_the_dequantized_weight(kernels: Any, m: int, k: int, group: int,
                                                               symmetric: bool) -> None:
-    device, n = _device(kernels), 100
+    device, n = kernels.DEVICE, 100
     g = torch.Generator().manual_seed(m)
     w4, w = _packed_weight(n, k, group, symmetric, g, device)
     x = torch.randn(m, k, generator=g)
@@ -166,7 +153,7 @@ def test_fused_w4a16_decoder_gives_the_dequantized_models_greedy_tokens(
         tmp_path: Path, greedy_reference: Any, kernels: Any, arch: str, scheme: str, group: int) -> None:
     from transformers import AutoModelForCausalLM
 
-    device = _device(kernels)
+    device = kernels.DEVICE
     path = _w4a16_checkpoint(tmp_path, arch, scheme, group)
     load = {"dtype": torch.float32, "use_safetensors": True, "trust_remote_code": False}
     # compressed-tensors' own path: every layer dequantized at the first forward, the float reference
