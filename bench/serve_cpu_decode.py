@@ -30,10 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, versions  # noqa: E402
+from _common import machine, versions  # the script's own folder (Python puts it on sys.path)
 
-from phiops.serve import batched  # noqa: E402
+from phiops.serve import batched
 
 NEW_CACHE = batched.new_cache  # the engine's; the baseline side swaps it out
 N_PROMPTS, MAX_NEW, BATCH = 64, 40, 16
