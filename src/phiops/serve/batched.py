@@ -35,7 +35,7 @@ MIN_SLACK = 64  # positions of spare room at least, when a layer's buffer is (re
 def _append(buf: Any, n: int, new: Any) -> tuple[Any, int]:
     """Write `new` ([B, H, m, D]) after the first `n` positions of `buf`, growing it if needed."""
     m = new.shape[-2]
-    if buf is None or n + m > buf.shape[-2] or buf.shape[:2] != new.shape[:2]:
+    if buf is None or n + m > buf.shape[-2]:  # (a new batch shape arrives by assignment: _adopt)
         need = n + m
         grown = new.new_empty((*new.shape[:2], need + max(MIN_SLACK, need // 2), new.shape[-1]))
         if n:
