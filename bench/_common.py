@@ -55,8 +55,17 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def drive_engine(engine: Any, request_cls: Any, prompts: list[list[int]], max_new_tokens: int) -> tuple[float, int]:
+def drive_engine(engine: Any, request_cls: Any, prompts: list[list[int]], max_new_tokens: int,
+                 marks: list[list[tuple[float, int]]] | None = None,
+                 errors: list[str] | None = None) -> tuple[float, int]:
     """Submit every prompt at once to a `phiops.serve.engine.Engine`, wait for all to end, close it.
+
+    Args:
+        marks: when given, filled with one list per prompt: (perf_counter time of its submit, 0),
+            then (time, completion tokens so far) for each event the engine emitted for it (the
+            time a client would see the text: after sampling, detokenizing and stop checks).
+        errors: when given, the error message of every request that failed (e.g. an out-of-memory
+            in a shared forward pass, which the engine turns into an error event per row).
 
     Returns:
         (wall seconds from the first submit to the last end, completion tokens produced).
@@ -65,18 +74,27 @@ def drive_engine(engine: Any, request_cls: Any, prompts: list[list[int]], max_ne
     import time
 
     done, produced, finished = threading.Event(), [0], [0]
+    own: list[list[tuple[float, int]]] = [[] for _ in prompts]
 
-    def emit(ev: Any) -> None:
-        if ev.finish_reason or ev.error:
-            produced[0] += ev.completion_tokens
-            finished[0] += 1
-            if finished[0] == len(prompts):
-                done.set()
+    def emitter(i: int) -> Any:
+        def emit(ev: Any) -> None:
+            own[i].append((time.perf_counter(), ev.completion_tokens))
+            if ev.error and errors is not None:
+                errors.append(ev.error)
+            if ev.finish_reason or ev.error:
+                produced[0] += ev.completion_tokens
+                finished[0] += 1
+                if finished[0] == len(prompts):
+                    done.set()
+        return emit
 
     t0 = time.perf_counter()
-    for p in prompts:
-        engine.submit(request_cls(prompt=p, max_new_tokens=max_new_tokens, emit=emit))
+    for i, p in enumerate(prompts):
+        own[i].append((time.perf_counter(), 0))
+        engine.submit(request_cls(prompt=p, max_new_tokens=max_new_tokens, emit=emitter(i)))
     done.wait()
     wall = time.perf_counter() - t0
     engine.close()
+    if marks is not None:
+        marks[:] = own
     return wall, produced[0]

@@ -44,9 +44,19 @@ Measured, each after a warm-up, on random prompt ids (the numbers do not depend 
      service's CUDA path for llama-family W4A16 checkpoints; `w4a16_configs`: the launch configs
      it picked); bound over that model's bytes. `w4a16_accuracy`: its logits against the dequantized model in
      float32. `summary` puts the W4A16 paths over bf16 `fused`, `engine_solo_fused` and `int4_graph`.
-3. `--concurrency` (32) requests of `--gen-tokens` each: output tokens/s of the service's batching
-   engine (services/phiops_engine.py), and of transformers' continuous batching manager for comparison,
-   against batch-1 eager decoding.
+3. The concurrency curve (`--concurrency`, default 1,8,32,128,256; `--only concurrent` runs it
+   alone), for bf16 and for the W4A16 model as the service loads it: n requests of
+   `--prompt-len` tokens at once, `--gen-tokens` each, through the service's engine
+   (`phiops.serve.engine.Engine`, max_batch_size = n; a lone request through its solo decoder on
+   CUDA, as the service does) and then through transformers' continuous batching manager, each
+   after a 2-token round of the same requests. Output tokens/s, time to first token and
+   inter-token latency p50/p99 (the engine's per-request event times; transformers' per-token
+   timestamps), peak GPU memory; a failure at some size (an out-of-memory) is recorded in its
+   point. At `--breakdown-at` (32) the engine's step is taken apart: each part timed with a sync
+   around it (prefill, decode forward, sampling, detokenize/stop checks/events, cache bookkeeping)
+   and a few decode forwards traced by torch.profiler (GPU kernel time against the forward's wall).
+
+    python bench/decode_phi3_mini.py --only concurrent --out bench/results/concurrency_curve_h200.json
 
 The JSON (GPU name, package versions, each figure) is rewritten after each step, so a run stopped
 by a time limit keeps what finished. Needs torch, transformers, and for W4A16 llmcompressor and
@@ -292,60 +302,365 @@ def profile_steps(dec: Any, device: str, steps: int = 32) -> dict[str, Any]:
             "kernels_per_step": round(kernels / steps, 1), "top": rows[:25]}
 
 
-def concurrent(model: Any, *, n: int, prompt_len: int, gen_tokens: int, device: str,
-               cb: bool) -> dict[str, Any]:
-    """`n` requests at once through the service's engine (and transformers' continuous batching)."""
+def _percentiles(xs: list[float]) -> dict[str, float | None]:
+    """p50 and p99 (linear interpolation between order statistics), in milliseconds."""
+    if not xs:
+        return {"p50_ms": None, "p99_ms": None, "n": 0}
+    xs = sorted(xs)
+
+    def q(f: float) -> float:
+        pos = f * (len(xs) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    return {"p50_ms": round(q(0.50) * 1000, 2), "p99_ms": round(q(0.99) * 1000, 2), "n": len(xs)}
+
+
+def latencies(streams: list[tuple[float, list[tuple[float, int]]]]) -> dict[str, Any]:
+    """Time to first token and inter-token latency over every request.
+
+    Args:
+        streams: per request, (submit time, [(time, tokens so far), ...]) in perf_counter seconds.
+
+    Returns:
+        {"ttft": {p50_ms, p99_ms, n}, "itl": {...}}: TTFT from submit to the first token's arrival;
+        ITL over every token after the first (an arrival carrying k tokens counts as k gaps of 1/k
+        of its wait, so a step that emitted no text does not hide its time).
+    """
+    ttft, itl = [], []
+    for submit, marks in streams:
+        got = [(t, n) for t, n in marks if n > 0]
+        if not got:
+            continue
+        ttft.append(got[0][0] - submit)
+        for (ta, na), (tb, nb) in zip(got, got[1:]):
+            if nb > na:
+                itl += [(tb - ta) / (nb - na)] * (nb - na)
+    return {"ttft": _percentiles(ttft), "itl": _percentiles(itl)}
+
+
+def _gpu_mem(device: str) -> dict[str, Any]:
     import torch
+
+    if device != "cuda":
+        return {}
+    return {"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+def _release(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _error(exc: BaseException) -> dict[str, Any]:
+    return {"error": f"{type(exc).__name__}: {exc}"[:500], "trace": traceback.format_exc()[-1200:]}
+
+
+def engine_point(model: Any, tok: Any, prompts: list[list[int]], gen_tokens: int, device: str,
+                 solo: Any = None) -> dict[str, Any]:
+    """All `prompts` at once through the service's engine (max_batch_size = their number): tok/s, TTFT, ITL.
+
+    First the same requests for 2 tokens (the batch's shapes warmed: kernels, allocator), then the timed run.
+    """
     from phiops.serve.engine import Engine, Request
+
+    n = len(prompts)
+
+    def engine() -> Any:
+        return Engine(model, tok, [0], device, max_batch_size=n, max_wait_ms=20, solo=solo)
+
+    drive_engine(engine(), Request, prompts, 2)
+    _release(device)
+    marks: list[list[tuple[float, int]]] = []
+    errors: list[str] = []
+    wall, produced = drive_engine(engine(), Request, prompts, gen_tokens, marks=marks, errors=errors)
+    out: dict[str, Any] = {"wall_s": round(wall, 3), "output_tokens": produced,
+                           "output_tokens_per_s": round(produced / wall, 1),
+                           **latencies([(m[0][0], m[1:]) for m in marks]), **_gpu_mem(device)}
+    if solo is not None and n == 1:
+        out["path"] = "solo decoder (a lone request, as the service runs it)"
+    if errors:  # e.g. an out-of-memory in a shared forward pass fails its rows, not the run
+        out.update(failed_requests=len(errors), error=errors[0][:300])
+    return out
+
+
+def cb_point(model: Any, prompts: list[list[int]], gen_tokens: int) -> dict[str, Any]:
+    """The same requests through transformers' continuous batching manager (per-token timestamps)."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    n = len(prompts)
+    gc = GenerationConfig(max_new_tokens=gen_tokens, do_sample=False, eos_token_id=0, pad_token_id=0)
+    cbc = ContinuousBatchingConfig(max_requests_per_batch=n)
+
+    def collect(mgr: Any) -> list[Any]:
+        got: list[Any] = []
+        while len(got) < n:
+            res = mgr.get_result(timeout=60)
+            if res is None:
+                raise RuntimeError(f"the continuous batching manager returned {len(got)} of {n} results")
+            if res.is_finished():
+                got.append(res)
+        return got
+
+    try:
+        t0 = time.perf_counter()
+        # The manager warms up (captures its CUDA graphs) on entry; then the same requests for
+        # 2 tokens, as the engine gets; only the second round is timed.
+        with model.continuous_batching_context_manager(generation_config=gc, continuous_batching_config=cbc) as mgr:
+            warm_s = time.perf_counter() - t0
+            mgr.add_requests(prompts, max_new_tokens=2)
+            collect(mgr)
+            t0 = time.perf_counter()
+            mgr.add_requests(prompts, max_new_tokens=gen_tokens, record_timestamps=True)
+            got = collect(mgr)
+            wall = time.perf_counter() - t0
+    finally:
+        model.set_attn_implementation("sdpa")  # the manager switched it to paged attention
+    n_tok = sum(len(r.generated_tokens) for r in got)
+    streams = [(r.created_time, [(t, i + 1) for i, t in enumerate(r.timestamps or [])]) for r in got]
+    return {"warmup_s": round(warm_s, 2), "wall_s": round(wall, 3), "output_tokens": n_tok,
+            "output_tokens_per_s": round(n_tok / wall, 1), **latencies(streams),
+            "timestamps": "transformers' per-token record_timestamps (taken when the token reaches the host)"}
+
+
+def engine_breakdown(model: Any, tok: Any, prompts: list[list[int]], gen_tokens: int, device: str,
+                     profile_from: int = 8, profile_steps: int = 4) -> dict[str, Any]:
+    """Where one engine step's time goes: the same run as `engine_point`, its parts timed with a sync around each.
+
+    The engine's loop is unchanged; its model call and its per-step methods are wrapped on this one
+    instance. Each wrapped part syncs the GPU before and after, so its wall time is its own (the
+    syncs make the whole run slower than `engine_point`'s: read the shares, not the total). Decode
+    forwards `profile_from`... are also traced by torch.profiler (host ops and GPU kernels): kernel
+    time against the forward's wall time says whether the GPU or the host sets a step's pace, and
+    the host ops' own time where the host's goes (tracing slows the host: compare shares).
+    """
+    from collections import defaultdict
+
+    import torch
+
+    from phiops.serve.engine import Engine, Request
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    took: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    prof: dict[str, Any] = {}
+
+    def timed(name: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            sync()
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                sync()
+                took[name] += time.perf_counter() - t
+                calls[name] += 1
+        return wrapper
+
+    class Timed:  # the engine only calls its model and reads nothing else from it
+        def __init__(self, m: Any) -> None:
+            self.m = m
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.m, name)
+
+        def __call__(self, **kw: Any) -> Any:
+            phase = "forward_prefill" if kw["input_ids"].shape[1] > 1 else "forward_decode"
+            k = calls[phase]
+            tracing = device == "cuda" and phase == "forward_decode" and profile_from <= k < profile_from + profile_steps
+            if tracing and k == profile_from:
+                try:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    prof["ctx"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                    prof["ctx"].__enter__()
+                    prof["wall"] = 0.0
+                except Exception as exc:
+                    prof["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            before = took[phase]
+            out = timed(phase, self.m)(**kw)
+            if tracing and "ctx" in prof:
+                prof["wall"] += took[phase] - before
+                if k == profile_from + profile_steps - 1:
+                    try:
+                        prof["ctx"].__exit__(None, None, None)
+                    except Exception as exc:
+                        prof["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            return out
+
+    n = len(prompts)
+    eng = Engine(Timed(model), tok, [0], device, max_batch_size=n, max_wait_ms=20)
+    # Instance attributes win over the class's methods, so the loop calls the wrapped ones.
+    for name in ("_decode", "_keep", "_merge", "_admit", "_maybe_trim"):
+        setattr(eng, name, timed(name, getattr(eng, name)))
+    phase = ["decode"]  # _sample and _advance run in both phases: timed apart
+
+    def in_prefill(fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            phase[0] = "prefill"
+            try:
+                return fn(*a, **k)
+            finally:
+                phase[0] = "decode"
+        return wrapper
+
+    def by_phase(name: str, fn: Any) -> Any:
+        return lambda *a, **k: timed(f"{name}_{phase[0]}", fn)(*a, **k)
+
+    eng._prefill = in_prefill(timed("_prefill", eng._prefill))
+    eng._sample = by_phase("_sample", eng._sample)
+    eng._advance = by_phase("_advance", eng._advance)
+    wall, produced = drive_engine(eng, Request, prompts, gen_tokens)
+    steps = max(calls["forward_decode"], 1)
+    per = {k: round(v / max(calls[k], 1) * 1000, 3) for k, v in took.items()}
+    # _decode holds the decode forward and, after it, _sample, _advance (detokenize, stop checks,
+    # events) and _keep; the rest of it is the mask's torch.cat and the positions.
+    decode_other = (took["_decode"] - took["forward_decode"] - took["_sample_decode"] - took["_advance_decode"]
+                    - took["_keep"])
+    out: dict[str, Any] = {
+        "requests": n, "gen_tokens": gen_tokens, "wall_s_with_syncs": round(wall, 3), "output_tokens": produced,
+        "decode_steps": calls["forward_decode"], "prefill_passes": calls["forward_prefill"],
+        "ms_per_call": per, "calls": dict(calls),
+        "decode_step_ms": {
+            "total": round(took["_decode"] / steps * 1000, 3),
+            "forward": round(took["forward_decode"] / steps * 1000, 3),
+            "sample": round(took["_sample_decode"] / steps * 1000, 3),
+            "advance_detokenize_emit": round(took["_advance_decode"] / steps * 1000, 3),
+            "keep": round(took["_keep"] / steps * 1000, 3),
+            "other_in_decode": round(decode_other / steps * 1000, 3),
+        },
+        "share_of_wall": {
+            "prefill (forward, sampling, merge)": round(took["_prefill"] / wall, 4),
+            "decode forward": round(took["forward_decode"] / wall, 4),
+            "decode sampling": round(took["_sample_decode"] / wall, 4),
+            "decode advance (detokenize, stops, events)": round(took["_advance_decode"] / wall, 4),
+            "decode keep + mask/positions": round((took["_keep"] + decode_other) / wall, 4),
+            "loop (admit, trim, waits)": round(max(wall - took["_prefill"] - took["_decode"], 0.0) / wall, 4),
+        },
+    }
+    if "ctx" in prof and "error" not in prof:
+        from torch.autograd import DeviceType
+
+        kernels_us, count, rows, ops, host_us, host_ops = 0.0, 0, [], [], 0.0, 0
+        for e in prof["ctx"].key_averages():
+            if e.device_type == DeviceType.CUDA:  # a kernel (or a copy) on the GPU
+                us = e.device_time_total
+                if us <= 0 or e.key.startswith("Memset"):
+                    continue
+                kernels_us += us
+                count += e.count
+                rows.append({"kernel": e.key[:90], "calls_per_step": round(e.count / profile_steps, 1),
+                             "us_per_step": round(us / profile_steps, 1)})
+            else:  # a host op: its own time, without the ops it called
+                host_us += e.self_cpu_time_total
+                host_ops += e.count if e.key.startswith("aten::") else 0
+                ops.append({"op": e.key[:60], "calls_per_step": round(e.count / profile_steps, 1),
+                            "self_us_per_step": round(e.self_cpu_time_total / profile_steps, 1)})
+        rows.sort(key=lambda r: -r["us_per_step"])
+        ops.sort(key=lambda r: -r["self_us_per_step"])
+        fwd_us = prof["wall"] / profile_steps * 1e6
+        out["decode_forward_profile"] = {
+            "steps": profile_steps, "forward_wall_us_traced": round(fwd_us, 1),
+            "gpu_kernel_us": round(kernels_us / profile_steps, 1),
+            "kernels_per_step": round(count / profile_steps, 1),
+            "gpu_busy_fraction": round(kernels_us / profile_steps / fwd_us, 3) if fwd_us else None,
+            "aten_ops_per_step": round(host_ops / profile_steps, 1),
+            "host_op_self_us_per_step": round(host_us / profile_steps, 1),
+            "top_kernels": rows[:12], "top_host_ops": ops[:15]}
+    elif prof.get("error"):
+        out["decode_forward_profile"] = {"error": prof["error"]}
+    return out
+
+
+def concurrent(model: Any, *, ns: list[int], prompt_len: int, gen_tokens: int, device: str, cb: bool,
+               solo: Any = None, breakdown_at: int | None = None, on_point: Any = None,
+               into: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The concurrency curve: for each n in `ns`, n requests at once through the service's engine
+    and through transformers' continuous batching, one after the other in this run.
+
+    Args:
+        solo: the service's decoder for a lone request (n = 1 then decodes as the service would).
+        breakdown_at: also time the parts of the engine's step at this n (`engine_breakdown`).
+        on_point: called after each point (the caller saves the JSON, so a stopped run keeps it).
+        into: the dict to fill (and return), point by point; a new one when None.
+
+    Returns:
+        {"points": [{"requests": n, "phiops_engine": {...}, "transformers_continuous_batching": {...}}],
+         "breakdown": {...}}; a failure (an out-of-memory, say) is recorded in its point.
+    """
+    import torch
 
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
     # No id of a stop token in the prompts, and EOS = an id greedy decoding of random weights
     # will not pick in time: every request generates exactly gen_tokens.
-    prompts = [torch.randint(1, vocab, (prompt_len,), generator=g).tolist() for _ in range(n)]
+    every = [torch.randint(1, vocab, (prompt_len,), generator=g).tolist() for _ in range(max(ns))]
     tok = word_tokenizer(vocab)
-    out: dict[str, Any] = {"requests": n, "prompt_len": prompt_len, "gen_tokens": gen_tokens}
-
-    def run_engine() -> tuple[float, int]:
-        eng = Engine(model, tok, [0], device, max_batch_size=n, max_wait_ms=20)
-        return drive_engine(eng, Request, prompts, gen_tokens)
-
-    run_engine()  # warm-up (allocator, kernels)
-    wall, produced = run_engine()
-    out["phiops_engine"] = {"wall_s": round(wall, 3), "output_tokens": produced,
-                            "output_tokens_per_s": round(produced / wall, 1)}
-    if cb:
+    out: dict[str, Any] = {} if into is None else into
+    out.update({"prompt_len": prompt_len, "gen_tokens": gen_tokens,
+                "engine_settings": "max_batch_size = requests, max_wait_ms = 20 (the service's default "
+                                   "max_batch_size is 32: beyond it requests queue)",
+                "points": []})
+    for n in ns:
+        prompts = every[:n]
+        point: dict[str, Any] = {"requests": n}
+        out["points"].append(point)
         try:
-            from transformers import GenerationConfig
-            from transformers.generation.configuration_utils import (
-                ContinuousBatchingConfig,
-            )
-
-            gc = GenerationConfig(max_new_tokens=gen_tokens, do_sample=False, eos_token_id=0, pad_token_id=0)
-            cbc = ContinuousBatchingConfig(max_requests_per_batch=n)
-            t0 = time.perf_counter()
-            # The manager warms up (captures its CUDA graphs) on entry; only the requests are timed.
-            with model.continuous_batching_context_manager(generation_config=gc, continuous_batching_config=cbc) as mgr:
-                warm_s = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                mgr.add_requests(prompts, max_new_tokens=gen_tokens)
-                got, n_tok = 0, 0
-                while got < n:
-                    res = mgr.get_result(timeout=60)
-                    if res is None:
-                        raise RuntimeError(f"generate_batch manager returned {got} of {n} results")
-                    if res.is_finished():
-                        got += 1
-                        n_tok += len(res.generated_tokens)
-                wall = time.perf_counter() - t0
-            out["transformers_continuous_batching"] = {"warmup_s": round(warm_s, 2), "wall_s": round(wall, 3),
-                                                       "output_tokens": n_tok,
-                                                       "output_tokens_per_s": round(n_tok / wall, 1)}
-        except Exception as exc:  # recorded, not fatal: the engine's figure stands on its own
-            out["transformers_continuous_batching"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-        finally:
-            model.set_attn_implementation("sdpa")  # the manager switched it to paged attention
+            point["phiops_engine"] = engine_point(model, tok, prompts, gen_tokens, device, solo=solo)
+        except Exception as exc:  # e.g. out of memory outside a forward pass: recorded, the curve goes on
+            point["phiops_engine"] = _error(exc)
+        _release(device)
+        print("concurrent", n, "engine", json.dumps(point["phiops_engine"])[:300], flush=True)
+        if cb:
+            try:
+                point["transformers_continuous_batching"] = cb_point(model, prompts, gen_tokens)
+            except Exception as exc:
+                point["transformers_continuous_batching"] = _error(exc)
+            _release(device)
+            print("concurrent", n, "cb", json.dumps(point["transformers_continuous_batching"])[:300], flush=True)
+        e, c = point["phiops_engine"], point.get("transformers_continuous_batching", {})
+        if "output_tokens_per_s" in e and "output_tokens_per_s" in c:
+            point["engine_over_cb"] = round(e["output_tokens_per_s"] / c["output_tokens_per_s"], 3)
+        if n == breakdown_at:
+            try:
+                out["breakdown"] = engine_breakdown(model, tok, prompts, gen_tokens, device)
+            except Exception as exc:
+                out["breakdown"] = _error(exc)
+            _release(device)
+            print("breakdown", json.dumps(out["breakdown"])[:600], flush=True)
+        if on_point:
+            on_point()
     return out
+
+
+def curve_table(result: dict[str, Any]) -> str:
+    """The concurrency curves as a markdown table: per dtype, concurrency and engine, tok/s, TTFT and ITL p50/p99."""
+    def ms(d: dict[str, Any], key: str) -> str:
+        v = d.get(key, {})
+        return f"{v.get('p50_ms')} / {v.get('p99_ms')}" if v.get("n") else "-"
+
+    lines = ["| dtype | concurrent | engine | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | peak GiB |",
+             "|---|---|---|---|---|---|---|"]
+    for key, dtype in (("bf16_concurrent", "bf16"), ("w4a16_concurrent", "W4A16")):
+        for point in result.get(key, {}).get("points", []):
+            for eng, name in (("phiops_engine", "phiops"), ("transformers_continuous_batching", "transformers CB")):
+                r = point.get(eng)
+                if r is None:
+                    continue
+                if "output_tokens_per_s" not in r:
+                    lines.append(f"| {dtype} | {point['requests']} | {name} | {r.get('error', '?')[:80]} | | | |")
+                    continue
+                failed = f" ({r['failed_requests']} failed)" if r.get("failed_requests") else ""
+                lines.append(f"| {dtype} | {point['requests']} | {name} | {r['output_tokens_per_s']}{failed} | "
+                             f"{ms(r, 'ttft')} | {ms(r, 'itl')} | {r.get('peak_gpu_memory_gib', '-')} |")
+    return "\n".join(lines)
 
 
 def quantize_w4a16(model: Any, workdir: Path, device: str) -> tuple[Any, dict[str, Any]]:
@@ -418,13 +733,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a 2-layer, 128-wide model on CPU: smoke test of this script")
     ap.add_argument("--steps", type=int, default=None, help="decode steps timed (default 256; tiny 16)")
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--concurrency", default=None,
+                    help="concurrent requests, comma-separated (default 1,8,32,128,256; tiny 1,4)")
+    ap.add_argument("--breakdown-at", type=int, default=None,
+                    help="time the parts of the engine's step at this concurrency (default 32; tiny 4; 0: off)")
     ap.add_argument("--gen-tokens", type=int, default=None, help="tokens per concurrent request (default 128; tiny 8)")
     ap.add_argument("--bandwidth-tbs", type=float, default=None, help="peak memory bandwidth (default: by GPU name)")
     ap.add_argument("--skip-w4a16", action="store_true")
     ap.add_argument("--skip-compile", action="store_true", help="eager only")
     ap.add_argument("--compile", action="store_true", help="with --tiny: also trace the compiled path on CPU")
     ap.add_argument("--skip-cb", action="store_true", help="skip the transformers continuous batching comparison")
+    ap.add_argument("--no-cudnn-sdpa", action="store_true",
+                    help="an ablation: PyTorch's SDPA may not pick its cuDNN backend (the whole run)")
     ap.add_argument("--graph-variants", default="", help=f"bf16 ablations of the compiled step, of {','.join(VARIANTS)}")
     ap.add_argument("--profile", action="store_true", help="profile each variant's graph replays (GPU kernel time)")
     ap.add_argument("--only", default="", help="run only these modes (comma-separated names as in the JSON; "
@@ -434,10 +754,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if args.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if not args.tiny and device != "cuda":
         ap.error("no CUDA device: run with --tiny for the CPU smoke test")
     steps = args.steps or (16 if args.tiny else 256)
     gen_tokens = args.gen_tokens or (8 if args.tiny else 128)
+    ns = [int(x) for x in (args.concurrency or ("1,4" if args.tiny else "1,8,32,128,256")).split(",")]
+    breakdown_at = args.breakdown_at if args.breakdown_at is not None else (4 if args.tiny else 32)
     compile_on = not args.skip_compile and (not args.tiny or args.compile)
     info = machine()
     gpu = info.get("gpu", "")
@@ -453,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "num_attention_heads", "vocab_size")},
         "dtype": "bfloat16",
         "bandwidth_tbs": bw,
+        "sdpa_cudnn": not args.no_cudnn_sdpa,
         "bandwidth_source": "--bandwidth-tbs" if args.bandwidth_tbs else f"data sheet for {gpu or 'H100 (default)'}",
         "goal": "bf16 batch-1 decode >= 70% of the bandwidth bound",
     }
@@ -591,20 +916,28 @@ def main(argv: list[str] | None = None) -> int:
         print("accuracy", json.dumps(result["bf16_accuracy"]), flush=True)
         save()
 
-    try:
+    def curve(key: str, m: Any) -> None:
+        """`m`'s concurrency curve into result[key], as the service runs it: the engine, and for a lone
+        request on CUDA the solo decoder (FusedDecoder where it applies, else the compiled GraphDecoder)."""
         if only and "concurrent" not in only:
-            raise LookupError("left out by --only")
-        result["bf16_concurrent"] = concurrent(model, n=args.concurrency, prompt_len=args.prompt_len,
-                                               gen_tokens=gen_tokens, device=device, cb=not args.skip_cb)
-        eager = next((r for r in result["bf16_batch1"]["runs"] if r["mode"] == "eager" and "tokens_per_s" in r), None)
-        if eager:
-            result["bf16_concurrent"]["batch1_eager_tokens_per_s"] = eager["tokens_per_s"]
-            result["bf16_concurrent"]["engine_over_batch1_eager"] = round(
-                result["bf16_concurrent"]["phiops_engine"]["output_tokens_per_s"] / eager["tokens_per_s"], 2)
-    except Exception as exc:
-        result["bf16_concurrent"] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+            result[key] = {"error": "LookupError: left out by --only"}
+            return
+        live: dict[str, Any] = {}
+        result[key] = live  # filled point by point and saved after each: a stopped run keeps them
+        try:
+            solo = None
+            if device == "cuda" and 1 in ns:
+                solo = (FusedDecoder(m, max_len, device) if fused_unsupported(m) is None
+                        else GraphDecoder(m, max_len, device))
+            concurrent(m, ns=ns, prompt_len=args.prompt_len, gen_tokens=gen_tokens, device=device,
+                       cb=not args.skip_cb, solo=solo, breakdown_at=breakdown_at or None, on_point=save, into=live)
+        except Exception as exc:
+            live.update(_error(exc))
+        _release(device)
+        save()
+
+    curve("bf16_concurrent", model)
     print("concurrent", json.dumps(result["bf16_concurrent"])[:400], flush=True)
-    save()
 
     if not args.skip_w4a16:
         try:
@@ -614,16 +947,21 @@ def main(argv: list[str] | None = None) -> int:
                 del model
                 result["w4a16"] = qinfo
                 save()
-                # Swap a second load: the first dequantizes itself to bf16 at its first forward.
-                imodel, _ = load_w4a16(Path(tmp), device)
-                qinfo["int4_linears"] = int4_linears(imodel, device)
-                qinfo["int4_model_bytes_per_token"] = bytes_per_token(imodel)
-                qinfo["int4_vs_dequantized_logits"] = logits_agreement(imodel, qmodel, device)
-                measure("w4a16_compressed_tensors", qmodel,
-                        modes(qmodel, eager_mode="compressed_tensors_eager", graphs=False), nbytes=dense_bytes)
-                del qmodel
-                measure("w4a16_batch1", imodel, modes(imodel, "int4_", "int4_eager"))
-                del imodel
+                # PyTorch's int4 kernel and compressed-tensors' own path: left out when --only names none of theirs.
+                if not only or any(m.startswith(("int4_", "compressed_tensors")) for m in only):
+                    # Swap a second load: the first dequantizes itself to bf16 at its first forward.
+                    imodel, _ = load_w4a16(Path(tmp), device)
+                    qinfo["int4_linears"] = int4_linears(imodel, device)
+                    qinfo["int4_model_bytes_per_token"] = bytes_per_token(imodel)
+                    qinfo["int4_vs_dequantized_logits"] = logits_agreement(imodel, qmodel, device)
+                    measure("w4a16_compressed_tensors", qmodel,
+                            modes(qmodel, eager_mode="compressed_tensors_eager", graphs=False), nbytes=dense_bytes)
+                    del qmodel
+                    measure("w4a16_batch1", imodel, modes(imodel, "int4_", "int4_eager"))
+                    del imodel
+                else:
+                    del qmodel
+                _release(device)
                 # The service's W4A16 path on CUDA: the packed tensors kept as stored (W4A16Linear),
                 # the lone request through FusedDecoder's gemv_w4 kernels.
                 tmodel, _ = load_w4a16(Path(tmp), device)
@@ -631,6 +969,13 @@ def main(argv: list[str] | None = None) -> int:
                 qinfo["triton_linears"] = int4_linears(tmodel, device, kernel="triton")
                 qinfo["triton_model_bytes_per_token"] = bytes_per_token(tmodel)
                 measure("w4a16_fused_batch1", tmodel, modes(tmodel, "w4a16_", "w4a16_eager", compiled=False))
+                if qinfo["service_kernel"] == "triton":  # CUDA: the service's W4A16 path is tmodel's
+                    curve("w4a16_concurrent", tmodel)
+                else:  # CPU (--tiny): the service packs for PyTorch's int4 kernel instead
+                    smodel, _ = load_w4a16(Path(tmp), device)
+                    int4_linears(smodel, device, kernel=qinfo["service_kernel"])
+                    curve("w4a16_concurrent", smodel)
+                    del smodel
                 if device == "cuda" and (not only or "w4a16_accuracy" in only):
                     # teacher-forced logits of the fused W4A16 step against the dequantized model in
                     # float32 (compressed-tensors' own path, decompressed at its first forward; a
@@ -654,6 +999,12 @@ def main(argv: list[str] | None = None) -> int:
     save()
     print(json.dumps({k: result[k] for k in ("bf16_batch1", "w4a16_batch1") if k in result}, indent=2)[:3000])
     print(json.dumps(result.get("summary"), indent=1))
+    for key in ("bf16_concurrent", "w4a16_concurrent"):
+        b = result.get(key, {}).get("breakdown")
+        if b:
+            print(key, "breakdown", json.dumps({k: b.get(k) for k in ("decode_step_ms", "share_of_wall")}))
+            print(key, "profile", json.dumps(b.get("decode_forward_profile"))[:700])
+    print(curve_table(result))
     return 0
 
 
