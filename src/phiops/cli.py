@@ -28,7 +28,7 @@ import os
 import sys
 from pathlib import Path
 
-from phiops import __version__, config, runlock
+from phiops import __version__, config, procs, runlock
 from phiops.approval import ApprovalError
 from phiops.artifacts import RegistryError
 from phiops.bento import BentoError
@@ -583,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         The exit code (see the module docstring). A usage error exits 2 from argparse; an
         unexpected exception propagates with its traceback (exit 1).
     """
+    procs.lean_gc()  # before anything imports torch: half a stage's start-up and exit was the GC's
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

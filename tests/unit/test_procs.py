@@ -15,6 +15,8 @@ import pytest
 from phiops import procs
 from phiops.data import DataError
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def _gone(pid: int, timeout: float = 5.0) -> bool:
     """Dead: no such process, or a zombie nobody has reaped yet (it runs nothing)."""
@@ -199,3 +201,23 @@ def test_a_held_dvc_lock_fails_the_stage_naming_it(dvc_project):
             procs.run_dvc_stage(dvc_project, "hello", lambda line: None)
     finally:
         lock.unlock()
+
+
+def test_the_cli_process_runs_with_rare_full_collections_and_freezes_everything_at_exit():
+    # An atexit handler registered before `phiops` runs reports after the CLI's own ones: by
+    # then the GC must be frozen (the interpreter's last collection walks nothing), and while the
+    # command ran, full collections were the rare kind. Twice in one process changes nothing.
+    code = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('exit', gc.get_freeze_count() > 10000, flush=True))\n"
+        "from phiops import cli, procs\n"
+        "default = gc.get_threshold()\n"
+        "for _ in range(2):\n"
+        "    assert cli.main(['config', 'check', '--params', sys.argv[1]]) == 0\n"
+        "junk = [[i] for i in range(20000)]\n"
+        "print('during', default[2], gc.get_threshold()[2] == procs.FULL_COLLECTION_EVERY, flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "params.yaml")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-2:] == ["during 10 True", "exit True"], out.stdout
