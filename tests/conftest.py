@@ -28,6 +28,11 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # Tests that talk to Prefect without a server start its temporary one; under CI's load its start
 # took longer than Prefect's 20 s default (the same default `phiops run` raises, see cli.py).
 from phiops.cli import EPHEMERAL_STARTUP_TIMEOUT_S  # noqa: E402
+from phiops.procs import lean_gc  # noqa: E402
+
+# This process imports the whole stack and loads hundreds of tiny models: the CLI's GC policy
+# (bench/process_gc.py) spares it most full collections of a heap that mostly only grows.
+lean_gc()
 
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_TIMEOUT_S)
 
