@@ -174,10 +174,10 @@ class Engine:
 
             # PyTorch (2.11, Hopper) ranks cuDNN attention first, and cuDNN builds an execution plan
             # per input shape: the batched cache grows a position a step, so every layer of every step
-            # planned anew. On one H200 (Phi-3-mini, bf16, 32 concurrent) that was 54 ms of a 70 ms step
-            # on the host for 0.95 ms of GPU work; without cuDNN the step took 32 ms and the output rate
-            # went from 445 to 1,099 tok/s (bench/README.md). Without it, a pass with no mask runs flash,
-            # one with a padding mask (flash refuses masks) memory-efficient attention, MATH the rest.
+            # planned anew (54 ms of a 70 ms step on the host, for 0.95 ms of GPU work). One H200 run,
+            # Phi-3-mini bf16 at 32 concurrent: 493 tok/s with cuDNN allowed, 1,415 without (2.9x; a
+            # 33 ms step); W4A16 290 -> 615 (bench/README.md). Without it, a pass with no mask runs
+            # flash, one with a padding mask (flash refuses masks) memory-efficient attention, MATH the rest.
             self._sdpa = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         self.stats = Stats()
         self._queue: queue.Queue[Request] = queue.Queue()
