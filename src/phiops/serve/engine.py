@@ -168,7 +168,7 @@ class Engine:
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.on_step = on_step
         self.solo, self._solo_on = solo, False  # _solo_on: the one running row lives in solo's cache
-        self._sdpa = None
+        self._sdpa: list[Any] | None = None  # SDPA backends of the batched passes (None: PyTorch's choice)
         if str(device).startswith("cuda") and not cudnn_sdpa:
             from torch.nn.attention import SDPBackend
 
