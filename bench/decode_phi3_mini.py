@@ -55,6 +55,8 @@ Measured, each after a warm-up, on random prompt ids (the numbers do not depend 
    point. At `--breakdown-at` (32) the engine's step is taken apart: each part timed with a sync
    around it (prefill, decode forward, sampling, detokenize/stop checks/events, cache bookkeeping)
    and a few decode forwards traced by torch.profiler (GPU kernel time against the forward's wall).
+   `--cudnn-sdpa-baseline` runs each point a second time through an engine whose batched passes
+   may use cuDNN attention, as they did before issue 15's fix (`phiops_engine_cudnn_sdpa`).
 
     python bench/decode_phi3_mini.py --only concurrent --out bench/results/concurrency_curve_h200.json
 
@@ -363,17 +365,18 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 
 def engine_point(model: Any, tok: Any, prompts: list[list[int]], gen_tokens: int, device: str,
-                 solo: Any = None) -> dict[str, Any]:
+                 solo: Any = None, cudnn_sdpa: bool = False) -> dict[str, Any]:
     """All `prompts` at once through the service's engine (max_batch_size = their number): tok/s, TTFT, ITL.
 
     First the same requests for 2 tokens (the batch's shapes warmed: kernels, allocator), then the timed run.
+    `cudnn_sdpa`: the engine's batched passes may use cuDNN attention (its behaviour before issue 15's fix).
     """
     from phiops.serve.engine import Engine, Request
 
     n = len(prompts)
 
     def engine() -> Any:
-        return Engine(model, tok, [0], device, max_batch_size=n, max_wait_ms=20, solo=solo)
+        return Engine(model, tok, [0], device, max_batch_size=n, max_wait_ms=20, solo=solo, cudnn_sdpa=cudnn_sdpa)
 
     drive_engine(engine(), Request, prompts, 2)
     _release(device)
@@ -581,7 +584,7 @@ def engine_breakdown(model: Any, tok: Any, prompts: list[list[int]], gen_tokens:
 
 def concurrent(model: Any, *, ns: list[int], prompt_len: int, gen_tokens: int, device: str, cb: bool,
                solo: Any = None, breakdown_at: int | None = None, on_point: Any = None,
-               into: dict[str, Any] | None = None) -> dict[str, Any]:
+               into: dict[str, Any] | None = None, cudnn_baseline: bool = False) -> dict[str, Any]:
     """The concurrency curve: for each n in `ns`, n requests at once through the service's engine
     and through transformers' continuous batching, one after the other in this run.
 
@@ -590,6 +593,9 @@ def concurrent(model: Any, *, ns: list[int], prompt_len: int, gen_tokens: int, d
         breakdown_at: also time the parts of the engine's step at this n (`engine_breakdown`).
         on_point: called after each point (the caller saves the JSON, so a stopped run keeps it).
         into: the dict to fill (and return), point by point; a new one when None.
+        cudnn_baseline: after the engine, the same requests through an engine whose batched passes may
+            use cuDNN attention (`phiops_engine_cudnn_sdpa`, the behaviour before issue 15's fix), and
+            the ratio `engine_over_cudnn_sdpa`; left out where a lone request takes the solo decoder.
 
     Returns:
         {"points": [{"requests": n, "phiops_engine": {...}, "transformers_continuous_batching": {...}}],
@@ -618,6 +624,18 @@ def concurrent(model: Any, *, ns: list[int], prompt_len: int, gen_tokens: int, d
             point["phiops_engine"] = _error(exc)
         _release(device)
         print("concurrent", n, "engine", json.dumps(point["phiops_engine"])[:300], flush=True)
+        if cudnn_baseline and not (n == 1 and solo is not None):
+            try:
+                point["phiops_engine_cudnn_sdpa"] = engine_point(model, tok, prompts, gen_tokens, device,
+                                                                 solo=solo, cudnn_sdpa=True)
+            except Exception as exc:
+                point["phiops_engine_cudnn_sdpa"] = _error(exc)
+            _release(device)
+            old = point["phiops_engine_cudnn_sdpa"]
+            print("concurrent", n, "engine cudnn_sdpa", json.dumps(old)[:300], flush=True)
+            if "output_tokens_per_s" in old and "output_tokens_per_s" in point["phiops_engine"]:
+                point["engine_over_cudnn_sdpa"] = round(
+                    point["phiops_engine"]["output_tokens_per_s"] / old["output_tokens_per_s"], 3)
         if cb:
             try:
                 point["transformers_continuous_batching"] = cb_point(model, prompts, gen_tokens)
@@ -650,7 +668,8 @@ def curve_table(result: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|"]
     for key, dtype in (("bf16_concurrent", "bf16"), ("w4a16_concurrent", "W4A16")):
         for point in result.get(key, {}).get("points", []):
-            for eng, name in (("phiops_engine", "phiops"), ("transformers_continuous_batching", "transformers CB")):
+            for eng, name in (("phiops_engine", "phiops"), ("phiops_engine_cudnn_sdpa", "phiops, cuDNN SDPA"),
+                              ("transformers_continuous_batching", "transformers CB")):
                 r = point.get(eng)
                 if r is None:
                     continue
@@ -744,7 +763,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="with --tiny: also trace the compiled path on CPU")
     ap.add_argument("--skip-cb", action="store_true", help="skip the transformers continuous batching comparison")
     ap.add_argument("--no-cudnn-sdpa", action="store_true",
-                    help="an ablation: PyTorch's SDPA may not pick its cuDNN backend (the whole run)")
+                    help="an ablation: PyTorch's SDPA may not pick its cuDNN backend (the whole run, every path)")
+    ap.add_argument("--cudnn-sdpa-baseline", action="store_true",
+                    help="the curve also through an engine whose batched passes may use cuDNN SDPA (as before "
+                         "issue 15's fix), each point right after the default engine's")
     ap.add_argument("--graph-variants", default="", help=f"bf16 ablations of the compiled step, of {','.join(VARIANTS)}")
     ap.add_argument("--profile", action="store_true", help="profile each variant's graph replays (GPU kernel time)")
     ap.add_argument("--only", default="", help="run only these modes (comma-separated names as in the JSON; "
@@ -778,6 +800,9 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "bfloat16",
         "bandwidth_tbs": bw,
         "sdpa_cudnn": not args.no_cudnn_sdpa,
+        "engine_batched_sdpa": ("flash, memory-efficient, math (cuDNN off, phiops.serve.engine's default on CUDA)"
+                                + ("; phiops_engine_cudnn_sdpa: PyTorch's choice, cuDNN allowed"
+                                   if args.cudnn_sdpa_baseline else "")),
         "bandwidth_source": "--bandwidth-tbs" if args.bandwidth_tbs else f"data sheet for {gpu or 'H100 (default)'}",
         "goal": "bf16 batch-1 decode >= 70% of the bandwidth bound",
     }
@@ -930,7 +955,8 @@ def main(argv: list[str] | None = None) -> int:
                 solo = (FusedDecoder(m, max_len, device) if fused_unsupported(m) is None
                         else GraphDecoder(m, max_len, device))
             concurrent(m, ns=ns, prompt_len=args.prompt_len, gen_tokens=gen_tokens, device=device,
-                       cb=not args.skip_cb, solo=solo, breakdown_at=breakdown_at or None, on_point=save, into=live)
+                       cb=not args.skip_cb, solo=solo, breakdown_at=breakdown_at or None, on_point=save, into=live,
+                       cudnn_baseline=args.cudnn_sdpa_baseline)
         except Exception as exc:
             live.update(_error(exc))
         _release(device)

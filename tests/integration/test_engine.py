@@ -227,3 +227,36 @@ def test_concurrent_greedy_rows_match_generate_token_for_token(engine: Engine) -
         assert max(rows) == 3 and eng.stats.prefill_passes >= 2  # a full batch, and later arrivals joined it
     finally:
         assert eng.close()
+
+
+def test_cpu_passes_keep_pytorchs_attention_switches() -> None:
+    # On CUDA the engine holds SDPA off cuDNN around its forward passes (issue 15,
+    # tests/integration/test_engine_gpu.py); on CPU it must touch no switch, so CPU runs stay as they were.
+    import torch
+
+    def switches() -> tuple[bool, ...]:
+        b = torch.backends.cuda
+        return (b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled())
+
+    model, seen = models.random_model(TINY_ARCH, seed=0), []
+
+    class Watched:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(model, name)
+
+        def __call__(self, **kw: Any) -> Any:
+            seen.append(switches())
+            return model(**kw)
+
+    tok = models.word_tokenizer(TINY_ARCH["vocab_size"])
+    eng = Engine(Watched(), tok, [49151], "cpu", max_batch_size=2, max_wait_ms=20)
+    eng.tok = tok
+    try:
+        runs = [Run(eng, "w5 w6 w7", 3, SamplingParams()), Run(eng, "w8 w9", 3, SamplingParams())]
+        for run in runs:
+            eng.submit(run.request)
+        for run in runs:
+            assert run.done.wait(30) and run.final.error is None
+    finally:
+        assert eng.close()
+    assert len(seen) >= 3 and set(seen) == {switches()}

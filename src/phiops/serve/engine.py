@@ -42,6 +42,7 @@ the bento inside the phiops wheel.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -151,11 +152,14 @@ class Engine:
             its prefill (the latency a request may pay for batching).
         on_step: called after each forward pass with (phase, batch rows, new tokens), for metrics.
         solo: a ``phiops.serve.decode.GraphDecoder`` for a request that is alone (None: always batched).
+        cudnn_sdpa: let PyTorch's SDPA pick its cuDNN backend in the batched forward passes on
+            CUDA (off by default, see ``_attention``; on only to measure the old behaviour).
     """
 
     def __init__(self, model: Any, tokenizer: Any, eos_ids: list[int], device: str, *,
                  max_batch_size: int = 32, max_wait_ms: float = 10.0,
-                 on_step: Callable[[str, int, int], None] | None = None, solo: Any = None) -> None:
+                 on_step: Callable[[str, int, int], None] | None = None, solo: Any = None,
+                 cudnn_sdpa: bool = False) -> None:
         import torch
 
         self.model, self.tokenizer, self.device = model, tokenizer, device
@@ -164,6 +168,17 @@ class Engine:
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
         self.on_step = on_step
         self.solo, self._solo_on = solo, False  # _solo_on: the one running row lives in solo's cache
+        self._sdpa: list[Any] | None = None  # SDPA backends of the batched passes (None: PyTorch's choice)
+        if str(device).startswith("cuda") and not cudnn_sdpa:
+            from torch.nn.attention import SDPBackend
+
+            # PyTorch (2.11, Hopper) ranks cuDNN attention first, and cuDNN builds an execution plan
+            # per input shape: the batched cache grows a position a step, so every layer of every step
+            # planned anew (54 ms of a 70 ms step on the host, for 0.95 ms of GPU work). One H200 run,
+            # Phi-3-mini bf16 at 32 concurrent: 493 tok/s with cuDNN allowed, 1,415 without (2.9x; a
+            # 33 ms step); W4A16 290 -> 615 (bench/README.md). Without it, a pass with no mask runs
+            # flash, one with a padding mask (flash refuses masks) memory-efficient attention, MATH the rest.
+            self._sdpa = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         self.stats = Stats()
         self._queue: queue.Queue[Request] = queue.Queue()
         self._stop = threading.Event()
@@ -326,6 +341,19 @@ class Engine:
         if self.on_step:
             self.on_step(phase, rows, rows)
 
+    def _attention(self) -> Any:
+        """The context of the engine's own forward passes: on CUDA, SDPA without cuDNN (see __init__).
+
+        PyTorch keeps these switches process-wide, so they are held only around the engine's
+        forward calls, on the engine's thread (the one running the model); the solo decoder and
+        CPU runs are left as PyTorch chooses.
+        """
+        if self._sdpa is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import sdpa_kernel
+
+        return sdpa_kernel(self._sdpa)
+
     def _prefill(self, new: list[Request]) -> None:
         """Prefill the admitted requests; a failure fails the requests of that pass alone."""
         if self._solo_on:  # company has come: the solo row joins the shared cache first
@@ -367,8 +395,9 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache()  # appends in place (phiops.serve.batched)
         every = new[0].prompt_logprobs is not None  # a group of one (see _prefill)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=0 if every else 1)
+        with self._attention():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True, logits_to_keep=0 if every else 1)
         self._counted("prefill", len(new), int(mask.sum()))
         if every:
             new[0].prompt_lp = self._prompt_logprobs(out.logits[0], new[0])
@@ -416,8 +445,9 @@ class Engine:
             self._track()
             return
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=-1)
-        out = self.model(input_ids=self.last[:, None], attention_mask=self.mask,
-                         position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
+        with self._attention():
+            out = self.model(input_ids=self.last[:, None], attention_mask=self.mask,
+                             position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True)
         self.cache = out.past_key_values
         self.positions = self.positions + 1
         self._counted("decode", len(self.rows))
