@@ -221,3 +221,24 @@ def test_the_cli_process_runs_with_rare_full_collections_and_freezes_everything_
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-2:] == ["during 10 True", "exit True"], out.stdout
+
+
+def test_bars_that_refresh_at_every_step_are_one_line_per_interval_and_end_in_their_last_state():
+    # llm-compressor's AWQ grid search: one bar per linear layer, refreshed at every step by
+    # set_postfix (TQDM_MININTERVAL cannot space it). Bars of one kind (descriptions differing only
+    # in numbers) share the interval; the held-back latest state comes out before the next plain line.
+    out: list[str] = []
+    now = [0.0]
+    bars = procs._Bars(out.append, interval=10, clock=lambda: now[0])
+    for layer in range(30):
+        for step in range(21):
+            now[0] += 0.05
+            bars(f"Grid search for model.layers.{layer}.mlp.up_proj: {step * 5:3d}%|##   | {step}/20 "
+                 f"[00:00<?, ?it/s, best_error=3.7e-02]\x1b[A")
+    bars("Smoothing done")
+    assert len(out) == 6  # 31.5 s of bars (630 lines): at 0, 10, 20 and 30 s, the last state, the plain line
+    assert out[0].startswith("Grid search for model.layers.0.") and "0/20" in out[0]
+    assert out[-2].startswith("Grid search for model.layers.29.") and "20/20" in out[-2]
+    assert out[-1] == "Smoothing done"
+    bars("Epoch 1:  50%|#####     | 1/2")  # another kind: its own first line goes out at once
+    assert out[-1].startswith("Epoch 1:")
