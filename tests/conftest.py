@@ -30,7 +30,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 from phiops.cli import EPHEMERAL_STARTUP_TIMEOUT_S  # noqa: E402
 from phiops.procs import lean_gc  # noqa: E402
 
-# This process imports the whole stack and loads hundreds of tiny models: the CLI's GC policy
+# This process imports the whole stack and loads many tiny models: the CLI's GC policy
 # (bench/process_gc.py) spares it most full collections of a heap that mostly only grows.
 lean_gc()
 

@@ -113,7 +113,7 @@ class _Bars:
 
     TQDM_MININTERVAL spaces a bar's refreshes, but a bar that calls ``set_postfix`` refreshes at
     every call: llm-compressor's AWQ grid search does, one bar per linear layer ("Grid search for
-    model.layers.9.mlp.up_proj"), ~700 lines a minute in the embedded demo. Bars whose
+    model.layers.9.mlp.up_proj"): ~2,300 lines in the embedded demo's 3.8 min AWQ stage. Bars whose
     descriptions differ only in numbers are one kind; a held-back line is let out (as the bar's
     latest state) before the next line that is not a bar, and at the end.
     """
