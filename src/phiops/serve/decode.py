@@ -277,6 +277,29 @@ def _fused_matrix(linears: tuple[Any, ...]) -> Any:
     return packed, scale, zp, linears[0].group_size
 
 
+def rotary_tables(model: Any, max_len: int, device: str) -> tuple[Any, Any, int]:
+    """cos and sin ``[max_len, head_dim]`` float32 (scaling applied) for the kernels' rotary: the
+    model's own tables, padded with 1 and 0 past the rotated dimensions (Phi-3's partial rotary);
+    and how many dimensions rotate."""
+    inner = model.model
+    head_dim = inner.layers[0].self_attn.head_dim
+    cos, sin = inner.rotary_emb(torch.zeros(1, device=device), torch.arange(max_len, device=device)[None])
+    rot = cos.shape[-1]
+    full_cos = torch.ones((max_len, head_dim), dtype=torch.float32, device=device)
+    full_sin = torch.zeros((max_len, head_dim), dtype=torch.float32, device=device)
+    full_cos[:, :rot], full_sin[:, :rot] = cos[0], sin[0]
+    return full_cos, full_sin, rot
+
+
+def layer_matrices(model: Any) -> list[tuple[Any, ...]]:
+    """Per decoder layer: its (q/k/v, o, gate/up, down) matrices fused as the kernels take them (a
+    dense weight, or a packed W4A16 one: ``_fused_matrix``), both RMSNorm weights and their epsilon."""
+    return [(_fused_matrix(_attn_linears(layer)), _fused_matrix((layer.self_attn.o_proj,)),
+             _fused_matrix(_mlp_linears(layer)), _fused_matrix((layer.mlp.down_proj,)),
+             layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data,
+             float(layer.input_layernorm.variance_epsilon)) for layer in model.model.layers]
+
+
 class FusedDecoder(GraphDecoder):
     """``GraphDecoder`` whose step is five Triton kernels per layer (``phiops.serve.kernels``), not a compile.
 
@@ -305,22 +328,12 @@ class FusedDecoder(GraphDecoder):
         attn0 = inner.layers[0].self_attn
         hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
         head_dim = attn0.head_dim
-        positions = torch.arange(max_len, device=device)[None]
-        cos, sin = inner.rotary_emb(torch.zeros(1, device=device), positions)  # float32, scaling applied
-        rot = cos.shape[-1]
-        self._cos = torch.ones((max_len, head_dim), dtype=torch.float32, device=device)
-        self._sin = torch.zeros((max_len, head_dim), dtype=torch.float32, device=device)
-        self._cos[:, :rot], self._sin[:, :rot] = cos[0], sin[0]
-        self._attn = K.Attention(heads=hq, kv_heads=hkv, head_dim=head_dim, rotary_dim=rot, max_len=max_len,
-                                 scaling=float(attn0.scaling), device=device, chunk=chunk)
-        # Each matrix is a dense weight (``kernels.gemv``) or a packed W4A16 one (``kernels.gemv_w4``).
-        self._layers = [(_fused_matrix(_attn_linears(layer)), _fused_matrix((layer.self_attn.o_proj,)),
-                         _fused_matrix(_mlp_linears(layer)), _fused_matrix((layer.mlp.down_proj,)),
-                         layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data,
-                         float(layer.input_layernorm.variance_epsilon)) for layer in inner.layers]
+        self._cos, self._sin, rot = rotary_tables(model, max_len, device)
+        self._attn = K.Attention(heads=hq, kv_heads=hkv, head_dim=head_dim, rotary_dim=rot,
+                                 max_len=max_len, scaling=float(attn0.scaling), device=device, chunk=chunk)
+        self._layers, self._lm_head = layer_matrices(model), _fused_matrix((model.lm_head,))
         self._embed = inner.embed_tokens.weight.data
         self._norm, self._norm_eps = inner.norm.weight.data, float(inner.norm.variance_epsilon)
-        self._lm_head = _fused_matrix((model.lm_head,))
         dtype = model.dtype
         new = lambda n, t=dtype: torch.empty((n,), dtype=t, device=device)
         # The inputs of o_proj and down_proj stay float32 when those are W4A16: their kernel then

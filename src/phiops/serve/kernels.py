@@ -124,19 +124,26 @@ def gemv(w: torch.Tensor, a: torch.Tensor, out: torch.Tensor, *, norm: torch.Ten
 
 @triton.jit
 def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr,
-                      sm_scale, MAX_LEN,
+                      table_ptr, sm_scale, MAX_LEN, TW,
                       CHUNK: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
                       GROUP_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                      SPLITS: tl.constexpr, PDL: tl.constexpr):
-    """One program per (key/value head, sequence split); it serves the head's GROUP query heads."""
+                      SPLITS: tl.constexpr, PAGE: tl.constexpr, PDL: tl.constexpr):
+    """One program per (key/value head, sequence split, batch row); it serves the head's GROUP query heads.
+
+    ``PAGE == 0``: the cache is ``[rows, HKV, MAX_LEN, D]``, row ``r`` its own. ``PAGE > 0`` (a paged
+    pool, ``BLOCK_T == PAGE``): the cache is ``[pages, HKV, PAGE, D]`` and row ``r``'s position ``t``
+    lies in page ``table[r, t // PAGE]`` (``table`` ``[rows, TW]`` int32).
+    """
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
     kvh = tl.program_id(0)
     split = tl.program_id(1)
+    row = tl.program_id(2)
     GROUP: tl.constexpr = HQ // HKV
     HALF: tl.constexpr = ROT // 2
-    pos = tl.load(pos_ptr)
+    qkv_ptr += row * ((HQ + 2 * HKV) * D)
+    pos = tl.load(pos_ptr + row)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     # rotate_half within the first ROT dims (transformers' convention), the rest passes through
@@ -155,15 +162,20 @@ def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_
 
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, pos + 1)
-    head_off = kvh * MAX_LEN * D
+    if PAGE == 0:
+        head_off = (row * HKV + kvh) * MAX_LEN * D
+        new_off = head_off + pos * D
+    else:
+        table_ptr += row * TW
+        new_off = (tl.load(table_ptr + pos // PAGE) * HKV + kvh) * (PAGE * D) + (pos % PAGE) * D
     if (pos >= lo) & (pos < lo + CHUNK):  # this split holds the new position: write its key and value
         k_base = qkv_ptr + (HQ + kvh) * D
         k = tl.load(k_base + d, mask=dmask, other=0.0).to(tl.float32)
         k_rot = tl.load(k_base + partner, mask=dmask, other=0.0).to(tl.float32)
         k = k * cos + k_rot * sign * sin
         v = tl.load(qkv_ptr + (HQ + HKV + kvh) * D + d, mask=dmask, other=0.0)
-        tl.store(k_cache + head_off + pos * D + d, k.to(k_cache.dtype.element_ty), mask=dmask)
-        tl.store(v_cache + head_off + pos * D + d, v, mask=dmask)
+        tl.store(k_cache + new_off + d, k.to(k_cache.dtype.element_ty), mask=dmask)
+        tl.store(v_cache + new_off + d, v, mask=dmask)
     tl.debug_barrier()  # the program's own writes above are read back in the loop below
 
     m = tl.full([GROUP_P], float("-inf"), dtype=tl.float32)
@@ -175,7 +187,11 @@ def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_
             t = lo + i + tl.arange(0, BLOCK_T)
             tmask = t < hi
             kvmask = tmask[:, None] & dmask[None, :]
-            offs = head_off + t[:, None] * D + d[None, :]
+            if PAGE == 0:
+                offs = head_off + t[:, None] * D + d[None, :]
+            else:  # the block is one page
+                page = tl.load(table_ptr + (lo + i) // PAGE)
+                offs = (page * HKV + kvh) * (PAGE * D) + (t % PAGE)[:, None] * D + d[None, :]
             kb = tl.load(k_cache + offs, mask=kvmask, other=0.0).to(tl.float32)
             vb = tl.load(v_cache + offs, mask=kvmask, other=0.0).to(tl.float32)
             s = tl.sum(q[:, None, :] * kb[None, :, :], axis=2)  # [GROUP_P, BLOCK_T], in log2 units
@@ -186,6 +202,7 @@ def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_
             l = l * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vb[None, :, :], axis=1)
             m = m_new
+    qh += row * HQ  # the output and partials are [rows, HQ, ...]
     if SPLITS == 1:
         tl.store(out_ptr + qh[:, None] * D + d[None, :], (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=qmask)
     else:  # unnormalized partials; an empty split leaves m = -inf, l = 0, acc = 0, which weigh nothing
@@ -201,7 +218,7 @@ def _combine(po_ptr, pm_ptr, pl_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.conste
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    h = tl.program_id(0)
+    h = tl.program_id(0)  # row * HQ + query head
     s = tl.arange(0, BLOCK_S)
     smask = s < SPLITS
     d = tl.arange(0, BLOCK_D)
@@ -213,46 +230,111 @@ def _combine(po_ptr, pm_ptr, pl_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.conste
 
 
 class Attention:
-    """Launches decode attention for a fixed cache size; the partial buffers are allocated once."""
+    """Launches decode attention for a fixed cache size and row count; the partial buffers are allocated once.
+
+    ``rows``: batch rows a call serves (``qkv`` ``[rows, (HQ + 2 HKV) D]``, ``pos`` ``[rows]``, ``out``
+    ``[rows, HQ D]``). ``page``: the positions a page of a paged pool holds (``__call__``'s ``table``),
+    None for a contiguous ``[rows, HKV, max_len, D]`` cache; ``max_len`` is then the positions a row's
+    table can address.
+    """
 
     # Launch settings from bench/decode_kernels.py --attention-sweep (bench/results/
     # decode_attention_sweep_h200.json): 2 warps and 32-position blocks were fastest at every
     # length tried (cache 392, 1152, 2047), and 32 splits or fewer per head.
     BLOCK_T, NUM_WARPS, MAX_SPLITS = 32, 2, 32
+    # With several rows, split a row's sequence only until the launch has about this many programs:
+    # each (key/value head, row) is already one, and a split adds a combine over the partials.
+    FILL_PROGRAMS = 1024
 
     def __init__(self, *, heads: int, kv_heads: int, head_dim: int, rotary_dim: int, max_len: int,
                  scaling: float, device: Any, chunk: int | None = None, block_t: int | None = None,
-                 num_warps: int | None = None) -> None:
+                 num_warps: int | None = None, rows: int = 1, page: int | None = None) -> None:
         if heads % kv_heads or rotary_dim % 2 or rotary_dim > head_dim:
             raise ValueError(f"unsupported attention shape: {heads} heads, {kv_heads} kv heads, "
                              f"head_dim {head_dim}, rotary {rotary_dim}")
+        if page is not None and (page < 16 or page & (page - 1) or max_len % page):
+            raise ValueError(f"page {page}: a power of two of at least 16 that divides max_len {max_len}")
         self.hq, self.hkv, self.d, self.rot, self.max_len, self.scaling = (heads, kv_heads, head_dim, rotary_dim,
                                                                            max_len, scaling)
+        self.rows, self.page = rows, page
         # Splits: enough programs to fill the GPU for a short sequence, each scanning at most `chunk`.
-        self.chunk = chunk or max(self.BLOCK_T, triton.next_power_of_2(triton.cdiv(max_len, self.MAX_SPLITS)))
+        splits = self.MAX_SPLITS if rows == 1 else max(1, min(self.MAX_SPLITS, self.FILL_PROGRAMS // (kv_heads * rows)))
+        smallest = page or self.BLOCK_T
+        self.chunk = chunk or max(smallest, triton.next_power_of_2(triton.cdiv(max_len, splits)))
+        if page is not None and self.chunk % page:
+            raise ValueError(f"chunk {self.chunk}: a paged cache's splits are whole pages of {page}")
         self.splits = triton.cdiv(max_len, self.chunk)
-        self.block_t = block_t or min(self.BLOCK_T, triton.next_power_of_2(self.chunk))
+        self.block_t = page or block_t or min(self.BLOCK_T, triton.next_power_of_2(self.chunk))
         self.num_warps = num_warps or self.NUM_WARPS
-        n = heads * self.splits
+        n = rows * heads * self.splits
         self.po = torch.empty((n, head_dim), dtype=torch.float32, device=device)
         self.pm = torch.empty((n,), dtype=torch.float32, device=device)
         self.pl = torch.empty((n,), dtype=torch.float32, device=device)
 
     def __call__(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                 cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                 cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
+                 table: torch.Tensor | None = None) -> torch.Tensor:
+        if (table is None) != (self.page is None):
+            raise ValueError("a page table goes with a paged cache (Attention(page=...)), and only with one")
         block_d = triton.next_power_of_2(self.d)
         pdl = pdl_enabled()
         launch = {"launch_pdl": True} if pdl else {}
-        _decode_attention[(self.hkv, self.splits)](
-            qkv, k_cache, v_cache, pos, cos, sin, out, self.po, self.pm, self.pl, self.scaling, self.max_len,
+        _decode_attention[(self.hkv, self.splits, self.rows)](
+            qkv, k_cache, v_cache, pos, cos, sin, out, self.po, self.pm, self.pl,
+            table if table is not None else pos, self.scaling, self.max_len,
+            table.shape[1] if table is not None else 0,
             CHUNK=self.chunk, HQ=self.hq, HKV=self.hkv, D=self.d, ROT=self.rot,
             GROUP_P=triton.next_power_of_2(self.hq // self.hkv), BLOCK_D=block_d, BLOCK_T=self.block_t,
-            SPLITS=self.splits, PDL=pdl, num_warps=self.num_warps, **launch)
+            SPLITS=self.splits, PAGE=self.page or 0, PDL=pdl, num_warps=self.num_warps, **launch)
         if self.splits > 1:
-            _combine[(self.hq,)](self.po, self.pm, self.pl, out, D=self.d, SPLITS=self.splits, BLOCK_D=block_d,
-                                 BLOCK_S=triton.next_power_of_2(self.splits), PDL=pdl, num_warps=4,
-                                 **launch)
+            _combine[(self.rows * self.hq,)](self.po, self.pm, self.pl, out, D=self.d, SPLITS=self.splits,
+                                             BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(self.splits), PDL=pdl,
+                                             num_warps=4, **launch)
         return out
+
+
+# ---- the batched step's elementwise work (phiops.serve.paged) ------------------------------------
+#
+# A batched decode step's matmuls go to cuBLAS (or ``matmul_w4``); what lies between them is one
+# kernel each here instead of the ~8 PyTorch ops of an RMSNorm and 2 of a SiLU gating, each
+# rounded as transformers' Llama/Phi-3 modules round (float32 inside, the model's dtype out).
+
+
+@triton.jit
+def _rms_norm(x_ptr, w_ptr, out_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    c = tl.arange(0, BLOCK)
+    m = c < N
+    x = tl.load(x_ptr + row * N + c, mask=m, other=0.0).to(tl.float32)
+    y = (x * tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)).to(out_ptr.dtype.element_ty)  # hidden.to(input_dtype)
+    w = tl.load(w_ptr + c, mask=m, other=0.0)
+    tl.store(out_ptr + row * N + c, (w.to(tl.float32) * y.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> torch.Tensor:
+    """``out = weight * (x * rsqrt(mean(x^2) + eps))`` per row of a contiguous ``[rows, N]`` ``x``."""
+    rows, n = x.shape
+    _rms_norm[(rows,)](x, weight, out, eps, N=n, BLOCK=triton.next_power_of_2(n), num_warps=8 if n > 2048 else 4)
+    return out
+
+
+@triton.jit
+def _silu_mul(gu_ptr, out_ptr, I: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < I
+    g = tl.load(gu_ptr + row * 2 * I + c, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * I + I + c, mask=m, other=0.0).to(tl.float32)
+    s = (g * tl.sigmoid(g)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * I + c, (s * u).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = silu(gate) * up`` for ``gate_up`` ``[rows, 2 I]`` (gate first, as the fused weights are)."""
+    rows, two_i = gate_up.shape
+    block = 1024
+    _silu_mul[(rows, triton.cdiv(two_i // 2, block))](gate_up, out, I=two_i // 2, BLOCK=block, num_warps=4)
+    return out
 
 
 # ---- W4A16: the same GEMV over packed int4 weights -------------------------------------------------
