@@ -216,6 +216,9 @@ class ServeCfg(_Section):
     request_timeout_s: int = Field(120, ge=1)  # unanswered by then: 504, generation cancelled
     max_batch_size: int = Field(32, ge=1)  # rows per forward pass of the continuous batcher
     max_batch_wait_ms: int = Field(10, ge=0)  # an idle engine's wait for company before prefill
+    # CUDA, llama-family models: the share of GPU memory still free once the model is loaded that
+    # the engine's KV page pool takes (phiops.serve.paged); requests are admitted by free pages.
+    kv_cache_fraction: float = Field(0.5, gt=0, lt=1)
     # auto: bf16 on CUDA and on CPUs with AMX (batched passes 1.5-3.3x faster than fp32), else fp32
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     max_n: int = Field(4, ge=1)  # choices per request (`n`); each is one more batch row

@@ -9,6 +9,7 @@ bench/decode_phi3_mini.py and bench/decode_kernels.py.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -315,3 +316,181 @@ def test_engine_with_the_cuda_graph_decoder_hands_over(greedy_reference: Any) ->
 @cuda
 def test_w4a16_layers_run_on_the_int4_kernel_cuda(tmp_path: Path) -> None:
     _check_int4(_w4a16(tmp_path, "phi3"), "cuda")
+
+
+# ---- the paged KV pool and its batched step (phiops.serve.paged) ---------------------------------
+
+PROMPTS = [PROMPT, [1, 88, 4021, 7, 310, 29], [1, 5, 6], PROMPT[:9] + [15, 16, 17, 18, 19, 20, 21, 22],
+           [1, 700], [1, 9, 99, 999, 9999, 3, 33, 333, 3333, 4], [1, 2222] * 5, [1, 12, 13, 14, 15]]
+
+
+def _prefill(model: Any, prompts: list[list[int]], device: str) -> tuple[Any, Any]:
+    """A left-padded prefill of `prompts` through the model (as the engine does): last logits, cache."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), 2, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    ids, mask = ids.to(device), mask.to(device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+    return out.logits[:, -1], out.past_key_values
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("phi3", {}),
+    ("llama", {}),
+    ("phi3", {"partial_rotary_factor": 0.75, "num_key_value_heads": 2}),
+])
+def test_paged_step_matches_the_dynamic_cache_forward(greedy_reference: Any, kernels: Any, arch: str,
+                                                      overrides: dict[str, Any]) -> None:
+    """Rows of ragged lengths in pages of 16 (rows cross page boundaries), a row joining later and
+    one leaving with the others reordered: each row's logits equal the plain forward's at every step."""
+    from phiops.serve.paged import PagedDecoder
+
+    device = kernels.DEVICE
+    model = _build(arch, device=device, **_SMALL, **overrides)
+    prompts = PROMPTS[:3]
+    refs = [greedy_reference(model, p, 12, device) for p in prompts]
+    dec = PagedDecoder(model, device, pages=12, max_len=64, max_rows=4, page=16)
+    got: list[list[int]] = [[], [], []]
+    worst = 0.0
+
+    def check(rows: list[int], logits: Any) -> Any:
+        nonlocal worst
+        for i, r in enumerate(rows):
+            worst = max(worst, float((logits[i].float() - refs[r][1][len(got[r])]).abs().max()))
+            got[r].append(int(logits[i].argmax()))
+        return torch.tensor([got[r][-1] for r in rows], device=device)
+
+    with torch.inference_mode():
+        logits, cache = _prefill(model, prompts[:2], device)
+        dec.add([(layer.keys, layer.values) for layer in cache.layers], [len(p) for p in prompts[:2]])
+        rows = [0, 1]
+        last = check(rows, logits)
+        for step in range(11):
+            if step == 3:  # a third request joins: prefilled alone, its cache written into free pages
+                logits, cache = _prefill(model, prompts[2:], device)
+                dec.add([(layer.keys, layer.values) for layer in cache.layers], [len(prompts[2])])
+                rows, last = rows + [2], torch.cat([last, check([2], logits)])
+            if step == 7:  # row 0 leaves; the others continue in the order [2, 1]
+                free = dec.free_pages
+                dec.keep([2, 1])
+                assert dec.free_pages == free + dec.pages_for(len(prompts[0]) + 7)
+                rows, last = [2, 1], last[torch.tensor([2, 1], device=device)]
+            assert dec.pages_short() == 0
+            dec.grow()
+            rows_now = [r for r in rows if len(got[r]) < 12]
+            assert rows_now == rows
+            last = check(rows, dec.step(last))
+    assert got[1] == refs[1][0] and got[2] == refs[2][0][:len(got[2])] and got[0] == refs[0][0][:len(got[0])]
+    assert worst < (1e-4 if kernels.INTERPRET else 1e-3)
+
+
+def _paged_engine(model: Any, device: str, eos: list[int], *, pages: int, max_rows: int = 8, **kw: Any) -> Engine:
+    from phiops.serve.paged import PagedDecoder
+
+    dec = PagedDecoder(model, device, pages=pages, max_len=64, max_rows=max_rows, page=16)
+    return Engine(model, word_tokenizer(model.config.vocab_size), eos, device, max_wait_ms=0,
+                  max_batch_size=max_rows, paged=dec, **kw)
+
+
+def _drive(engine: Engine, requests: list[Request], joins: dict[int, int] | None = None) -> list[Any]:
+    """Submit `requests` (request i of `joins` once request 0 has `joins[i]` tokens) and wait for all;
+    each request's events, in order."""
+    events: list[list[Any]] = [[] for _ in requests]
+    done = [threading.Event() for _ in requests]
+    joins = dict(joins or {})
+    order: list[int] = []
+
+    def emitter(i: int) -> Any:
+        def emit(ev: Any) -> None:  # on the engine thread
+            events[i].append(ev)
+            if not order or order[-1] != i:
+                order.append(i)
+            for j, after in list(joins.items()):
+                if i == 0 and ev.completion_tokens >= after:
+                    del joins[j]
+                    engine.submit(requests[j])
+            if ev.finish_reason or ev.error:
+                done[i].set()
+        return emit
+
+    for i, r in enumerate(requests):
+        r.emit = emitter(i)
+    for i, r in enumerate(requests):
+        if i not in joins:
+            engine.submit(r)
+    for d in done:
+        assert d.wait(300)
+    engine.close()
+    return events
+
+
+def _refs(greedy_reference: Any, model: Any, prompts: list[list[int]], n: int, device: str) -> tuple[list[Any], list[int]]:
+    refs = [greedy_reference(model, p, n, device)[0] for p in prompts]
+    # EOS = an id these random weights never pick: every request runs to its length.
+    eos = [next(i for i in range(3, model.config.vocab_size) if all(i not in w for w in refs))]
+    return refs, eos
+
+
+def test_paged_engine_matches_generate_for_rows_that_join_and_leave(greedy_reference: Any, kernels: Any) -> None:
+    """8 greedy requests: 3 at once, 5 joining while they decode, each leaving at its own length."""
+    device = kernels.DEVICE
+    model = _build("llama", device=device, **_SMALL)
+    refs, eos = _refs(greedy_reference, model, PROMPTS, 14, device)
+    lengths = [14, 6, 11, 8, 13, 5, 9, 12]
+    requests = [Request(prompt=p, max_new_tokens=n, emit=print) for p, n in zip(PROMPTS, lengths)]
+    engine = _paged_engine(model, device, eos, pages=32)
+    _drive(engine, requests, joins={3: 2, 4: 2, 5: 5, 6: 7, 7: 9})
+    assert [r.tokens for r in requests] == [ref[:n] for ref, n in zip(refs, lengths)]
+    assert engine.stats.preempted == 0 and engine.paged.free_pages == 32  # every page back
+
+
+def test_paged_engine_queues_what_the_pool_cannot_hold_and_refuses_it_past_its_deadline(
+        greedy_reference: Any, kernels: Any) -> None:
+    """A pool of 4 pages of 16 (one row of 64): a 40-token prompt takes 3, so a second one waits
+    for the first to finish (no out-of-memory, no preemption); a third, waiting for pages past its
+    queue deadline, is refused with ``queue_timeout``; a request longer than a row fails at once."""
+    device = kernels.DEVICE
+    model = _build("llama", device=device, **_SMALL)
+    long_prompts = [[1] + list(range(100, 139)), [1] + list(range(200, 239))]
+    refs, eos = _refs(greedy_reference, model, long_prompts, 8, device)
+    requests = [Request(prompt=p, max_new_tokens=8, emit=print) for p in long_prompts]
+    # Past its deadline while it waits for pages: refused then, not once pages free up.
+    late = Request(prompt=PROMPT, max_new_tokens=4, emit=print, queue_deadline=time.perf_counter() - 1)
+    too_long = Request(prompt=long_prompts[0], max_new_tokens=30, emit=print)
+    engine = _paged_engine(model, device, eos, pages=4)
+    events = _drive(engine, requests + [late, too_long])
+    assert [r.tokens for r in requests] == refs
+    first_of_second = next(i for i, ev in enumerate(events[1]) if ev.text or ev.finish_reason)
+    assert events[0][-1].finish_reason == "length" and first_of_second == 0
+    assert engine.stats.preempted == 0
+    assert events[2][-1].code == "queue_timeout" and late.tokens == []
+    assert "exceed the 64 tokens a sequence may hold" in events[3][-1].error
+    assert engine.paged.free_pages == 4
+
+
+def test_paged_engine_preempts_the_newest_row_and_resumes_it_with_the_same_tokens(
+        greedy_reference: Any, kernels: Any) -> None:
+    """5 pages of 16 for two rows that each grow to 4 pages: the newer is preempted when the pool runs
+    out, waits, and is resumed by recomputation. Its greedy tokens, and a seeded sampled request's,
+    are those of an uninterrupted run."""
+    from phiops.serve.sampling import SamplingParams
+
+    device = kernels.DEVICE
+    model = _build("llama", device=device, **_SMALL)
+    prompts = [PROMPT, PROMPTS[1]]
+    refs, eos = _refs(greedy_reference, model, prompts, 40, device)
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=1234)
+    results = {}
+    for pages in (16, 5):  # roomy, then short
+        requests = [Request(prompt=prompts[0], max_new_tokens=40, emit=print),
+                    Request(prompt=prompts[1], max_new_tokens=40, emit=print),
+                    Request(prompt=prompts[1], max_new_tokens=30, emit=print, sampling=seeded)]
+        engine = _paged_engine(model, device, eos, pages=pages)
+        _drive(engine, requests)
+        results[pages] = ([r.tokens for r in requests], engine.stats.preempted, [r.preempted for r in requests])
+        assert engine.paged.free_pages == pages
+    (roomy, none, _), (short, preempted, per_request) = results[16], results[5]
+    assert none == 0 and preempted >= 1 and per_request[0] == 0  # the oldest row is never the one taken out
+    assert roomy[:2] == refs and short == roomy

@@ -260,3 +260,29 @@ def test_cpu_passes_keep_pytorchs_attention_switches() -> None:
     finally:
         assert eng.close()
     assert len(seen) >= 3 and set(seen) == {switches()}
+
+
+def test_the_incremental_detokenizer_gives_the_whole_decode_at_every_step(engine: Engine) -> None:
+    """Fed one token at a time (the embedded model's byte-level BPE), the engine's text equals the
+    whole sequence decoded, at every step; characters of several bytes split over tokens come out
+    whole, once complete."""
+    from phiops.serve.engine import detokenize
+
+    tok = engine.tok
+    texts = ["Héllo wörld: 你好，世界 🎉🎉 done\n\n  spaced   out\tTAB", "Ticket 7: the laptop will not boot at all",
+             "ＡＢＣ 😀😁 ǅ —– “quoted” naïve café", " leading space, trailing space "]
+    split = 0
+    for text in texts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        r = Request(prompt=[1], max_new_tokens=len(ids), emit=print)
+        for i, t in enumerate(ids):
+            r.tokens.append(t)
+            got = detokenize(tok, r, final=i == len(ids) - 1)
+            whole = tok.decode(r.tokens, skip_special_tokens=True)
+            if whole.endswith("\ufffd") and i < len(ids) - 1:  # inside a character: it waits
+                assert whole.startswith(got) and "\ufffd" not in got
+                split += 1
+            else:
+                assert got == whole
+        assert r.text == text == tok.decode(ids)
+    assert split > 0  # the texts do split characters over tokens

@@ -233,3 +233,44 @@ def test_the_service_decodes_a_w4a16_checkpoint_through_the_fused_triton_path(tm
     engine.close()
     assert request.error is None and request.tokens == want
     assert dec._graph is not None  # the lone request ran on the captured fused step
+
+
+@pytest.mark.gpu
+@cuda
+def test_the_service_batches_a_w4a16_checkpoint_through_the_paged_pool_and_its_graphs(
+        tmp_path: Path, monkeypatch: Any, greedy_reference: Any) -> None:
+    """Four concurrent requests on the service's CUDA path: the paged KV pool the loader builds, the
+    batched step replayed from its CUDA graphs over the packed W4A16 weights, each request's greedy
+    tokens those of the dequantized model."""
+    import threading
+
+    from transformers import AutoModelForCausalLM
+
+    from phiops.models import word_tokenizer
+    from phiops.serve.engine import Engine, Request
+    from phiops.serve.loader import cuda_paged, load_checkpoint
+    from phiops.serve.paged import PagedDecoder
+    from phiops.serve.settings import Settings
+
+    monkeypatch.delenv("PHIOPS_W4A16_KERNEL", raising=False)
+    path = _w4a16_checkpoint(tmp_path, "phi3", "W4A16", 128)
+    word_tokenizer(ARCHS["phi3"]["vocab_size"]).save_pretrained(path)
+    model, tok, _, device, _ = load_checkpoint(str(path), "float32", "cuda", require_chat_template=False)
+    settings = Settings(model_tag="t", served_model_name="t", max_prompt_tokens=16, max_new_tokens=8, max_batch_size=4)
+    paged = cuda_paged(model, settings, device)
+    assert type(paged) is PagedDecoder and sorted(paged._graphs) == [1, 2, 4]  # captured at load
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True).to("cuda").eval()
+    prompts = [PROMPT, PROMPT[:5], PROMPT[3:], [1, 7, 8, 9]]
+    want = [greedy_reference(dense, p, 8, "cuda")[0] for p in prompts]
+    eos = next(i for i in range(ARCHS["phi3"]["vocab_size"]) if all(i not in w for w in want))
+    done = [threading.Event() for _ in prompts]
+    requests = [Request(prompt=p, max_new_tokens=8, emit=lambda ev, d=d: d.set() if ev.finish_reason or ev.error else None)
+                for p, d in zip(prompts, done)]
+    engine = Engine(model, tok, [eos], device, max_wait_ms=50, max_batch_size=4, paged=paged)
+    for r in requests:
+        engine.submit(r)
+    assert all(d.wait(120) for d in done)
+    engine.close()
+    assert [r.tokens for r in requests] == want
+    assert engine.stats.prefill_passes == 1 and engine.stats.forward_passes == 8  # one batch, 7 graph steps
+    assert paged.free_pages == paged.pages

@@ -13,7 +13,8 @@ every limit         its ``ServeCfg`` name   ``PHIOPS_`` + its name, upper case
 ==================  ======================  ===============================
 
 (``PHIOPS_MAX_NEW_TOKENS``, ``PHIOPS_MAX_PROMPT_TOKENS``, ``PHIOPS_MAX_CONCURRENCY``,
-``PHIOPS_REQUEST_TIMEOUT_S``, ``PHIOPS_MAX_BATCH_SIZE``, ``PHIOPS_MAX_BATCH_WAIT_MS``, ``PHIOPS_DTYPE``;
+``PHIOPS_REQUEST_TIMEOUT_S``, ``PHIOPS_MAX_BATCH_SIZE``, ``PHIOPS_MAX_BATCH_WAIT_MS``,
+``PHIOPS_KV_CACHE_FRACTION``, ``PHIOPS_DTYPE``, ...;
 each is validated by ``ServeCfg``'s own rules.)
 
 .. [1] The model tag is the one exception to "environment wins": a bento carries exactly the
