@@ -430,7 +430,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
     prod = reg.production()
     if prod is None or not prod.get("bento"):
         return _fail("no production model with a bento yet: run `phiops run` first", EXIT_REFUSED)
-    print(client.ask(prod["bento"], args.prompt, port=args.port))
+    # This project's tag, not the record's: a record registered before the store names carried
+    # the project (or in a clone elsewhere) names a bento this project never built.
+    print(client.ask(registry.bento_tag(reg.root, prod["version"]), args.prompt, port=args.port))
     return 0
 
 
