@@ -586,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         unexpected exception propagates with its traceback (exit 1).
     """
     procs.lean_gc()  # before anything imports torch: half a stage's start-up and exit was the GC's
+    procs.skip_sklearn()  # before anything imports transformers: it would load sklearn for nothing
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
