@@ -85,7 +85,7 @@ def tiny_models(tmp_path_factory, builtin_model) -> dict[str, Path]:
 
 @pytest.fixture
 def git_dvc_project(tmp_path, monkeypatch) -> Callable[..., Path]:
-    """Makes ``tmp_path/proj``: git + DVC, the given dvc.yaml and files, all in one commit.
+    """Makes ``tmp_path/<name>`` (default ``proj``): git + DVC, the given dvc.yaml and files, all in one commit.
 
     HOME is the test's own (no global git identity: the registry's fallback is exercised) and
     this interpreter's bin comes first on PATH (the stages' ``python``, ``dvc``).
@@ -93,8 +93,8 @@ def git_dvc_project(tmp_path, monkeypatch) -> Callable[..., Path]:
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
-    def make(dvc_yaml: str, files: dict[str, str] | None = None, dirs: tuple[str, ...] = ()) -> Path:
-        proj = tmp_path / "proj"
+    def make(dvc_yaml: str, files: dict[str, str] | None = None, dirs: tuple[str, ...] = (), name: str = "proj") -> Path:
+        proj = tmp_path / name
         proj.mkdir()
         for cmd in (("git", "init", "-q"), ("dvc", "init", "-q")):
             subprocess.run(cmd, cwd=proj, check=True, capture_output=True)

@@ -274,12 +274,13 @@ def build(
     version: str,
     *,
     service_dir: Path,
+    name: str | None = None,
     served_model_name: str | None = None,
     limits: ServeCfg | None = None,
     lock_packages: bool = True,
     timeout: float = 1800,
 ) -> str:
-    """Build the bento of ``service_dir`` serving ``model_tag``, as ``<bento name>:<version>``.
+    """Build the bento of ``service_dir`` serving ``model_tag``, as ``<name>:<version>``.
 
     Runs ``bentoml build <service_dir> -f <bentofile> --version <version> --arg-file <args>``.
     The args file bakes the model tag (resolved to a concrete version) and every serving limit
@@ -298,6 +299,8 @@ def build(
         version: the bento version (typically the model's registry version).
         service_dir: the directory holding service.py and bentofile.yaml (``services/`` of a
             phiops checkout).
+        name: the bento's name; default the bentofile's. A project passes its own
+            (:func:`phiops.registry.bento_tag`), as the store is shared by every project.
         served_model_name: the ``model`` id clients send; default the model tag's name.
         limits: the serving limits (``params.yaml``'s ``serve``); default ``ServeCfg()``'s.
         lock_packages: lock the Python requirements with uv; False keeps the pins as written
@@ -326,7 +329,7 @@ def build(
         args["served_model_name"] = served_model_name
     args.update((limits or ServeCfg()).model_dump())
 
-    bento_tag = f"{_bento_name(bentofile)}:{version}"
+    bento_tag = f"{name or _bento_name(bentofile)}:{version}"
     try:
         existing = _bento_store().get(bento_tag)
     except NotFound:
@@ -351,6 +354,7 @@ def build(
         (ctx / "wheels").mkdir()
         shutil.copy2(wheel, ctx / "wheels" / wheel.name)
         config = yaml.safe_load(bentofile.read_text(encoding="utf-8"))
+        config["name"] = bento_tag.partition(":")[0]
         python = config.setdefault("python", {})
         python["packages"] = _runtime_requirements(service_dir.parent)
         python["wheels"] = [*python.get("wheels", []), f"wheels/{wheel.name}"]

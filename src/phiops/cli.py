@@ -430,7 +430,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
     prod = reg.production()
     if prod is None or not prod.get("bento"):
         return _fail("no production model with a bento yet: run `phiops run` first", EXIT_REFUSED)
-    print(client.ask(prod["bento"], args.prompt, port=args.port))
+    # This project's tag, not the record's: a record registered before the store names carried
+    # the project (or in a clone elsewhere) names a bento this project never built.
+    print(client.ask(registry.bento_tag(reg.root, prod["version"]), args.prompt, port=args.port))
     return 0
 
 
@@ -584,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         unexpected exception propagates with its traceback (exit 1).
     """
     procs.lean_gc()  # before anything imports torch: half a stage's start-up and exit was the GC's
+    procs.skip_sklearn()  # before anything imports transformers: it would load sklearn for nothing
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -1,7 +1,9 @@
 """Deploy a registered version: its bento, its image, its local container.
 
 The bento's version is the registry version and its model is the version's files, copied
-into BentoML's model store only after their sha256 matched the registry record. The image
+into BentoML's model store only after their sha256 matched the registry record. Both carry the
+project's id in their name (``phiops-llm-<id>``, ``phiops-model-<id>``): the store is the
+machine's, and every project's registry has its own v1.0.0. The image
 (``phiops containerize``, :mod:`phiops.container`) is built from that bento and tagged with the
 same version; ``phiops deploy --local`` runs it. Promotion and rollback both go through
 :func:`release`: the bento always, the image with ``container.on_promote``, the local container
@@ -20,7 +22,7 @@ from typing import Any
 from phiops import artifacts, bento, container, registry
 from phiops.config import Params
 from phiops.models import cache_dir
-from phiops.paths import Layout
+from phiops.paths import Layout, store_name
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,8 @@ def build_bento(layout: Layout, cfg: Params, record: dict[str, Any], *, lock_pac
         lock_packages: lock the bento's Python requirements with uv against the package index.
 
     Returns:
-        ``{"bento": "phiops-llm:vN.0.0", "model": "<artifact>:vN.0.0", "source": ..., "containerize": ...}``.
+        ``{"bento": "phiops-llm-<id>:vN.0.0", "model": "<artifact>-<id>:vN.0.0", "source": ...,
+        "containerize": ...}``, ``<id>`` this project's (:func:`phiops.paths.store_name`).
 
     Raises:
         RegistryError: the version's files cannot be restored or differ from the record.
@@ -45,7 +48,7 @@ def build_bento(layout: Layout, cfg: Params, record: dict[str, Any], *, lock_pac
     reg = registry.Registry(layout, record["artifact"])
     with artifacts.verified_files(layout.root, record) as (src, source):
         model_tag = bento.save_model(
-            src, cfg.registry.artifact, version,
+            src, store_name(cfg.registry.artifact, layout.root), version,
             # /v1/models shows these: which version, from which data and code.
             {"registry": {"artifact": record["artifact"], "version": version, "git_tag": artifacts.version_rev(record),
                           "data_hash": record.get("data_hash"), "git_rev": record.get("git_rev")}},
@@ -54,6 +57,7 @@ def build_bento(layout: Layout, cfg: Params, record: dict[str, Any], *, lock_pac
     tag = bento.build(
         model_tag,
         version,
+        name=registry.bento_tag(layout.root, version).partition(":")[0],
         service_dir=layout.root / "services",
         served_model_name=cfg.registry.artifact,
         lock_packages=lock_packages,

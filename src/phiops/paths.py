@@ -7,8 +7,29 @@ models -> reports.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def store_name(name: str, root: Path) -> str:
+    """`name` as the project at `root` calls its models and bentos in the BentoML store.
+
+    ``<name>-<id>``, the id being the first 8 hex digits of the sha256 of the project's resolved
+    path. The store (``~/bentoml``) belongs to the machine, while every project's registry starts
+    at v1.0.0: with the bare name two clones would both claim ``phiops-model:v1.0.0`` for
+    different weights. A project keeps its id while it stays where it is; moved, it builds its
+    bento again under the new one.
+
+    Args:
+        name: the registry artifact (``phiops-model``) or the bento's name (``phiops-llm``).
+        root: the project's root directory.
+
+    Returns:
+        e.g. ``"phiops-model-3f9a1c2e"``.
+    """
+    digest = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:8]
+    return f"{name}-{digest}"
 
 
 @dataclass(frozen=True)

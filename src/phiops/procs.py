@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import atexit
 import gc
+import importlib.abc
+import importlib.util
 import json
 import os
 import re
@@ -18,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from phiops.data import DataError
 from phiops.paths import Layout
@@ -49,6 +52,52 @@ def lean_gc() -> None:
         return  # done already (tests call `cli.main` many times in one process)
     gc.set_threshold(gen0, gen1, FULL_COLLECTION_EVERY)
     atexit.register(gc.freeze)
+
+
+# transformers 5.17 imports scikit-learn (and with it scipy) in every process that loads a model or
+# a tokenizer: transformers.generation.candidate_generator takes sklearn.metrics.roc_curve when
+# `is_sklearn_available()`, for assisted generation's adaptive confidence threshold, which phiops
+# never uses, and has no switch for it. 2-core Xeon, bench/process_sklearn.py, medians of 16
+# alternating rounds: a process importing torch, peft and transformers and building a model 11.0 s
+# -> 10.3 s (peft loads scipy itself), one loading a tokenizer class 9.1 s -> 6.6 s (sklearn also
+# pulls in scipy.stats and pyarrow).
+_SKLEARN_USER = "transformers.generation.candidate_generator"
+
+
+class _NoSklearnForTransformers(importlib.abc.MetaPathFinder):
+    """Lets candidate_generator see sklearn as absent while it is imported, nothing else."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != _SKLEARN_USER:
+            return None
+        sys.meta_path.remove(self)  # once; the real finders find the module
+        spec = importlib.util.find_spec(name)
+        utils = sys.modules.get("transformers.utils")
+        real = getattr(utils, "is_sklearn_available", None)
+        if spec is None or spec.loader is None or real is None:
+            return spec  # transformers changed: import as it is (sklearn included)
+        exec_module = spec.loader.exec_module
+
+        def exec_without_sklearn(module: Any) -> None:
+            utils.is_sklearn_available = lambda: False  # read by its `from ..utils import`
+            try:
+                exec_module(module)
+            finally:
+                utils.is_sklearn_available = real  # every other module keeps the real check
+
+        spec.loader.exec_module = exec_without_sklearn
+        return spec
+
+
+def skip_sklearn() -> None:
+    """Keep transformers from importing scikit-learn in this process (the `phiops` CLI).
+
+    Costs nothing until transformers' candidate_generator is imported, and nothing changes
+    when it was imported already or transformers no longer has that check. sklearn stays
+    importable: only that module sees it as absent.
+    """
+    if _SKLEARN_USER not in sys.modules and not any(isinstance(f, _NoSklearnForTransformers) for f in sys.meta_path):
+        sys.meta_path.insert(0, _NoSklearnForTransformers())
 
 
 class StageError(RuntimeError):

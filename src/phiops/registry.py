@@ -27,7 +27,7 @@ from typing import Any
 from phiops import card
 from phiops.artifacts import RegistryError, verify_files
 from phiops.io import dir_manifest, write_json, write_text
-from phiops.paths import Layout
+from phiops.paths import Layout, store_name
 
 PRODUCTION = "production"
 STAGING = "staging"  # passed the gate; waits for a person's decision
@@ -55,9 +55,16 @@ def _identity(root: Path) -> tuple[str, str]:
     return get("user.name") or _FALLBACK_IDENTITY["GIT_AUTHOR_NAME"], get("user.email") or _FALLBACK_IDENTITY["GIT_AUTHOR_EMAIL"]
 
 
-def bento_tag(version: str) -> str:
-    """The bento of a registry version carries the same version (services/bentofile.yaml names it)."""
-    return f"phiops-llm:{version}"
+BENTO_NAME = "phiops-llm"  # services/bentofile.yaml's `name`
+
+
+def bento_tag(root: Path, version: str) -> str:
+    """The bento of a registry version in the BentoML store: this project's name, the same version.
+
+    ``phiops-llm-<project id>:<version>`` (:func:`phiops.paths.store_name`): the store is shared by
+    every project on the machine, and each registry has its own v1.0.0.
+    """
+    return f"{store_name(BENTO_NAME, root)}:{version}"
 
 
 class Registry:
@@ -170,7 +177,7 @@ class Registry:
             "model_path": str(model_dir.resolve().relative_to(self.root)),
             "files": dir_manifest(model_dir),
             "parent_commit": _git(self.root, "rev-parse", "HEAD") if _has_commits(self.root) else None,
-            "bento": bento_tag(version),
+            "bento": bento_tag(self.root, version),  # the tag here; a clone elsewhere has its own
             **lineage,
         }
         paths = self._write(record)

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from phiops import cli
-from phiops.paths import Layout
+from phiops.paths import Layout, store_name
 from phiops.registry import Registry
 
 pytestmark = pytest.mark.e2e
@@ -250,9 +250,11 @@ def test_run_suspends_for_approval_and_cli_approval_promotes(services):
     assert prod["data_hash"] and prod["files"] and prod["git_rev"] and prod["params"]["train"]["max_steps"] == 2
     assert prod["approval"]["approver"] == "ana@example" and prod["approval"]["reason"] == "e2e: eval report reviewed"
     assert reg.promotions()[-1]["approver"] == "ana@example"
-    assert (Path(services.env["BENTOML_HOME"]) / "bentos/phiops-llm/v1.0.0/bento.yaml").exists()
+    # The store's names carry the project (two clones on one machine each have a v1.0.0).
+    assert prod["bento"] == f"{store_name('phiops-llm', proj)}:v1.0.0"
+    assert (Path(services.env["BENTOML_HOME"]) / f"bentos/{store_name('phiops-llm', proj)}/v1.0.0/bento.yaml").exists()
     # The bento's model carries the lineage /v1/models shows: version, data hash, code revision.
-    model_yaml = Path(services.env["BENTOML_HOME"]) / "models/phiops-model/v1.0.0/model.yaml"
+    model_yaml = Path(services.env["BENTOML_HOME"]) / f"models/{store_name('phiops-model', proj)}/v1.0.0/model.yaml"
     lineage = yaml.safe_load(model_yaml.read_text())["metadata"]["registry"]
     assert (lineage["version"], lineage["data_hash"], lineage["git_rev"]) == ("v1.0.0", prod["data_hash"], prod["git_rev"])
     shown = services.phiops("registry", "show").stdout

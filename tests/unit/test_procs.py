@@ -223,6 +223,31 @@ def test_the_cli_process_runs_with_rare_full_collections_and_freezes_everything_
     assert out.stdout.splitlines()[-2:] == ["during 10 True", "exit True"], out.stdout
 
 
+def test_the_cli_process_loads_and_runs_a_model_without_importing_sklearn():
+    # transformers' candidate_generator imports sklearn (and scipy.stats, pyarrow) whenever it can,
+    # for assisted generation that phiops never runs: ~1.4 s of every stage process. After the
+    # CLI has run, a model loads and generates without it, while sklearn stays importable and
+    # transformers' own check still says it is there.
+    code = (
+        "import sys\n"
+        "from phiops import cli\n"
+        "assert cli.main(['config', 'check', '--params', sys.argv[1]]) == 0\n"
+        "import torch\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_config(AutoConfig.for_model('llama', vocab_size=64, hidden_size=16,"
+        " intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))\n"
+        "out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False, pad_token_id=0)\n"
+        "print('generated', out.shape[1], flush=True)\n"
+        "print('sklearn loaded', 'sklearn' in sys.modules, flush=True)\n"
+        "import sklearn.metrics, transformers.utils\n"
+        "print('sklearn available', transformers.utils.is_sklearn_available(), flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "params.yaml")], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-3:] == ["generated 5", "sklearn loaded False", "sklearn available True"], out.stdout
+
+
 def test_bars_that_refresh_at_every_step_are_one_line_per_interval_and_end_in_their_last_state():
     # llm-compressor's AWQ grid search: one bar per linear layer, refreshed at every step by
     # set_postfix (TQDM_MININTERVAL cannot space it). Bars of one kind (descriptions differing only

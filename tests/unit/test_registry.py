@@ -6,8 +6,8 @@ import subprocess
 import pytest
 
 from phiops.artifacts import RegistryError
-from phiops.paths import Layout
-from phiops.registry import Registry
+from phiops.paths import Layout, store_name
+from phiops.registry import Registry, bento_tag
 from phiops.registry_view import render_promotions, render_record, render_table
 
 
@@ -20,6 +20,18 @@ def reg(tmp_path, monkeypatch):
     model.mkdir(parents=True)
     (model / "model.safetensors").write_bytes(b"weights-v1")
     return Registry(Layout(tmp_path), "phiops-model"), model
+
+
+def test_store_names_are_the_projects(tmp_path, monkeypatch):
+    # Two clones on one machine share BentoML's store, and each registry starts at v1.0.0.
+    a, b = tmp_path / "a" / "phiops", tmp_path / "b" / "phiops"
+    a.mkdir(parents=True), b.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(a)
+    monkeypatch.chdir(a)
+    assert store_name("phiops-model", a) == store_name("phiops-model", tmp_path / "link") == store_name("phiops-model", ".")
+    assert store_name("phiops-model", a) != store_name("phiops-model", b)
+    assert re.fullmatch(r"phiops-llm-[0-9a-f]{8}:v1\.0\.0", bento_tag(a, "v1.0.0"))
+    assert bento_tag(a, "v1.0.0") != bento_tag(b, "v1.0.0")
 
 
 def test_register_promote_rollback(reg):
