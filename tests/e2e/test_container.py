@@ -26,7 +26,7 @@ import yaml
 
 from phiops import container, models
 from phiops.cli import main
-from phiops.paths import Layout
+from phiops.paths import Layout, store_name
 from phiops.registry import Registry
 from phiops.serve.client import free_port
 
@@ -143,7 +143,7 @@ def test_promoted_image_serves_the_openai_api(v1: dict[str, Any]) -> None:
 def test_models_lineage_and_image_labels_equal_the_registry_record(v1: dict[str, Any]) -> None:
     rec = v1["reg"].record("v1.0.0")
     served = _models(v1["url"])
-    assert served["root"] == "phiops-model:v1.0.0"
+    assert served["root"] == f"{store_name('phiops-model', v1['root'])}:v1.0.0"  # the project's store name
     assert served["lineage"] == {"artifact": "phiops-model", "registry_version": "v1.0.0",
                                  "data_hash": rec["data_hash"], "git_rev": rec["git_rev"],
                                  "git_tag": "phiops-model@v1.0.0"}
@@ -193,7 +193,7 @@ def test_an_image_with_one_model_byte_flipped_never_becomes_ready(v1: dict[str, 
         assert container.container_state(f"{NAME}-flipped") is None  # removed, nothing left running
     finally:
         subprocess.run(["docker", "rmi", "-f", copy], capture_output=True)
-    assert _models(v1["url"])["root"] == "phiops-model:v1.0.0"  # the deployed one never noticed
+    assert _models(v1["url"])["root"] == f"{store_name('phiops-model', v1['root'])}:v1.0.0"  # never noticed
 
 
 def test_rollback_redeploys_the_previous_image(v1: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
@@ -214,7 +214,7 @@ def test_rollback_redeploys_the_previous_image(v1: dict[str, Any], capsys: pytes
     assert v1["reg"].production()["version"] == "v1.0.0"
     assert container.container_state(NAME)["image"] == f"{IMAGE}:v1.0.0"
     served = _models(url)
-    assert served["lineage"]["registry_version"] == "v1.0.0" and served["root"] == "phiops-model:v1.0.0"
+    assert served["lineage"]["registry_version"] == "v1.0.0" and served["root"] == f"{store_name('phiops-model', v1['root'])}:v1.0.0"
     res = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
         "model": served["id"], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0})
     assert res.status_code == 200 and res.json()["usage"]["completion_tokens"] >= 1
