@@ -57,6 +57,9 @@ Measured, each after a warm-up, on random prompt ids (the numbers do not depend 
    and a few decode forwards traced by torch.profiler (GPU kernel time against the forward's wall).
    `--cudnn-sdpa-baseline` runs each point a second time through an engine whose batched passes
    may use cuDNN attention, as they did before issue 15's fix (`phiops_engine_cudnn_sdpa`).
+   `--paged` runs each point through the engine with a `PagedDecoder` too (`phiops_engine_paged`: the
+   paged KV pool and the batched step captured as CUDA graphs, the service's CUDA path for llama-family
+   models), with `paged_over_dynamic`; with `--breakdown-at`, its step taken apart as well (`breakdown_paged`).
 
     python bench/decode_phi3_mini.py --only concurrent --out bench/results/concurrency_curve_h200.json
 
@@ -365,29 +368,34 @@ def _error(exc: BaseException) -> dict[str, Any]:
 
 
 def engine_point(model: Any, tok: Any, prompts: list[list[int]], gen_tokens: int, device: str,
-                 solo: Any = None, cudnn_sdpa: bool = False) -> dict[str, Any]:
+                 solo: Any = None, cudnn_sdpa: bool = False, paged: Any = None) -> dict[str, Any]:
     """All `prompts` at once through the service's engine (max_batch_size = their number): tok/s, TTFT, ITL.
 
     First the same requests for 2 tokens (the batch's shapes warmed: kernels, allocator), then the timed run.
     `cudnn_sdpa`: the engine's batched passes may use cuDNN attention (its behaviour before issue 15's fix).
+    `paged`: a `PagedDecoder` for the engine's batched rows (its KV pool and graphs), as the service runs it.
     """
     from phiops.serve.engine import Engine, Request
 
     n = len(prompts)
 
     def engine() -> Any:
-        return Engine(model, tok, [0], device, max_batch_size=n, max_wait_ms=20, solo=solo, cudnn_sdpa=cudnn_sdpa)
+        return Engine(model, tok, [0], device, max_batch_size=n, max_wait_ms=20, solo=solo, cudnn_sdpa=cudnn_sdpa,
+                      paged=paged)
 
     drive_engine(engine(), Request, prompts, 2)
     _release(device)
     marks: list[list[tuple[float, int]]] = []
     errors: list[str] = []
-    wall, produced = drive_engine(engine(), Request, prompts, gen_tokens, marks=marks, errors=errors)
+    timed = engine()
+    wall, produced = drive_engine(timed, Request, prompts, gen_tokens, marks=marks, errors=errors)
     out: dict[str, Any] = {"wall_s": round(wall, 3), "output_tokens": produced,
                            "output_tokens_per_s": round(produced / wall, 1),
                            **latencies([(m[0][0], m[1:]) for m in marks]), **_gpu_mem(device)}
     if solo is not None and n == 1:
         out["path"] = "solo decoder (a lone request, as the service runs it)"
+    if paged is not None:
+        out.update(preempted=timed.stats.preempted, kv_pages=paged.pages)
     if errors:  # e.g. an out-of-memory in a shared forward pass fails its rows, not the run
         out.update(failed_requests=len(errors), error=errors[0][:300])
     return out
@@ -434,7 +442,7 @@ def cb_point(model: Any, prompts: list[list[int]], gen_tokens: int) -> dict[str,
 
 
 def engine_breakdown(model: Any, tok: Any, prompts: list[list[int]], gen_tokens: int, device: str,
-                     profile_from: int = 8, profile_steps: int = 4) -> dict[str, Any]:
+                     profile_from: int = 8, profile_steps: int = 4, paged: Any = None) -> dict[str, Any]:
     """Where one engine step's time goes: the same run as `engine_point`, its parts timed with a sync around each.
 
     The engine's loop is unchanged; its model call and its per-step methods are wrapped on this one
@@ -443,6 +451,8 @@ def engine_breakdown(model: Any, tok: Any, prompts: list[list[int]], gen_tokens:
     forwards `profile_from`... are also traced by torch.profiler (host ops and GPU kernels): kernel
     time against the forward's wall time says whether the GPU or the host sets a step's pace, and
     the host ops' own time where the host's goes (tracing slows the host: compare shares).
+    With `paged` (a `PagedDecoder`), the engine decodes through it: "forward_decode" is then its
+    `step` (inputs copied in, the graph replayed), and `grow` (page allocation) is timed apart.
     """
     from collections import defaultdict
 
@@ -499,7 +509,9 @@ def engine_breakdown(model: Any, tok: Any, prompts: list[list[int]], gen_tokens:
             return out
 
     n = len(prompts)
-    eng = Engine(Timed(model), tok, [0], device, max_batch_size=n, max_wait_ms=20)
+    eng = Engine(Timed(model), tok, [0], device, max_batch_size=n, max_wait_ms=20, paged=paged)
+    if paged is not None:  # restored below: the decoder is shared with the other points
+        paged.step, paged.grow = timed("forward_decode", paged.step), timed("grow", paged.grow)
     # Instance attributes win over the class's methods, so the loop calls the wrapped ones.
     for name in ("_decode", "_keep", "_merge", "_admit", "_maybe_trim"):
         setattr(eng, name, timed(name, getattr(eng, name)))
@@ -521,6 +533,8 @@ def engine_breakdown(model: Any, tok: Any, prompts: list[list[int]], gen_tokens:
     eng._sample = by_phase("_sample", eng._sample)
     eng._advance = by_phase("_advance", eng._advance)
     wall, produced = drive_engine(eng, Request, prompts, gen_tokens)
+    if paged is not None:
+        del paged.step, paged.grow
     steps = max(calls["forward_decode"], 1)
     per = {k: round(v / max(calls[k], 1) * 1000, 3) for k, v in took.items()}
     # _decode holds the decode forward and, after it, _sample, _advance (detokenize, stop checks,
@@ -584,7 +598,8 @@ def engine_breakdown(model: Any, tok: Any, prompts: list[list[int]], gen_tokens:
 
 def concurrent(model: Any, *, ns: list[int], prompt_len: int, gen_tokens: int, device: str, cb: bool,
                solo: Any = None, breakdown_at: int | None = None, on_point: Any = None,
-               into: dict[str, Any] | None = None, cudnn_baseline: bool = False) -> dict[str, Any]:
+               into: dict[str, Any] | None = None, cudnn_baseline: bool = False,
+               paged: Any = None) -> dict[str, Any]:
     """The concurrency curve: for each n in `ns`, n requests at once through the service's engine
     and through transformers' continuous batching, one after the other in this run.
 
@@ -596,6 +611,9 @@ def concurrent(model: Any, *, ns: list[int], prompt_len: int, gen_tokens: int, d
         cudnn_baseline: after the engine, the same requests through an engine whose batched passes may
             use cuDNN attention (`phiops_engine_cudnn_sdpa`, the behaviour before issue 15's fix), and
             the ratio `engine_over_cudnn_sdpa`; left out where a lone request takes the solo decoder.
+        paged: a `PagedDecoder` (rows for max(ns) requests): after the dynamic-cache engine, the same
+            requests through an engine with it (`phiops_engine_paged`, the service's CUDA path), and
+            the ratio `paged_over_dynamic`; left out where a lone request takes the solo decoder.
 
     Returns:
         {"points": [{"requests": n, "phiops_engine": {...}, "transformers_continuous_batching": {...}}],
@@ -636,6 +654,18 @@ def concurrent(model: Any, *, ns: list[int], prompt_len: int, gen_tokens: int, d
             if "output_tokens_per_s" in old and "output_tokens_per_s" in point["phiops_engine"]:
                 point["engine_over_cudnn_sdpa"] = round(
                     point["phiops_engine"]["output_tokens_per_s"] / old["output_tokens_per_s"], 3)
+        if paged is not None and not (n == 1 and solo is not None):
+            try:
+                point["phiops_engine_paged"] = engine_point(model, tok, prompts, gen_tokens, device, solo=solo,
+                                                            paged=paged)
+            except Exception as exc:
+                point["phiops_engine_paged"] = _error(exc)
+            _release(device)
+            new = point["phiops_engine_paged"]
+            print("concurrent", n, "engine paged", json.dumps(new)[:300], flush=True)
+            if "output_tokens_per_s" in new and "output_tokens_per_s" in point["phiops_engine"]:
+                point["paged_over_dynamic"] = round(
+                    new["output_tokens_per_s"] / point["phiops_engine"]["output_tokens_per_s"], 3)
         if cb:
             try:
                 point["transformers_continuous_batching"] = cb_point(model, prompts, gen_tokens)
@@ -647,12 +677,15 @@ def concurrent(model: Any, *, ns: list[int], prompt_len: int, gen_tokens: int, d
         if "output_tokens_per_s" in e and "output_tokens_per_s" in c:
             point["engine_over_cb"] = round(e["output_tokens_per_s"] / c["output_tokens_per_s"], 3)
         if n == breakdown_at:
-            try:
-                out["breakdown"] = engine_breakdown(model, tok, prompts, gen_tokens, device)
-            except Exception as exc:
-                out["breakdown"] = _error(exc)
-            _release(device)
-            print("breakdown", json.dumps(out["breakdown"])[:600], flush=True)
+            for key, dec in (("breakdown", None), ("breakdown_paged", paged)):
+                if key == "breakdown_paged" and paged is None:
+                    continue
+                try:
+                    out[key] = engine_breakdown(model, tok, prompts, gen_tokens, device, paged=dec)
+                except Exception as exc:
+                    out[key] = _error(exc)
+                _release(device)
+                print(key, json.dumps(out[key])[:900], flush=True)
         if on_point:
             on_point()
     return out
@@ -668,7 +701,8 @@ def curve_table(result: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|"]
     for key, dtype in (("bf16_concurrent", "bf16"), ("w4a16_concurrent", "W4A16")):
         for point in result.get(key, {}).get("points", []):
-            for eng, name in (("phiops_engine", "phiops"), ("phiops_engine_cudnn_sdpa", "phiops, cuDNN SDPA"),
+            for eng, name in (("phiops_engine", "phiops"), ("phiops_engine_paged", "phiops, paged + graphs"),
+                              ("phiops_engine_cudnn_sdpa", "phiops, cuDNN SDPA"),
                               ("transformers_continuous_batching", "transformers CB")):
                 r = point.get(eng)
                 if r is None:
@@ -767,6 +801,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cudnn-sdpa-baseline", action="store_true",
                     help="the curve also through an engine whose batched passes may use cuDNN SDPA (as before "
                          "issue 15's fix), each point right after the default engine's")
+    ap.add_argument("--paged", action="store_true",
+                    help="concurrency: also run the engine with its paged KV pool and graph-captured step "
+                         "(phiops_engine_paged), beside the dynamic-cache engine")
     ap.add_argument("--graph-variants", default="", help=f"bf16 ablations of the compiled step, of {','.join(VARIANTS)}")
     ap.add_argument("--profile", action="store_true", help="profile each variant's graph replays (GPU kernel time)")
     ap.add_argument("--only", default="", help="run only these modes (comma-separated names as in the JSON; "
@@ -954,9 +991,19 @@ def main(argv: list[str] | None = None) -> int:
             if device == "cuda" and 1 in ns:
                 solo = (FusedDecoder(m, max_len, device) if fused_unsupported(m) is None
                         else GraphDecoder(m, max_len, device))
+            paged = None
+            if args.paged and fused_unsupported(m) is None:
+                from phiops.serve.paged import PagedDecoder, cdiv
+
+                rows, per_row = max(ns), args.prompt_len + gen_tokens
+                paged = PagedDecoder(m, device, pages=rows * cdiv(per_row, 32), max_len=per_row, max_rows=rows)
+                t0 = time.perf_counter()
+                paged.warm()  # every bucket's graph, as the service does at load
+                live["paged_warm_s"] = round(time.perf_counter() - t0, 1)
             concurrent(m, ns=ns, prompt_len=args.prompt_len, gen_tokens=gen_tokens, device=device,
                        cb=not args.skip_cb, solo=solo, breakdown_at=breakdown_at or None, on_point=save, into=live,
-                       cudnn_baseline=args.cudnn_sdpa_baseline)
+                       cudnn_baseline=args.cudnn_sdpa_baseline, paged=paged)
+            del paged
         except Exception as exc:
             live.update(_error(exc))
         _release(device)
