@@ -98,3 +98,18 @@ def drive_engine(engine: Any, request_cls: Any, prompts: list[list[int]], max_ne
     if marks is not None:
         marks[:] = own
     return wall, produced[0]
+
+
+def run_process(code: str) -> tuple[float, float]:
+    """(wall s, CPU s) of a fresh interpreter running `code` (the process benches' one round)."""
+    import resource
+    import subprocess
+    import sys
+    import time
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

@@ -642,30 +642,23 @@ def concurrent(model: Any, *, ns: list[int], prompt_len: int, gen_tokens: int, d
             point["phiops_engine"] = _error(exc)
         _release(device)
         print("concurrent", n, "engine", json.dumps(point["phiops_engine"])[:300], flush=True)
-        if cudnn_baseline and not (n == 1 and solo is not None):
+        base = point["phiops_engine"]
+        variants = [("phiops_engine_cudnn_sdpa", "engine_over_cudnn_sdpa", {"cudnn_sdpa": True}, cudnn_baseline),
+                    ("phiops_engine_paged", "paged_over_dynamic", {"paged": paged}, paged is not None)]
+        for key, ratio, kw, wanted in variants:  # the same requests through another engine, right after
+            if not wanted or (n == 1 and solo is not None):
+                continue
             try:
-                point["phiops_engine_cudnn_sdpa"] = engine_point(model, tok, prompts, gen_tokens, device,
-                                                                 solo=solo, cudnn_sdpa=True)
+                point[key] = engine_point(model, tok, prompts, gen_tokens, device, solo=solo, **kw)
             except Exception as exc:
-                point["phiops_engine_cudnn_sdpa"] = _error(exc)
+                point[key] = _error(exc)
             _release(device)
-            old = point["phiops_engine_cudnn_sdpa"]
-            print("concurrent", n, "engine cudnn_sdpa", json.dumps(old)[:300], flush=True)
-            if "output_tokens_per_s" in old and "output_tokens_per_s" in point["phiops_engine"]:
-                point["engine_over_cudnn_sdpa"] = round(
-                    point["phiops_engine"]["output_tokens_per_s"] / old["output_tokens_per_s"], 3)
-        if paged is not None and not (n == 1 and solo is not None):
-            try:
-                point["phiops_engine_paged"] = engine_point(model, tok, prompts, gen_tokens, device, solo=solo,
-                                                            paged=paged)
-            except Exception as exc:
-                point["phiops_engine_paged"] = _error(exc)
-            _release(device)
-            new = point["phiops_engine_paged"]
-            print("concurrent", n, "engine paged", json.dumps(new)[:300], flush=True)
-            if "output_tokens_per_s" in new and "output_tokens_per_s" in point["phiops_engine"]:
-                point["paged_over_dynamic"] = round(
-                    new["output_tokens_per_s"] / point["phiops_engine"]["output_tokens_per_s"], 3)
+            other = point[key]
+            print("concurrent", n, key, json.dumps(other)[:300], flush=True)
+            if "output_tokens_per_s" in other and "output_tokens_per_s" in base:
+                # cuDNN: the engine now over the old behaviour; paged: the pool over the engine without it
+                num, den = (base, other) if key.endswith("cudnn_sdpa") else (other, base)
+                point[ratio] = round(num["output_tokens_per_s"] / den["output_tokens_per_s"], 3)
         if cb:
             try:
                 point["transformers_continuous_batching"] = cb_point(model, prompts, gen_tokens)

@@ -14,30 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import machine, versions
+from _common import machine, run_process, versions
 
 STACK = "import torch, transformers, peft, trl\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
 SIDES = {
     "default_gc": STACK,
     "lean_gc": "from phiops import procs\nprocs.lean_gc()\n" + STACK,
 }
-
-
-def one(code: str) -> tuple[float, float]:
-    """(wall s, CPU s) of a fresh interpreter running `code`."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,12 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     for code in SIDES.values():  # untimed: page cache and .pyc warm for both
-        one(code)
+        run_process(code)
     runs: dict[str, dict[str, list[float]]] = {side: {"wall_s": [], "cpu_s": []} for side in SIDES}
     for r in range(args.rounds):
         order = list(SIDES) if r % 2 == 0 else list(reversed(SIDES))
         for side in order:
-            wall, cpu = one(SIDES[side])
+            wall, cpu = run_process(SIDES[side])
             runs[side]["wall_s"].append(round(wall, 2))
             runs[side]["cpu_s"].append(round(cpu, 2))
         print(r, {s: runs[s]["wall_s"][-1] for s in SIDES}, flush=True)

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from _common import machine, versions
+from _common import machine, run_process, versions
 
 STACKS = {
     "model": (
@@ -39,16 +36,6 @@ SETUP = {
 CHECK = "assert ('sklearn' in sys.modules) == {loaded}\n"
 
 
-def one(code: str) -> tuple[float, float]:
-    """(wall s, CPU s) of a fresh interpreter running `code`."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=6)
@@ -58,12 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     codes = {(stack, side): SETUP[side] + STACKS[stack] + CHECK.format(loaded=side == "sklearn")
              for stack in STACKS for side in SETUP}
     for code in codes.values():  # untimed: page cache and .pyc warm for all
-        one(code)
+        run_process(code)
     runs = {f"{stack}/{side}": {"wall_s": [], "cpu_s": []} for stack, side in codes}
     for r in range(args.rounds):
         for stack in STACKS:
             for side in (list(SETUP) if r % 2 == 0 else list(reversed(SETUP))):
-                wall, cpu = one(codes[stack, side])
+                wall, cpu = run_process(codes[stack, side])
                 runs[f"{stack}/{side}"]["wall_s"].append(round(wall, 2))
                 runs[f"{stack}/{side}"]["cpu_s"].append(round(cpu, 2))
         print(r, {k: v["wall_s"][-1] for k, v in runs.items()}, flush=True)
