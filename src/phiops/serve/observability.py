@@ -3,8 +3,9 @@
 Latency as a client feels it: ``phiops_time_to_first_token_seconds`` (request admitted to its
 first generated token) and ``phiops_inter_token_latency_seconds`` (between tokens of one choice),
 both histograms. Load: ``phiops_queue_depth`` (requests waiting for a batch row),
-``phiops_batch_rows_active`` and ``phiops_kv_cache_tokens`` (KV positions held, padding included),
-sampled from the engine's counters twice a second (BentoML's multiprocess registry cannot call
+``phiops_batch_rows_active`` and ``phiops_kv_cache_tokens`` (KV positions held, padding included;
+whole pages with the paged pool), and with the paged pool on CUDA ``phiops_kv_pages_free`` and
+``phiops_preempted_total`` (rows taken out of a full pool, to resume later), sampled from the engine's counters twice a second (BentoML's multiprocess registry cannot call
 back into the engine at scrape time).
 """
 
@@ -55,9 +56,15 @@ class Metrics:
         self.kv = get(prom.Gauge, "phiops_kv_cache_tokens",
                       "KV-cache positions held by the running batch (rows x cached length, padding included).",
                       multiprocess_mode="livesum")
+        self.pages_free = get(prom.Gauge, "phiops_kv_pages_free",
+                              "Pages of the paged KV pool no row holds (CUDA; 0 without a pool).",
+                              multiprocess_mode="livesum")
+        self.preempted = get(prom.Counter, "phiops_preempted",
+                             "Rows preempted when the paged KV pool ran short (they resume by recomputing).")
         self.rejected = get(prom.Counter, "phiops_requests_rejected",
                             "Requests refused before any model compute, by reason.", labelnames=["reason"])
         self._watching = False
+        self._stop = threading.Event()
 
     def watch_engine(self, stats: Any, every_s: float = 0.5) -> None:
         """Copy the engine's queue depth, active rows and KV use into their gauges, ``every_s``."""
@@ -66,13 +73,23 @@ class Metrics:
         self._watching = True
 
         def loop() -> None:
-            while True:
+            preempted = 0
+            while not self._stop.is_set():
                 self.queue.set(stats.waiting)
                 self.active.set(stats.active)
                 self.kv.set(stats.kv_tokens)
-                time.sleep(every_s)
+                self.pages_free.set(stats.kv_pages_free)
+                now = stats.preempted
+                if now > preempted:
+                    self.preempted.inc(now - preempted)
+                preempted = now
+                self._stop.wait(every_s)
 
         threading.Thread(target=loop, name="phiops-metrics", daemon=True).start()
+
+    def stop_watching(self) -> None:
+        """End the copying thread (an engine closed; tests)."""
+        self._stop.set()
 
 
 class DurationMiddleware:
