@@ -161,7 +161,8 @@ def test_models_lineage_and_image_labels_equal_the_registry_record(v1: dict[str,
     assert uid.strip() == "1034"
     # The model and code cannot be changed by the service user.
     touch = subprocess.run(["docker", "exec", NAME, "sh", "-c",
-                            "touch /home/bentoml/bento/models/phiops-model/v1.0.0/checkpoint/model.safetensors"],
+                            f"touch /home/bentoml/bento/models/{store_name('phiops-model', v1['root'])}"
+                            "/v1.0.0/checkpoint/model.safetensors"],
                            capture_output=True, text=True)
     assert touch.returncode != 0 and "Permission denied" in touch.stderr
     deadline = time.monotonic() + 180  # checks every 10 s; generous for a loaded machine
@@ -171,7 +172,7 @@ def test_models_lineage_and_image_labels_equal_the_registry_record(v1: dict[str,
 
 
 def test_an_image_with_one_model_byte_flipped_never_becomes_ready(v1: dict[str, Any], tmp_path: Path) -> None:
-    weights = "/home/bentoml/bento/models/phiops-model/v1.0.0/checkpoint/model.safetensors"
+    weights = f"/home/bentoml/bento/models/{store_name('phiops-model', v1['root'])}/v1.0.0/checkpoint/model.safetensors"
     copy, work = f"{IMAGE}:v1.0.0-flipped", f"{NAME}-flipping"
     subprocess.run(["docker", "rm", "-f", work], capture_output=True)
     subprocess.run(["docker", "create", "--name", work, f"{IMAGE}:v1.0.0"], check=True, capture_output=True)
