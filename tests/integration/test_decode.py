@@ -494,3 +494,21 @@ def test_paged_engine_preempts_the_newest_row_and_resumes_it_with_the_same_token
     (roomy, none, _), (short, preempted, per_request) = results[16], results[5]
     assert none == 0 and preempted >= 1 and per_request[0] == 0  # the oldest row is never the one taken out
     assert roomy[:2] == refs and short == roomy
+
+
+def test_paged_add_that_fails_leaves_the_pool_as_it_was() -> None:
+    """A prefill's cache that cannot be written (here: the wrong head count) gives its pages back and
+    adds no row, so the engine's rows and the pool's stay in step."""
+    from phiops.serve.paged import PagedDecoder
+
+    model = _build("llama", **_SMALL)
+    dec = PagedDecoder(model, "cpu", pages=8, max_len=64, max_rows=4, page=16)
+    good = [(torch.zeros(1, 2, 20, 32), torch.zeros(1, 2, 20, 32)) for _ in model.model.layers]
+    dec.add(good, [20])
+    free, tables = dec.free_pages, [list(t) for t in dec.tables]
+    wrong = [(torch.zeros(2, 3, 20, 32), torch.zeros(2, 3, 20, 32)) for _ in model.model.layers]
+    with pytest.raises(RuntimeError):
+        dec.add(wrong, [20, 17])
+    assert dec.free_pages == free and dec.tables == tables and dec.lengths == [20]
+    with pytest.raises(RuntimeError, match="pages needed"):
+        dec.add(good, [64 * 2])

@@ -122,7 +122,7 @@ class Request:
     first_sent: bool = False
     prompt_lp: list[TokenLogprob | None] | None = None
     preempted: int = 0  # times its row was taken out to free KV pages (it resumes by recomputing)
-    text: str = ""  # the tokens' text so far (``Engine._detokenize``)
+    text: str = ""  # the tokens' text so far (``detokenize``)
     prefix_at: int = 0  # tokens[prefix_at:read_at]: the window decoded last, whose text is in `text`
     read_at: int = 0
 

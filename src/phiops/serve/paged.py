@@ -170,23 +170,29 @@ class PagedDecoder:
         if any(n > self.max_len or n < 1 for n in lengths):
             raise ValueError(f"row lengths {lengths}: each 1..{self.max_len}")
         width = layers[0][0].shape[2]
-        src_row, src_col, dst_page, dst_off = [], [], [], []
-        for i, n in enumerate(lengths):
-            table = [self._free.pop() for _ in range(self.pages_for(n))]
+        tables = [[self._free.pop() for _ in range(self.pages_for(n))] for n in lengths]
+        try:
+            src_row, src_col, dst_page, dst_off = [], [], [], []
+            for i, (n, table) in enumerate(zip(lengths, tables)):
+                t = torch.arange(n)
+                src_row.append(torch.full((n,), select[i] if select is not None else i))
+                src_col.append(width - n + t)
+                dst_page.append(torch.tensor(table)[t // self.page])
+                dst_off.append(t % self.page)
+            dev = self.k[0].device
+            src_row_t, src_col_t, dst_page_t, dst_off_t = (torch.cat(x).to(dev) for x in
+                                                           (src_row, src_col, dst_page, dst_off))
+            for (k, v), kp, vp in zip(layers, self.k, self.v):
+                kp[dst_page_t, :, dst_off_t] = k[src_row_t, :, src_col_t].to(self.dtype)
+                vp[dst_page_t, :, dst_off_t] = v[src_row_t, :, src_col_t].to(self.dtype)
+        except BaseException:  # nothing added: the pages go back, the rows stay as they were
+            for table in reversed(tables):
+                self._free.extend(reversed(table))
+            raise
+        for n, table in zip(lengths, tables):
             self._host_table[self.rows, :len(table)] = torch.tensor(table, dtype=torch.int32)
             self.tables.append(table)
             self.lengths.append(n)
-            t = torch.arange(n)
-            src_row.append(torch.full((n,), select[i] if select is not None else i))
-            src_col.append(width - n + t)
-            dst_page.append(torch.tensor(table)[t // self.page])
-            dst_off.append(t % self.page)
-        dev = self.k[0].device
-        src_row_t, src_col_t, dst_page_t, dst_off_t = (torch.cat(x).to(dev) for x in
-                                                       (src_row, src_col, dst_page, dst_off))
-        for (k, v), kp, vp in zip(layers, self.k, self.v):
-            kp[dst_page_t, :, dst_off_t] = k[src_row_t, :, src_col_t].to(self.dtype)
-            vp[dst_page_t, :, dst_off_t] = v[src_row_t, :, src_col_t].to(self.dtype)
 
     def keep(self, idx: list[int]) -> None:
         """Keep rows ``idx`` (in that order, as the engine's new row list); the others' pages are freed."""
