@@ -986,10 +986,10 @@ def main(argv: list[str] | None = None) -> int:
                         else GraphDecoder(m, max_len, device))
             paged = None
             if args.paged and fused_unsupported(m) is None:
-                from phiops.serve.paged import PagedDecoder, cdiv
+                from phiops.serve.paged import PAGE, PagedDecoder, cdiv
 
                 rows, per_row = max(ns), args.prompt_len + gen_tokens
-                paged = PagedDecoder(m, device, pages=rows * cdiv(per_row, 32), max_len=per_row, max_rows=rows)
+                paged = PagedDecoder(m, device, pages=rows * cdiv(per_row, PAGE), max_len=per_row, max_rows=rows)
                 t0 = time.perf_counter()
                 paged.warm()  # every bucket's graph, as the service does at load
                 live["paged_warm_s"] = round(time.perf_counter() - t0, 1)

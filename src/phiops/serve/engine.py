@@ -215,6 +215,7 @@ class Engine:
             # flash, one with a padding mask (flash refuses masks) memory-efficient attention, MATH the rest.
             self._sdpa = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         self.stats = Stats()
+        self._host_ids: tuple[Any, list[int] | None] = (None, None)  # _sample's tokens, and as read back
         self._queue: queue.Queue[Request] = queue.Queue()
         self._stop = threading.Event()
         self._torch = torch
@@ -670,7 +671,7 @@ class Engine:
         """Record one sampled token per row, emit text; return the indices of rows still running."""
         keep: list[int] = []
         # The tokens _sample read back, if these are they (tests may wrap _sample); else one copy.
-        held, ids = getattr(self, "_host_ids", (None, None))
+        held, ids = self._host_ids
         if held is not tokens:
             ids = tokens.tolist()
         for i, (r, tok) in enumerate(zip(rows, ids)):

@@ -205,7 +205,7 @@ def cuda_paged(model: Any, settings: Settings, device: str) -> Any:
     import torch
 
     from phiops.serve.decode import fused_unsupported, sliding_window
-    from phiops.serve.paged import PagedDecoder, page_bytes, pages_for_budget
+    from phiops.serve.paged import PAGE, PagedDecoder, cdiv, page_bytes, pages_for_budget
 
     reason = fused_unsupported(model)
     max_len = settings.max_prompt_tokens + settings.max_new_tokens
@@ -217,7 +217,7 @@ def cuda_paged(model: Any, settings: Settings, device: str) -> Any:
         return None
     free, _ = torch.cuda.mem_get_info()
     pages = pages_for_budget(model, int(free * settings.kv_cache_fraction), settings.max_batch_size, max_len)
-    if pages * 32 < max_len:
+    if pages < cdiv(max_len, PAGE):
         log.warning("batched rows decode over a dynamic cache: %.0f%% of the %.1f GiB free holds %d KV pages, "
                     "fewer than one request of %d tokens needs", 100 * settings.kv_cache_fraction, free / 2**30, pages,
                     max_len)
@@ -225,7 +225,7 @@ def cuda_paged(model: Any, settings: Settings, device: str) -> Any:
     t0 = time.perf_counter()
     dec = PagedDecoder(model, device, pages=pages, max_len=max_len, max_rows=settings.max_batch_size)
     dec.warm()
-    log.info("KV page pool: %d pages of 32 positions (%.2f GiB, %.0f%% of the free memory), batched decode "
-             "captured for %s rows in %.1fs", pages, pages * page_bytes(model) / 2**30,
+    log.info("KV page pool: %d pages of %d positions (%.2f GiB, %.0f%% of the free memory), batched decode "
+             "captured for %s rows in %.1fs", pages, PAGE, pages * page_bytes(model) / 2**30,
              100 * settings.kv_cache_fraction, ",".join(map(str, dec.buckets)), time.perf_counter() - t0)
     return dec

@@ -87,7 +87,7 @@ class PagedDecoder:
         if pages < cdiv(max_len, page):
             raise ValueError(f"{pages} pages of {page} cannot hold one row of {max_len} tokens")
         undispatch(model, device)
-        self._K, self.model, self.device, self.page = K, model, device, page
+        self._K, self.device, self.page = K, device, page
         self.table_width = cdiv(max_len, page)
         self.max_len, self.max_rows, self.pages = self.table_width * page, max_rows, pages
         cfg = model.config.get_text_config(decoder=True)
@@ -120,6 +120,7 @@ class PagedDecoder:
         self._host_table = torch.full((max_rows, self.table_width), pages, dtype=torch.int32, pin_memory=cuda)
         self._host_pos = torch.zeros((max_rows,), dtype=torch.int32, pin_memory=cuda)
         self._graphs: dict[int, Any] = {}
+        self._pool: Any = None  # the graphs' shared memory pool, made at the first capture
         self._use_graphs = cuda if graphs is None else graphs
         # rows: their page tables and lengths (tokens in the cache), in the engine's row order
         self.tables: list[list[int]] = []
@@ -278,7 +279,7 @@ class PagedDecoder:
             for _ in range(2):  # compiles and tunes the kernels outside the capture
                 self._forward(b)
         torch.cuda.current_stream().wait_stream(stream)
-        if not hasattr(self, "_pool"):
+        if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
