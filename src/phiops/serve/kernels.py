@@ -124,15 +124,13 @@ def gemv(w: torch.Tensor, a: torch.Tensor, out: torch.Tensor, *, norm: torch.Ten
 
 @triton.jit
 def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr,
-                      table_ptr, sm_scale, MAX_LEN, TW,
+                      sm_scale, MAX_LEN,
                       CHUNK: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
                       GROUP_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                      SPLITS: tl.constexpr, PAGE: tl.constexpr, PDL: tl.constexpr):
+                      SPLITS: tl.constexpr, PDL: tl.constexpr):
     """One program per (key/value head, sequence split, batch row); it serves the head's GROUP query heads.
 
-    ``PAGE == 0``: the cache is ``[rows, HKV, MAX_LEN, D]``, row ``r`` its own. ``PAGE > 0`` (a paged
-    pool, ``BLOCK_T == PAGE``): the cache is ``[pages, HKV, PAGE, D]`` and row ``r``'s position ``t``
-    lies in page ``table[r, t // PAGE]`` (``table`` ``[rows, TW]`` int32).
+    The cache is ``[rows, HKV, MAX_LEN, D]``, row ``r`` its own (a paged pool: ``_paged_attention``).
     """
     if PDL:
         gdc_launch_dependents()
@@ -162,12 +160,8 @@ def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_
 
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, pos + 1)
-    if PAGE == 0:
-        head_off = (row * HKV + kvh) * MAX_LEN * D
-        new_off = head_off + pos * D
-    else:
-        table_ptr += row * TW
-        new_off = (tl.load(table_ptr + pos // PAGE) * HKV + kvh) * (PAGE * D) + (pos % PAGE) * D
+    head_off = (row * HKV + kvh) * MAX_LEN * D
+    new_off = head_off + pos * D
     if (pos >= lo) & (pos < lo + CHUNK):  # this split holds the new position: write its key and value
         k_base = qkv_ptr + (HQ + kvh) * D
         k = tl.load(k_base + d, mask=dmask, other=0.0).to(tl.float32)
@@ -187,11 +181,7 @@ def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_
             t = lo + i + tl.arange(0, BLOCK_T)
             tmask = t < hi
             kvmask = tmask[:, None] & dmask[None, :]
-            if PAGE == 0:
-                offs = head_off + t[:, None] * D + d[None, :]
-            else:  # the block is one page
-                page = tl.load(table_ptr + (lo + i) // PAGE)
-                offs = (page * HKV + kvh) * (PAGE * D) + (t % PAGE)[:, None] * D + d[None, :]
+            offs = head_off + t[:, None] * D + d[None, :]
             kb = tl.load(k_cache + offs, mask=kvmask, other=0.0).to(tl.float32)
             vb = tl.load(v_cache + offs, mask=kvmask, other=0.0).to(tl.float32)
             s = tl.sum(q[:, None, :] * kb[None, :, :], axis=2)  # [GROUP_P, BLOCK_T], in log2 units
@@ -206,6 +196,102 @@ def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_
     if SPLITS == 1:
         tl.store(out_ptr + qh[:, None] * D + d[None, :], (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=qmask)
     else:  # unnormalized partials; an empty split leaves m = -inf, l = 0, acc = 0, which weigh nothing
+        part = qh * SPLITS + split
+        tl.store(po_ptr + part[:, None] * D + d[None, :], acc, mask=qmask)
+        tl.store(pm_ptr + part, m, mask=gmask)
+        tl.store(pl_ptr + part, l, mask=gmask)
+
+
+@triton.jit
+def _paged_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr,
+                     table_ptr, sm_scale, TW, CHUNK: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
+                     D: tl.constexpr, ROT: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PAGE: tl.constexpr, SPLITS: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
+                     PDL: tl.constexpr):
+    """Decode attention of batch rows over a paged pool, on tensor cores; one program per (key/value
+    head, sequence split, row), serving the head's query heads (padded to ``GROUP_P`` >= 16 rows of a dot).
+
+    The cache is ``[pages, HKV, PAGE, D]``; row ``r``'s position ``t`` lies in page ``table[r, t // PAGE]``.
+    The new position's key and value are written to the cache and also taken from registers: the
+    loop reads only the positions before it (no read-back of this program's own write), page by page,
+    the scores and the weighted values as two ``tl.dot`` per page, which lets Triton pipeline the page
+    loads (``STAGES``). The scores of one query head are those of ``_decode_attention`` (the same
+    online softmax in log2 units); the dots take the query and the probabilities in the cache's dtype,
+    as flash attention does (``DOT_F32``: in float32, for float32 caches and the interpreter).
+    """
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    kvh = tl.program_id(0)
+    split = tl.program_id(1)
+    row = tl.program_id(2)
+    GROUP: tl.constexpr = HQ // HKV
+    HALF: tl.constexpr = ROT // 2
+    qkv_ptr += row * ((HQ + 2 * HKV) * D)
+    table_ptr += row * TW
+    pos = tl.load(pos_ptr + row)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    partner = tl.where(d < HALF, d + HALF, tl.where(d < ROT, d - HALF, d))
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    cos = tl.load(cos_ptr + pos * D + d, mask=dmask, other=1.0)
+    sin = tl.load(sin_ptr + pos * D + d, mask=dmask, other=0.0)
+    g = tl.arange(0, GROUP_P)
+    gmask = g < GROUP
+    qh = kvh * GROUP + g
+    qmask = gmask[:, None] & dmask[None, :]
+    q = tl.load(qkv_ptr + qh[:, None] * D + d[None, :], mask=qmask, other=0.0).to(tl.float32)
+    q_rot = tl.load(qkv_ptr + qh[:, None] * D + partner[None, :], mask=qmask, other=0.0).to(tl.float32)
+    q = (q * cos[None, :] + q_rot * sign[None, :] * sin[None, :]) * (sm_scale * 1.4426950408889634)
+    k_base = qkv_ptr + (HQ + kvh) * D
+    k_new = tl.load(k_base + d, mask=dmask, other=0.0).to(tl.float32)
+    k_new = k_new * cos + tl.load(k_base + partner, mask=dmask, other=0.0).to(tl.float32) * sign * sin
+    v_new = tl.load(qkv_ptr + (HQ + HKV + kvh) * D + d, mask=dmask, other=0.0)
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, pos)  # cached positions this split reads (the new one apart)
+    mine = (pos >= lo) & (pos < lo + CHUNK)  # this split holds the new position
+    if mine:
+        new_off = (tl.load(table_ptr + pos // PAGE) * HKV + kvh) * (PAGE * D) + (pos % PAGE) * D
+        tl.store(k_cache + new_off + d, k_new.to(k_cache.dtype.element_ty), mask=dmask)
+        tl.store(v_cache + new_off + d, v_new, mask=dmask)
+
+    m = tl.full([GROUP_P], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([GROUP_P], dtype=tl.float32)
+    acc = tl.zeros([GROUP_P, BLOCK_D], dtype=tl.float32)
+    t_in = tl.arange(0, PAGE)
+    qd = q if DOT_F32 else q.to(k_cache.dtype.element_ty)
+    for blk in tl.range(lo // PAGE, tl.cdiv(hi, PAGE), num_stages=STAGES):
+        page = tl.load(table_ptr + blk)
+        offs = (page * HKV + kvh) * (PAGE * D) + t_in[:, None] * D + d[None, :]
+        tmask = blk * PAGE + t_in < hi
+        kb = tl.load(k_cache + offs, mask=tmask[:, None] & dmask[None, :], other=0.0)
+        vb = tl.load(v_cache + offs, mask=tmask[:, None] & dmask[None, :], other=0.0)
+        if DOT_F32:
+            s = tl.dot(qd, tl.trans(kb.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(qd, tl.trans(kb))  # [GROUP_P, PAGE], log2 units
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        if DOT_F32:
+            acc = tl.dot(p, vb.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(vb.dtype), vb, acc * alpha[:, None])
+        m = m_new
+    if mine:  # the new position, from registers
+        s_new = tl.sum(q * k_new[None, :], axis=1)
+        m_new = tl.maximum(m, s_new)
+        alpha = tl.exp2(m - m_new)
+        p_new = tl.exp2(s_new - m_new)
+        l = l * alpha + p_new
+        acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
+        m = m_new
+    qh += row * HQ
+    if SPLITS == 1:
+        tl.store(out_ptr + qh[:, None] * D + d[None, :], (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=qmask)
+    else:
         part = qh * SPLITS + split
         tl.store(po_ptr + part[:, None] * D + d[None, :], acc, mask=qmask)
         tl.store(pm_ptr + part, m, mask=gmask)
@@ -233,9 +319,9 @@ class Attention:
     """Launches decode attention for a fixed cache size and row count; the partial buffers are allocated once.
 
     ``rows``: batch rows a call serves (``qkv`` ``[rows, (HQ + 2 HKV) D]``, ``pos`` ``[rows]``, ``out``
-    ``[rows, HQ D]``). ``page``: the positions a page of a paged pool holds (``__call__``'s ``table``),
-    None for a contiguous ``[rows, HKV, max_len, D]`` cache; ``max_len`` is then the positions a row's
-    table can address.
+    ``[rows, HQ D]``). ``page``: the positions a page of a paged pool holds (``__call__``'s ``table``;
+    ``_paged_attention``), None for a contiguous ``[rows, HKV, max_len, D]`` cache (``_decode_attention``);
+    ``max_len`` is then the positions a row's table can address.
     """
 
     # Launch settings from bench/decode_kernels.py --attention-sweep (bench/results/
@@ -245,10 +331,15 @@ class Attention:
     # With several rows, split a row's sequence only until the launch has about this many programs:
     # each (key/value head, row) is already one, and a split adds a combine over the partials.
     FILL_PROGRAMS = 1024
+    # The paged kernel (two tensor-core dots a page, its page loads pipelined): bench/batched_step.py.
+    # Phi-3-mini at 32 rows of 192 tokens, one H200: 29 us a layer with 2 warps (2.6 TB/s of keys and
+    # values), 34 with 4; the stages 3 and 4 alike; one split (more added a combine and no speed).
+    PAGED_WARPS, PAGED_STAGES = 2, 3
 
     def __init__(self, *, heads: int, kv_heads: int, head_dim: int, rotary_dim: int, max_len: int,
                  scaling: float, device: Any, chunk: int | None = None, block_t: int | None = None,
-                 num_warps: int | None = None, rows: int = 1, page: int | None = None) -> None:
+                 num_warps: int | None = None, rows: int = 1, page: int | None = None,
+                 stages: int | None = None) -> None:
         if heads % kv_heads or rotary_dim % 2 or rotary_dim > head_dim:
             raise ValueError(f"unsupported attention shape: {heads} heads, {kv_heads} kv heads, "
                              f"head_dim {head_dim}, rotary {rotary_dim}")
@@ -265,7 +356,8 @@ class Attention:
             raise ValueError(f"chunk {self.chunk}: a paged cache's splits are whole pages of {page}")
         self.splits = triton.cdiv(max_len, self.chunk)
         self.block_t = page or block_t or min(self.BLOCK_T, triton.next_power_of_2(self.chunk))
-        self.num_warps = num_warps or self.NUM_WARPS
+        self.num_warps = num_warps or (self.PAGED_WARPS if page else self.NUM_WARPS)
+        self.stages = stages or self.PAGED_STAGES
         n = rows * heads * self.splits
         self.po = torch.empty((n, head_dim), dtype=torch.float32, device=device)
         self.pm = torch.empty((n,), dtype=torch.float32, device=device)
@@ -279,13 +371,21 @@ class Attention:
         block_d = triton.next_power_of_2(self.d)
         pdl = pdl_enabled()
         launch = {"launch_pdl": True} if pdl else {}
-        _decode_attention[(self.hkv, self.splits, self.rows)](
-            qkv, k_cache, v_cache, pos, cos, sin, out, self.po, self.pm, self.pl,
-            table if table is not None else pos, self.scaling, self.max_len,
-            table.shape[1] if table is not None else 0,
-            CHUNK=self.chunk, HQ=self.hq, HKV=self.hkv, D=self.d, ROT=self.rot,
-            GROUP_P=triton.next_power_of_2(self.hq // self.hkv), BLOCK_D=block_d, BLOCK_T=self.block_t,
-            SPLITS=self.splits, PAGE=self.page or 0, PDL=pdl, num_warps=self.num_warps, **launch)
+        group_p = triton.next_power_of_2(self.hq // self.hkv)
+        if table is None:
+            _decode_attention[(self.hkv, self.splits, self.rows)](
+                qkv, k_cache, v_cache, pos, cos, sin, out, self.po, self.pm, self.pl, self.scaling, self.max_len,
+                CHUNK=self.chunk, HQ=self.hq, HKV=self.hkv, D=self.d, ROT=self.rot, GROUP_P=group_p,
+                BLOCK_D=block_d, BLOCK_T=self.block_t, SPLITS=self.splits, PDL=pdl, num_warps=self.num_warps,
+                **launch)
+        else:
+            # float32 caches (and the interpreter, which multiplies bf16 dot operands as raw bits) dot in float32
+            _paged_attention[(self.hkv, self.splits, self.rows)](
+                qkv, k_cache, v_cache, pos, cos, sin, out, self.po, self.pm, self.pl, table, self.scaling,
+                table.shape[1], CHUNK=self.chunk, HQ=self.hq, HKV=self.hkv, D=self.d, ROT=self.rot,
+                GROUP_P=max(16, group_p), BLOCK_D=max(16, block_d), PAGE=self.page, SPLITS=self.splits,
+                STAGES=self.stages, DOT_F32=INTERPRET or k_cache.dtype == torch.float32, PDL=pdl,
+                num_warps=self.num_warps, **launch)
         if self.splits > 1:
             _combine[(self.rows * self.hq,)](self.po, self.pm, self.pl, out, D=self.d, SPLITS=self.splits,
                                              BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(self.splits), PDL=pdl,
@@ -656,22 +756,27 @@ def _matmul_w4(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K: tl.constexpr, G: tl
 
 
 def matmul_w4(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group: int,
-              x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+              x: torch.Tensor, out: torch.Tensor,
+              config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """``out = x @ dequant(W).T`` for ``x`` ``[M, K]`` (contiguous) and ``out`` ``[M, N]``: the layer's
-    forward for more than one row (prefill, the batched engine). Not tuned: a batch-1 step uses ``gemv_w4``."""
+    forward for more than one row (prefill, the batched engine); a batch-1 step uses ``gemv_w4``.
+    ``config``: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)`` instead of the default (bench)."""
     m, k = x.shape
     _w4_check(packed, scale, zero_point, k, group)
     n = packed.shape[0]
     if not x.is_contiguous() or tuple(out.shape) != (m, n):
         raise ValueError(f"matmul_w4: input {tuple(x.shape)}, output {tuple(out.shape)}, {n} weight rows")
-    block_m = min(64, max(16, triton.next_power_of_2(m)))
-    block_n, block_k = 64, 64
+    if config is None:  # bench/batched_step.py's sweep on an H200 (Phi-3-mini's matrices, M = 8, 32, 128):
+        # narrow tiles, so that even a 3072-row matrix spreads over the GPU (96 programs of 32 rows)
+        block_m = min(64, max(16, triton.next_power_of_2(m)))
+        config = (block_m, 64 if n >= 16384 else 32, 128 if block_m <= 32 else 64, 4, 4 if block_m == 16 else 3)
+    block_m, block_n, block_k, warps, stages = config
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _matmul_w4[grid](x, packed, scale, zero_point if zero_point is not None else packed, out, m, n, k,
                      G=group, ZP=zero_point is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                      # Triton 3.6's interpreter multiplies bf16 operands of a dot as their raw 16-bit
                      # patterns (it stores bf16 as uint16): there, the dot runs in float32
                      UPCAST=INTERPRET and x.dtype == torch.bfloat16,
-                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
-                     **({} if INTERPRET else {"num_stages": 3}))
+                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                     **({} if INTERPRET else {"num_stages": stages}))
     return out
