@@ -529,8 +529,9 @@ def engine_breakdown(model: Any, tok: Any, prompts: list[list[int]], gen_tokens:
     def by_phase(name: str, fn: Any) -> Any:
         return lambda *a, **k: timed(f"{name}_{phase[0]}", fn)(*a, **k)
 
-    eng._prefill = in_prefill(timed("_prefill", eng._prefill))
+    eng._prefill_work = in_prefill(timed("_prefill", eng._prefill_work))  # the passes (``_prefill`` queues)
     eng._sample = by_phase("_sample", eng._sample)
+    eng._sample_async = by_phase("_sample", eng._sample_async)  # the paged engine's (its copy left queued)
     eng._advance = by_phase("_advance", eng._advance)
     wall, produced = drive_engine(eng, Request, prompts, gen_tokens)
     if paged is not None:

@@ -446,6 +446,41 @@ def test_paged_engine_matches_generate_for_rows_that_join_and_leave(greedy_refer
     assert engine.stats.preempted == 0 and engine.paged.free_pages == 32  # every page back
 
 
+def test_paged_engine_overlap_drops_rows_that_stop_while_the_next_step_runs(greedy_reference: Any,
+                                                                          kernels: Any) -> None:
+    """The paged engine queues each step before it records the previous one's tokens (``_decode_paged``).
+    Rows that stop on EOS mid-stream were in the step queued after their last token: their output is
+    dropped and their pages come back; a row asking for log-probabilities (its tokens needed at once)
+    switches the engine to recording each step before the next while it runs. Every row's tokens are
+    still ``generate``'s, cut at its EOS."""
+    from phiops.serve.sampling import SamplingParams
+
+    device = kernels.DEVICE
+    model = _build("llama", device=device, **_SMALL)
+    prompts = PROMPTS[:6]
+    refs = [greedy_reference(model, p, 14, device)[0] for p in prompts]
+    # EOS: a token row 0 never produces and another row produces early (it stops there, row 0 runs on)
+    eos = next(ref[k] for ref in refs[1:4] for k in range(2, 7) if ref[k] not in refs[0] and ref.index(ref[k]) == k)
+    want = [ref[:ref.index(eos)] if eos in ref else ref for ref in refs]
+    assert len(want[0]) == 14 and min(len(w) for w in want[1:4]) < 7
+    requests = [Request(prompt=p, max_new_tokens=14, emit=print) for p in prompts]
+    requests[4] = Request(prompt=prompts[4], max_new_tokens=14, emit=print, sampling=SamplingParams(logprobs=2))
+    engine = _paged_engine(model, device, [eos], pages=32)
+    drains, stepped = [], []
+    drain, step = engine._drain, engine.paged.step
+    engine._drain = lambda *a, **k: drains.append(1) or drain(*a, **k)  # type: ignore[method-assign]
+    engine.paged.step = lambda tokens: stepped.append(len(engine.rows)) or step(tokens)  # type: ignore[method-assign]
+    # row 5 joins early, the log-probabilities row once the early stop is past
+    events = _drive(engine, requests, joins={5: 2, 4: 9})
+    assert [r.tokens for r in requests] == want
+    assert [ev[-1].finish_reason for ev in events] == ["stop" if len(w) < 14 else "length" for w in want]
+    assert len(requests[4].logprobs) == len(want[4]) + (len(want[4]) < 14)  # the EOS's own too
+    # Rows stepped beyond the tokens decoded (each request's first comes from its prefill, an EOS
+    # counts): steps that ran rows already done, whose output was dropped.
+    decoded = sum(len(w) + (len(w) < 14) - 1 for w in want)
+    assert sum(stepped) > decoded and drains and engine.paged.free_pages == 32
+
+
 def test_paged_engine_queues_what_the_pool_cannot_hold_and_refuses_it_past_its_deadline(
         greedy_reference: Any, kernels: Any) -> None:
     """A pool of 4 pages of 16 (one row of 64): a 40-token prompt takes 3, so a second one waits
@@ -512,3 +547,75 @@ def test_paged_add_that_fails_leaves_the_pool_as_it_was() -> None:
     assert dec.free_pages == free and dec.tables == tables and dec.lengths == [20]
     with pytest.raises(RuntimeError, match="pages needed"):
         dec.add(good, [64 * 2])
+
+
+LONG_PROMPT = [1] + list(range(100, 139))  # 40 tokens
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["dynamic cache", "paged pool"])
+def test_chunked_prefill_runs_between_the_running_rows_steps(greedy_reference: Any, kernels: Any,
+                                                             paged: bool) -> None:
+    """Two rows decode when a 40-token prompt arrives: with ``prefill_chunk=8`` its prefill is 5 passes
+    of 8 tokens, a decode step of the running rows after each of the first 4, not one pass that holds
+    them up. Every request's greedy tokens are still ``generate``'s, on both of the engine's caches."""
+    device = kernels.DEVICE
+    model = _build("llama", device=device, **_SMALL)
+    prompts = [PROMPTS[0], PROMPTS[1], LONG_PROMPT]
+    refs, eos = _refs(greedy_reference, model, prompts, 12, device)
+    requests = [Request(prompt=p, max_new_tokens=12, emit=print) for p in prompts]
+    if paged:
+        engine = _paged_engine(model, device, eos, pages=32, prefill_chunk=8)
+    else:
+        engine = Engine(model, word_tokenizer(model.config.vocab_size), eos, device, max_wait_ms=0,
+                        max_batch_size=8, prefill_chunk=8)
+    phases: list[tuple[str, int]] = []
+    engine.on_step = lambda phase, rows, new: phases.append((phase, rows))
+    _drive(engine, requests, joins={2: 2})
+    assert [r.tokens for r in requests] == refs
+    start = phases.index(("prefill", 1), 1)  # the long prompt's first pass (the first entry: the two rows')
+    assert phases[start:start + 10] == [("prefill", 1), ("decode", 2)] * 4 + [("prefill", 1), ("decode", 3)]
+
+
+def test_chunked_prefill_echoes_the_prompt_logprobs_of_one_pass(greedy_reference: Any, kernels: Any) -> None:
+    """A request that asks for its prompt's log-probabilities, prefilled in chunks beside a decoding row:
+    the same prompt log-probabilities and tokens as one whole pass."""
+    device = kernels.DEVICE
+    model = _build("llama", device=device, **_SMALL)
+    refs, eos = _refs(greedy_reference, model, [PROMPTS[0], LONG_PROMPT], 10, device)
+    got = {}
+    for chunk in (0, 8):
+        running = Request(prompt=PROMPTS[0], max_new_tokens=10, emit=print)
+        echo = Request(prompt=LONG_PROMPT, max_new_tokens=10, emit=print, prompt_logprobs=2)
+        engine = Engine(model, word_tokenizer(model.config.vocab_size), eos, device, max_wait_ms=0,
+                        max_batch_size=4, prefill_chunk=chunk)
+        passes = []
+        engine.on_step = lambda phase, rows, new: passes.append(phase)
+        _drive(engine, [running, echo], joins={1: 2})
+        assert [running.tokens, echo.tokens] == refs
+        got[chunk] = (echo.prompt_lp, passes.count("prefill"))
+    (whole, one_pass), (chunked, passes) = got[0], got[8]
+    assert one_pass == 2 and passes == 1 + 5
+    assert whole[0] is None and chunked[0] is None and len(whole) == len(chunked) == len(LONG_PROMPT)
+    for a, b in zip(whole[1:], chunked[1:]):
+        assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+def test_a_chunked_prefill_gives_way_to_running_rows_that_need_its_pages(greedy_reference: Any,
+                                                                         kernels: Any) -> None:
+    """A pool of 5 pages of 16: a decoding row holds 2, a 40-token prompt in chunked prefill is promised
+    3. When the row needs a third page, the prefill (the newest work) goes back to the queue instead
+    of the pool running out; it is admitted again once the row ends, with ``generate``'s tokens."""
+    device = kernels.DEVICE
+    model = _build("llama", device=device, **_SMALL)
+    first = PROMPT[:9] + [15, 16, 17, 18, 19]  # 14 tokens: the row crosses into its 3rd page at 32
+    refs, eos = _refs(greedy_reference, model, [first, LONG_PROMPT], 40, device)
+    requests = [Request(prompt=first, max_new_tokens=40, emit=print),
+                Request(prompt=LONG_PROMPT, max_new_tokens=8, emit=print)]
+    engine = _paged_engine(model, device, eos, pages=5, prefill_chunk=2)  # 20 passes: still in flight at 32
+    aborted, abort = [], engine._abort_prefill
+    engine._abort_prefill = lambda: aborted.append(len(engine._prefilling())) or abort()  # type: ignore[method-assign]
+    _drive(engine, requests, joins={1: 1})
+    assert [r.tokens for r in requests] == [refs[0], refs[1][:8]]
+    assert aborted == [1] and requests[1].preempted == 1 and requests[0].preempted == 0
+    assert engine.paged.free_pages == 5

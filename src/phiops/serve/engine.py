@@ -160,6 +160,21 @@ class Stats:
     kv_pages_free: int = 0  # paged engine: pages of its KV pool not held by a row
 
 
+@dataclass(eq=False)
+class _Chunked:
+    """A group's prefill in flight (``Engine._prefill_work``): its left-padded inputs, the cache so
+    far, the columns done, and (for a request echoing its prompt) every position's logits so far."""
+
+    group: list[Request]
+    lengths: list[int]  # each row's prompt tokens (right-aligned in the width)
+    ids: Any
+    mask: Any
+    positions: Any
+    cache: Any
+    done: int = 0
+    logits: list[Any] = field(default_factory=list)
+
+
 class Engine:
     """The batching loop around one model; thread-safe ``submit``.
 
@@ -181,12 +196,14 @@ class Engine:
             deadline they are refused, never out of memory), and when a running row needs a page
             that is not free, the newest rows are preempted: back to the front of the queue, their
             tokens kept, resumed by a prefill of prompt and tokens (the same tokens, seeded or greedy).
+        prefill_chunk: while rows decode, an admitted group's prefill runs in passes of at most this
+            many prompt tokens (padding included), one pass per step of the running rows (0: whole).
     """
 
     def __init__(self, model: Any, tokenizer: Any, eos_ids: list[int], device: str, *,
                  max_batch_size: int = 32, max_wait_ms: float = 10.0,
                  on_step: Callable[[str, int, int], None] | None = None, solo: Any = None,
-                 cudnn_sdpa: bool = False, paged: Any = None) -> None:
+                 cudnn_sdpa: bool = False, paged: Any = None, prefill_chunk: int = 0) -> None:
         import torch
 
         self.model, self.tokenizer, self.device = model, tokenizer, device
@@ -214,8 +231,19 @@ class Engine:
             # 33 ms step); W4A16 290 -> 615 (bench/README.md). Without it, a pass with no mask runs
             # flash, one with a padding mask (flash refuses masks) memory-efficient attention, MATH the rest.
             self._sdpa = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        self.prefill_chunk = max(0, int(prefill_chunk))
+        self._groups: list[list[Request]] = []  # admitted, prefill not started (one pass each)
+        self._chunked: _Chunked | None = None  # the prefill in flight
         self.stats = Stats()
         self._host_ids: tuple[Any, list[int] | None] = (None, None)  # _sample's tokens, and as read back
+        # Paged engine on CUDA: the last step's sampled tokens on their way to the host, not yet
+        # recorded (``_decode_paged``): (rows then, their tokens on the device, pinned copy, its event).
+        self._lag: tuple[list[Request], Any, Any, Any] | None = None
+        # (On CPU the same path runs, synchronously: the tests hold it to the engine's other paths.)
+        cuda = str(device).startswith("cuda")
+        self._lag_host = (torch.empty((2, paged.max_rows), dtype=torch.long, pin_memory=cuda)
+                          if paged is not None else None)
+        self._lag_event = torch.cuda.Event() if paged is not None and cuda else None
         self._queue: queue.Queue[Request] = queue.Queue()
         self._stop = threading.Event()
         self._torch = torch
@@ -260,6 +288,7 @@ class Engine:
                         break
                     if new:
                         self._prefill(new)
+                    self._prefill_work()
                     if self.rows:
                         self._decode()
                     self._maybe_trim()
@@ -267,7 +296,8 @@ class Engine:
                     log.exception("generation step failed; failing %d running request(s)", len(self.rows))
                     self._fail(self.rows, f"generation failed: {type(exc).__name__}")
                     self._reset()
-        self._fail(self.rows, "the engine stopped")
+        self._fail(self.rows + self._prefilling(), "the engine stopped")
+        self._chunked, self._groups = None, []
         self._reset()
         while True:  # whatever still waits is told, never left hanging
             try:
@@ -319,9 +349,9 @@ class Engine:
                 self._fail([r], "the request waited past this service's queue-wait budget", code="queue_timeout")
 
     def _admit(self) -> list[Request]:
-        room = self.max_batch_size - len(self.rows)
+        room = self.max_batch_size - len(self.rows) - len(self._prefilling())
         new: list[Request] = []
-        if room <= 0:
+        if room <= 0 or self._chunked is not None or self._groups:  # (admitted again once prefilled)
             self._expire_waiting()
             self.stats.waiting = self._queue.qsize()
             return new
@@ -421,21 +451,64 @@ class Engine:
         return sdpa_kernel(self._sdpa)
 
     def _prefill(self, new: list[Request]) -> None:
-        """Prefill the admitted requests; a failure fails the requests of that pass alone."""
+        """Queue the admitted requests' prefill (``_prefill_work`` runs it), in groups of one pass each."""
         if self._solo_on:  # company has come: the solo row joins the shared cache first
             self._leave_solo()
         # A request asking for its prompt's log-probabilities needs logits at every position:
         # prefilled on its own, so the [T, vocab] logits are one row's, not the group's.
         echo = [[r] for r in new if r.echo()]
         plain = [r for r in new if not r.echo()]
-        for group in echo + ([plain] if plain else []):
-            try:
-                self._prefill_group(group)
-            except Exception as exc:
-                log.exception("prefill failed; failing its %d request(s)", len(group))
-                self._fail([r for r in group if all(r is not x for x in self.rows)], f"generation failed: {type(exc).__name__}")
+        self._groups.extend(echo + ([plain] if plain else []))
 
-    def _prefill_group(self, new: list[Request]) -> None:
+    def _prefilling(self) -> list[Request]:
+        """The admitted requests whose prefill has not finished (in flight first, then queued)."""
+        return [r for g in ([self._chunked.group] if self._chunked else []) + self._groups for r in g]
+
+    def _prefill_work(self) -> None:
+        """Run the queued prefills: all of them while no row decodes, else one pass of at most
+        ``prefill_chunk`` prompt tokens (chunked prefill, as Sarathi-Serve and vLLM schedule it): a
+        long prompt then delays the running rows' next token by one chunk's pass, not by its whole
+        prefill. A failure fails the requests of that group alone."""
+        budget = self.prefill_chunk if self.rows else 0
+        while self._chunked is not None or self._groups:
+            if self._chunked is None:
+                group = self._groups.pop(0)
+                try:
+                    self._chunked = self._prefill_start(group)
+                except Exception as exc:
+                    self._prefill_failed(group, exc)
+                if self._chunked is None:  # failed, or done at once (the solo decoder)
+                    continue
+            state = self._chunked
+            try:
+                done = self._prefill_pass(state, budget)
+            except Exception as exc:
+                self._chunked = None
+                self._prefill_failed(state.group, exc)
+                continue
+            if done:
+                self._chunked = None
+            if budget:
+                return
+
+    def _prefill_failed(self, group: list[Request], exc: Exception) -> None:
+        log.error("prefill failed; failing its %d request(s)", len(group), exc_info=exc)
+        self._fail([r for r in group if all(r is not x for x in self.rows)], f"generation failed: {type(exc).__name__}")
+
+    def _abort_prefill(self) -> None:
+        """Put the unfinished prefills back at the front of the queue (their KV pages are wanted by
+        running rows); they start over when admitted again, as a preempted row resumes."""
+        back = self._prefilling()
+        self._chunked, self._groups = None, []
+        for r in back:
+            r.preempted += 1
+        self.stats.preempted += len(back)
+        log.info("KV pool full: %d request(s) in prefill put back in the queue", len(back))
+        with self._queue.mutex:
+            self._queue.queue.extendleft(reversed(back))
+
+    def _prefill_start(self, new: list[Request]) -> _Chunked | None:
+        """The group's padded inputs and empty cache; None when the solo decoder prefilled it at once."""
         torch = self._torch
         from phiops.serve.batched import new_cache
 
@@ -449,7 +522,7 @@ class Engine:
             if self._advance(new, last):
                 self.rows, self.last, self._solo_on = [r], last, True
             self._track()
-            return
+            return None
         prompts = [r.ids() for r in new]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
@@ -460,34 +533,49 @@ class Engine:
             self._seed(r)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = new_cache()  # appends in place (phiops.serve.batched)
+        return _Chunked(new, [len(p) for p in prompts], ids, mask, positions, new_cache())  # appends in place
+
+    def _prefill_pass(self, st: _Chunked, budget: int) -> bool:
+        """One forward pass over the group's next columns (at most ``budget`` tokens in all, 0: the
+        rest); True once the group is prefilled and its rows have joined the batch."""
+        torch = self._torch
+        new, width = st.group, st.ids.shape[1]
+        c0 = st.done
+        c1 = width if not budget else min(width, c0 + max(1, budget // len(new)))
         every = new[0].echo()  # a group of one (see _prefill)
         with self._attention():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True, logits_to_keep=0 if every else 1)
-        self._counted("prefill", len(new), int(mask.sum()))
+            out = self.model(input_ids=st.ids[:, c0:c1], attention_mask=st.mask[:, :c1],
+                             position_ids=st.positions[:, c0:c1], past_key_values=st.cache, use_cache=True,
+                             logits_to_keep=0 if every else 1)
+        self._counted("prefill", len(new), int(st.mask[:, c0:c1].sum()))
+        st.cache, st.done = out.past_key_values, c1
         if every:
-            new[0].prompt_lp = self._prompt_logprobs(out.logits[0], new[0])
+            st.logits.append(out.logits[0])
+        if c1 < width:
+            return False
+        if every:
+            new[0].prompt_lp = self._prompt_logprobs(torch.cat(st.logits), new[0])
         last = self._sample(out.logits[:, -1, :], new)
         keep = self._advance(new, last)  # a row may finish at its first token
         if not keep:
-            return
+            return True
+        cache, mask = st.cache, st.mask
         if self.paged is not None:
-            cache = out.past_key_values
-            self.paged.add([(layer.keys, layer.values) for layer in cache.layers], [len(prompts[i]) for i in keep],
+            self.paged.add([(layer.keys, layer.values) for layer in cache.layers], [st.lengths[i] for i in keep],
                            select=keep)
             self.rows.extend(new[i] for i in keep)
             kept = last[torch.tensor(keep, device=last.device)]
             self.last = kept if self.last is None else torch.cat([self.last, kept])
             self._track()
-            return
-        cache, positions = out.past_key_values, mask.sum(-1)
+            return True
+        positions = mask.sum(-1)
         if len(keep) < len(new):
             idx = torch.tensor(keep, device=mask.device)
             cache.batch_select_indices(idx)
             mask, positions, last = mask[idx], positions[idx], last[idx]
         self._merge([new[i] for i in keep], cache, mask, positions, last)
         self._track()
+        return True
 
     def _prompt_logprobs(self, logits: Any, r: Request) -> list[TokenLogprob | None]:
         """Each prompt token's log-probability given the tokens before it (None for the first)."""
@@ -525,14 +613,7 @@ class Engine:
             self._track()
             return
         if self.paged is not None:
-            while self.paged.pages_short():
-                self._preempt()
-            self.paged.grow()
-            logits = self.paged.step(self.last)
-            self._counted("decode", len(self.rows))
-            self.last = self._sample(logits, self.rows)
-            self._keep(self._advance(self.rows, self.last))
-            self._track()
+            self._decode_paged()
             return
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=-1)
         with self._attention():
@@ -544,6 +625,95 @@ class Engine:
         self.last = self._sample(out.logits[:, -1, :], self.rows)
         self._keep(self._advance(self.rows, self.last))
         self._track()
+
+    def _decode_paged(self) -> None:
+        """One step of the running rows over the paged pool, overlapped with the host's work.
+
+        The step is queued on the GPU first; while it runs, the host records the previous step's
+        tokens (``_advance``: detokenizing, stop strings, events), which reached it in one copy, and
+        drops the rows that ended there. A row that ended at the previous step was still in this
+        step: its output is dropped and its pages freed, after the GPU's writes to them in stream
+        order. This step's tokens are then sampled on the GPU and their copy to the host queued
+        (``_lag``), to be recorded during the next step (vLLM's async scheduling does the same).
+        Before a step that could not be queued blind (a row needs a page that is not free, so rows
+        are preempted; a row will end for length; a row's grammar or log-probabilities need its
+        token on the host now), the previous step is recorded first, as without overlap.
+        """
+        pool = self.paged
+        # pages the prefill in flight will take when it joins (admission counted them free)
+        held = sum(pool.pages_for(len(r.ids())) for r in self._prefilling())
+        if self._lag is not None and (pool.pages_short(held) or not self._overlaps() or any(
+                len(r.tokens) + 1 >= r.max_new_tokens for r in self._lag[0])):
+            self._drain()
+            if not self.rows:
+                return
+        while pool.pages_short(held):
+            if held:  # the newest work first: the prefill not yet joined goes back to the queue
+                self._abort_prefill()
+                held = 0
+            else:
+                self._preempt()
+        pool.grow()
+        logits = pool.step(self.last)  # queued (CUDA): the host goes on below while it runs
+        if self._lag is not None:
+            lagged = len(self._lag[0])
+            keep = self._drain(keep_rows=False) + list(range(lagged, len(self.rows)))  # rows added since stay
+            if len(keep) < len(self.rows):
+                logits = logits[self._torch.tensor(keep, device=logits.device)]
+                self._keep(keep)
+            if not self.rows:
+                return
+        self._counted("decode", len(self.rows))
+        if self._overlaps():
+            self.last = self._sample_async(logits, self.rows)
+        else:
+            self.last = self._sample(logits, self.rows)
+            self._keep(self._advance(self.rows, self.last))
+        self._track()
+
+    def _overlaps(self) -> bool:
+        """The step's tokens may reach the host later (no row needs them there before the next step)."""
+        return self._lag_host is not None and all(r.grammar is None and r.sampling.logprobs is None for r in self.rows)
+
+    def _sample_async(self, logits: Any, rows: list[Request]) -> Any:
+        """``_sample`` without waiting for the tokens: their copy to the host (with the rows'
+        finiteness, checked at ``_drain``) is queued, and the tokens stay on the device as the
+        next step's input. A row that samples (``pick``) still reads its logits now."""
+        torch = self._torch
+        out = logits.argmax(-1)
+        for i, r in enumerate(rows):
+            p = r.sampling
+            if p.greedy and not p.penalized:
+                continue
+            try:
+                out[i] = pick(logits[i], p, r.generator, r.tokens)
+            except Exception as exc:
+                self._row_failed(r, exc)
+                out[i] = self.pad_id
+        n = len(rows)
+        host = self._lag_host
+        host[:, :n].copy_(torch.stack([out, torch.isfinite(logits).all(-1).to(out.dtype)]), non_blocking=True)
+        if self._lag_event is not None:
+            self._lag_event.record()
+        self._lag = (list(rows), out, host, self._lag_event)
+        return out
+
+    def _drain(self, keep_rows: bool = True) -> list[int]:
+        """Record the lagged step's tokens (``_advance``); the indices of its rows still running.
+        ``keep_rows``: also drop the others now (else the caller does, with the step in flight)."""
+        rows, out, host, event = self._lag  # type: ignore[misc]
+        self._lag = None
+        if event is not None:
+            event.synchronize()
+        ids, finite = host[:, :len(rows)].tolist()
+        for i, r in enumerate(rows):
+            if not finite[i] and r.error is None and r.sampling.greedy and not r.sampling.penalized:
+                r.error = "the model produced no finite logits for this request"  # as sampling.sanitize says
+        keep = self._advance(rows, out, ids)
+        if keep_rows:
+            self._keep(keep + list(range(len(rows), len(self.rows))))
+            self._track()
+        return keep
 
     # ---- batch bookkeeping --------------------------------------------------------------------
 
@@ -607,6 +777,7 @@ class Engine:
 
     def _reset(self) -> None:
         self.rows, self.cache, self.mask, self.positions, self.last = [], None, None, None, None
+        self._lag = None
         self._solo_on = False
         if self.paged is not None:
             self.paged.clear()
@@ -667,13 +838,15 @@ class Engine:
             log.exception("sampling failed for one request")
         r.error = str(exc) if isinstance(exc, RowError) else f"sampling failed: {type(exc).__name__}"
 
-    def _advance(self, rows: list[Request], tokens: Any) -> list[int]:
-        """Record one sampled token per row, emit text; return the indices of rows still running."""
+    def _advance(self, rows: list[Request], tokens: Any, ids: list[int] | None = None) -> list[int]:
+        """Record one sampled token per row (``ids``: ``tokens`` as read back already), emit text;
+        return the indices of rows still running."""
         keep: list[int] = []
-        # The tokens _sample read back, if these are they (tests may wrap _sample); else one copy.
-        held, ids = self._host_ids
-        if held is not tokens:
-            ids = tokens.tolist()
+        if ids is None:
+            # The tokens _sample read back, if these are they (tests may wrap _sample); else one copy.
+            held, ids = self._host_ids
+            if held is not tokens:
+                ids = tokens.tolist()
         for i, (r, tok) in enumerate(zip(rows, ids)):
             if r.cancelled.is_set():
                 self._ended(r, Event(finish_reason="cancelled", completion_tokens=len(r.tokens)))

@@ -72,7 +72,8 @@ class OpenAIServing:
 
         self.engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_ids, loaded.device,
                              max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_batch_wait_ms,
-                             on_step=on_step, solo=loaded.solo, paged=loaded.paged)
+                             on_step=on_step, solo=loaded.solo, paged=loaded.paged,
+                             prefill_chunk=settings.prefill_chunk_tokens)
         metrics.watch_engine(self.engine.stats)
         self.vocab_size = int(loaded.model.config.get_text_config().vocab_size)
         self._grammars: Any = None  # built on the first response_format request (compiles the vocabulary)

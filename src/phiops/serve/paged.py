@@ -25,9 +25,8 @@ replaces that state on CUDA, for the llama-family models ``decode.FusedDecoder``
   runs the smallest bucket that holds it, padded with rows that write to the scratch page.
 
 On CPU (the tests, under Triton's interpreter) the same step runs eagerly. Prefill still runs the
-model's own forward (``Engine._prefill_group``); its keys and values are then scattered into the
-rows' pages. Not built: chunked prefill (a long prompt's prefill still holds up the running rows'
-next step).
+model's own forward (``Engine._prefill_pass``, in chunks while rows decode); its keys and values are
+then scattered into the rows' pages.
 """
 
 from __future__ import annotations
@@ -119,6 +118,10 @@ class PagedDecoder:
         cuda = str(device).startswith("cuda")
         self._host_table = torch.full((max_rows, self.table_width), pages, dtype=torch.int32, pin_memory=cuda)
         self._host_pos = torch.zeros((max_rows,), dtype=torch.int32, pin_memory=cuda)
+        # The last step's copies of the two host buffers above are asynchronous: whatever writes
+        # them again waits for this event first (``_inputs_free``), since the engine may change the
+        # rows (``keep``, ``grow``) while a step is queued behind the one running.
+        self._copied = torch.cuda.Event() if cuda else None
         self._graphs: dict[int, Any] = {}
         self._pool: Any = None  # the graphs' shared memory pool, made at the first capture
         self._use_graphs = cuda if graphs is None else graphs
@@ -144,13 +147,19 @@ class PagedDecoder:
         """Positions held in pages (whole pages, as allocated)."""
         return (self.pages - len(self._free)) * self.page
 
-    def pages_short(self) -> int:
-        """Pages the next step needs (rows whose next position starts a new page) beyond the free ones."""
+    def pages_short(self, held: int = 0) -> int:
+        """Pages the next step needs (rows whose next position starts a new page) beyond the free
+        ones, of which ``held`` are promised elsewhere (a prefill in flight)."""
         need = sum(1 for n, t in zip(self.lengths, self.tables) if n == len(t) * self.page)
-        return max(0, need - len(self._free))
+        return max(0, need + held - len(self._free))
+
+    def _inputs_free(self) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()
 
     def grow(self) -> None:
         """Give each row whose next position starts a new page that page (``pages_short()`` must be 0)."""
+        self._inputs_free()
         for i, (n, t) in enumerate(zip(self.lengths, self.tables)):
             if n == len(t) * self.page:
                 if n >= self.max_len:
@@ -190,6 +199,7 @@ class PagedDecoder:
             for table in reversed(tables):
                 self._free.extend(reversed(table))
             raise
+        self._inputs_free()
         for n, table in zip(lengths, tables):
             self._host_table[self.rows, :len(table)] = torch.tensor(table, dtype=torch.int32)
             self.tables.append(table)
@@ -197,6 +207,7 @@ class PagedDecoder:
 
     def keep(self, idx: list[int]) -> None:
         """Keep rows ``idx`` (in that order, as the engine's new row list); the others' pages are freed."""
+        self._inputs_free()
         kept = set(idx)
         for i, t in enumerate(self.tables):
             if i not in kept:
@@ -241,16 +252,20 @@ class PagedDecoder:
     def step(self, tokens: Any) -> Any:
         """Append one token per row (``tokens``: ``[rows]`` on the device) and return ``[rows, vocab]`` logits.
 
-        The logits live in a buffer the next step overwrites. Call ``grow`` first.
+        The logits live in a buffer the next step overwrites. Call ``grow`` first. On CUDA this only
+        queues the step: the host goes on while the GPU runs it (the engine's overlap).
         """
         n = self.rows
         if tokens.shape[0] != n or n == 0:
             raise ValueError(f"{tokens.shape[0]} tokens for {n} rows")
         b = self.bucket(n)
+        self._inputs_free()
         self._host_pos[:n] = torch.tensor(self.lengths, dtype=torch.int32)
         self._host_pos[n:b] = 0
         self._pos[:b].copy_(self._host_pos[:b], non_blocking=True)
         self._table[:b].copy_(self._host_table[:b], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
         self._tok[:n].copy_(tokens)
         self._tok[n:b] = 0
         if not self._use_graphs:

@@ -279,7 +279,7 @@ def serve(name: str, path: Path, cfg: Params, device: str) -> Served:
     steps: list[int] = []
     engine = Engine(model, tok, [*eos, *extra], device, max_batch_size=cfg.evaluate.batch_size,
                     max_wait_ms=cfg.serve.max_batch_wait_ms, on_step=lambda phase, rows, new: steps.append(rows),
-                    solo=solo)
+                    solo=solo, prefill_chunk=cfg.serve.prefill_chunk_tokens)
     return Served(model, tok, engine, device, dtype, steps)
 
 
