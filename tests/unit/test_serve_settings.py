@@ -37,7 +37,8 @@ def test_a_bad_override_names_the_variable_and_the_rule(var: str, value: str, ru
 def test_every_limit_has_an_override_and_no_model_is_an_error() -> None:
     assert [env_name(f) for f in ServeCfg.model_fields] == [
         "PHIOPS_MAX_NEW_TOKENS", "PHIOPS_MAX_PROMPT_TOKENS", "PHIOPS_MAX_CONCURRENCY", "PHIOPS_REQUEST_TIMEOUT_S",
-        "PHIOPS_MAX_BATCH_SIZE", "PHIOPS_MAX_BATCH_WAIT_MS", "PHIOPS_KV_CACHE_FRACTION", "PHIOPS_DTYPE", "PHIOPS_MAX_N",
+        "PHIOPS_MAX_BATCH_SIZE", "PHIOPS_MAX_BATCH_WAIT_MS", "PHIOPS_KV_CACHE_FRACTION", "PHIOPS_PREFILL_CHUNK_TOKENS",
+        "PHIOPS_DTYPE", "PHIOPS_MAX_N",
         "PHIOPS_QUEUE_WAIT_BUDGET_S", "PHIOPS_HOST"]
     with pytest.raises(RuntimeError, match="no model to serve"):
         resolve(ServiceArgs(), environ={})

@@ -4,7 +4,9 @@ One background thread owns the model. Each iteration it
 
 1. admits waiting requests (up to ``max_batch_size`` rows in all): their prompts are prefilled
    together, left-padded, into a fresh KV cache that is then merged into the running batch's
-   (both left-padded to the longer length, concatenated on the batch dimension);
+   (both left-padded to the longer length, concatenated on the batch dimension); while rows
+   decode, that prefill runs in passes of at most ``prefill_chunk`` tokens, one per iteration
+   (chunked prefill), and no other request is admitted until it has joined;
 2. runs one decode step for every running row: input ``[B, 1]``, a 2-D padding mask and
    per-row position ids over the shared ``DynamicCache`` (whose layers append in place,
    ``phiops.serve.batched``);
@@ -24,7 +26,8 @@ On CUDA, for the llama-family models, the service gives the engine a ``paged`` d
 pages of a preallocated KV pool (nothing concatenated) and run the decode step as a CUDA graph per
 batch-size bucket; admission counts free pages, and a running row that needs a page when none is
 free preempts the newest rows, which resume later by recomputation (``Engine`` args). Text is
-detokenized incrementally (``detokenize``) and the sampled tokens reach the host in one copy.
+detokenized incrementally (``detokenize``) and the sampled tokens reach the host in one copy, while
+the GPU already runs the next step (``_decode_paged``).
 
 A request never waits for another to finish (iteration-level scheduling, as in Orca/vLLM),
 only for the next step. When the engine is idle the first arrival waits at most

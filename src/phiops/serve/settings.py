@@ -14,7 +14,7 @@ every limit         its ``ServeCfg`` name   ``PHIOPS_`` + its name, upper case
 
 (``PHIOPS_MAX_NEW_TOKENS``, ``PHIOPS_MAX_PROMPT_TOKENS``, ``PHIOPS_MAX_CONCURRENCY``,
 ``PHIOPS_REQUEST_TIMEOUT_S``, ``PHIOPS_MAX_BATCH_SIZE``, ``PHIOPS_MAX_BATCH_WAIT_MS``,
-``PHIOPS_KV_CACHE_FRACTION``, ``PHIOPS_DTYPE``, ...;
+``PHIOPS_KV_CACHE_FRACTION``, ``PHIOPS_PREFILL_CHUNK_TOKENS``, ``PHIOPS_DTYPE``, ...;
 each is validated by ``ServeCfg``'s own rules.)
 
 .. [1] The model tag is the one exception to "environment wins": a bento carries exactly the
