@@ -123,6 +123,32 @@ def gemv(w: torch.Tensor, a: torch.Tensor, out: torch.Tensor, *, norm: torch.Ten
 
 
 @triton.jit
+def _rotated_query(qkv_ptr, cos_ptr, sin_ptr, pos, kvh, sm_scale, HQ: tl.constexpr, HKV: tl.constexpr,
+                   D: tl.constexpr, ROT: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The decode attention kernels' common start, for key/value head ``kvh`` of one row at ``pos``:
+    the head dims (``d``, ``dmask``), each dim's rotary partner and sign and the position's cos and sin
+    (for the key), and the head's query heads (``qh``, ``gmask``, ``qmask``) with their queries
+    rotated and scaled by ``sm_scale * log2(e)`` (the kernels' softmax is in exp2)."""
+    GROUP: tl.constexpr = HQ // HKV
+    HALF: tl.constexpr = ROT // 2
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    # rotate_half within the first ROT dims (transformers' convention), the rest passes through
+    partner = tl.where(d < HALF, d + HALF, tl.where(d < ROT, d - HALF, d))
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    cos = tl.load(cos_ptr + pos * D + d, mask=dmask, other=1.0)
+    sin = tl.load(sin_ptr + pos * D + d, mask=dmask, other=0.0)
+    g = tl.arange(0, GROUP_P)
+    gmask = g < GROUP
+    qh = kvh * GROUP + g  # this program's query heads
+    qmask = gmask[:, None] & dmask[None, :]
+    q = tl.load(qkv_ptr + qh[:, None] * D + d[None, :], mask=qmask, other=0.0).to(tl.float32)
+    q_rot = tl.load(qkv_ptr + qh[:, None] * D + partner[None, :], mask=qmask, other=0.0).to(tl.float32)
+    q = (q * cos[None, :] + q_rot * sign[None, :] * sin[None, :]) * (sm_scale * 1.4426950408889634)
+    return d, dmask, partner, sign, cos, sin, gmask, qh, qmask, q
+
+
+@triton.jit
 def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr,
                       sm_scale, MAX_LEN,
                       CHUNK: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
@@ -138,25 +164,10 @@ def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     row = tl.program_id(2)
-    GROUP: tl.constexpr = HQ // HKV
-    HALF: tl.constexpr = ROT // 2
     qkv_ptr += row * ((HQ + 2 * HKV) * D)
     pos = tl.load(pos_ptr + row)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    # rotate_half within the first ROT dims (transformers' convention), the rest passes through
-    partner = tl.where(d < HALF, d + HALF, tl.where(d < ROT, d - HALF, d))
-    sign = tl.where(d < HALF, -1.0, 1.0)
-    cos = tl.load(cos_ptr + pos * D + d, mask=dmask, other=1.0)
-    sin = tl.load(sin_ptr + pos * D + d, mask=dmask, other=0.0)
-
-    g = tl.arange(0, GROUP_P)
-    gmask = g < GROUP
-    qh = kvh * GROUP + g  # this program's query heads
-    qmask = gmask[:, None] & dmask[None, :]
-    q = tl.load(qkv_ptr + qh[:, None] * D + d[None, :], mask=qmask, other=0.0).to(tl.float32)
-    q_rot = tl.load(qkv_ptr + qh[:, None] * D + partner[None, :], mask=qmask, other=0.0).to(tl.float32)
-    q = (q * cos[None, :] + q_rot * sign[None, :] * sin[None, :]) * (sm_scale * 1.4426950408889634)  # log2(e): exp2 below
+    d, dmask, partner, sign, cos, sin, gmask, qh, qmask, q = _rotated_query(
+        qkv_ptr, cos_ptr, sin_ptr, pos, kvh, sm_scale, HQ, HKV, D, ROT, GROUP_P, BLOCK_D)
 
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, pos + 1)
@@ -225,24 +236,11 @@ def _paged_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_p
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     row = tl.program_id(2)
-    GROUP: tl.constexpr = HQ // HKV
-    HALF: tl.constexpr = ROT // 2
     qkv_ptr += row * ((HQ + 2 * HKV) * D)
     table_ptr += row * TW
     pos = tl.load(pos_ptr + row)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    partner = tl.where(d < HALF, d + HALF, tl.where(d < ROT, d - HALF, d))
-    sign = tl.where(d < HALF, -1.0, 1.0)
-    cos = tl.load(cos_ptr + pos * D + d, mask=dmask, other=1.0)
-    sin = tl.load(sin_ptr + pos * D + d, mask=dmask, other=0.0)
-    g = tl.arange(0, GROUP_P)
-    gmask = g < GROUP
-    qh = kvh * GROUP + g
-    qmask = gmask[:, None] & dmask[None, :]
-    q = tl.load(qkv_ptr + qh[:, None] * D + d[None, :], mask=qmask, other=0.0).to(tl.float32)
-    q_rot = tl.load(qkv_ptr + qh[:, None] * D + partner[None, :], mask=qmask, other=0.0).to(tl.float32)
-    q = (q * cos[None, :] + q_rot * sign[None, :] * sin[None, :]) * (sm_scale * 1.4426950408889634)
+    d, dmask, partner, sign, cos, sin, gmask, qh, qmask, q = _rotated_query(
+        qkv_ptr, cos_ptr, sin_ptr, pos, kvh, sm_scale, HQ, HKV, D, ROT, GROUP_P, BLOCK_D)
     k_base = qkv_ptr + (HQ + kvh) * D
     k_new = tl.load(k_base + d, mask=dmask, other=0.0).to(tl.float32)
     k_new = k_new * cos + tl.load(k_base + partner, mask=dmask, other=0.0).to(tl.float32) * sign * sin
