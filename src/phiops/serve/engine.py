@@ -239,9 +239,9 @@ class Engine:
         self._chunked: _Chunked | None = None  # the prefill in flight
         self.stats = Stats()
         self._host_ids: tuple[Any, list[int] | None] = (None, None)  # _sample's tokens, and as read back
-        # Paged engine on CUDA: the last step's sampled tokens on their way to the host, not yet
-        # recorded (``_decode_paged``): (rows then, their tokens on the device, pinned copy, its event).
-        self._lag: tuple[list[Request], Any, Any, Any] | None = None
+        # Paged engine: the last step's sampled tokens on their way to the host (into ``_lag_host``,
+        # ``_lag_event`` marks the copy), not yet recorded (``_decode_paged``): (rows then, the tokens on the device).
+        self._lag: tuple[list[Request], Any] | None = None
         # (On CPU the same path runs, synchronously: the tests hold it to the engine's other paths.)
         cuda = str(device).startswith("cuda")
         self._lag_host = (torch.empty((2, paged.max_rows), dtype=torch.long, pin_memory=cuda)
@@ -693,22 +693,21 @@ class Engine:
             except Exception as exc:
                 self._row_failed(r, exc)
                 out[i] = self.pad_id
-        n = len(rows)
-        host = self._lag_host
-        host[:, :n].copy_(torch.stack([out, torch.isfinite(logits).all(-1).to(out.dtype)]), non_blocking=True)
+        self._lag_host[:, :len(rows)].copy_(torch.stack([out, torch.isfinite(logits).all(-1).to(out.dtype)]),
+                                            non_blocking=True)
         if self._lag_event is not None:
             self._lag_event.record()
-        self._lag = (list(rows), out, host, self._lag_event)
+        self._lag = (list(rows), out)
         return out
 
     def _drain(self, keep_rows: bool = True) -> list[int]:
         """Record the lagged step's tokens (``_advance``); the indices of its rows still running.
         ``keep_rows``: also drop the others now (else the caller does, with the step in flight)."""
-        rows, out, host, event = self._lag  # type: ignore[misc]
+        rows, out = self._lag  # type: ignore[misc]
         self._lag = None
-        if event is not None:
-            event.synchronize()
-        ids, finite = host[:, :len(rows)].tolist()
+        if self._lag_event is not None:
+            self._lag_event.synchronize()
+        ids, finite = self._lag_host[:, :len(rows)].tolist()
         for i, r in enumerate(rows):
             if not finite[i] and r.error is None and r.sampling.greedy and not r.sampling.penalized:
                 r.error = "the model produced no finite logits for this request"  # as sampling.sanitize says
