@@ -85,15 +85,29 @@ def test_merge_bound_follows_the_dtype():
     assert merge.bound_for(cfg, torch.bfloat16) == cfg.merge.max_abs_logit_diff_bf16
 
 
-def test_merge_mismatch_fails_the_stage(tiny_models, tmp_path):
+def test_a_merge_that_drops_the_adapter_fails_and_round_off_past_the_bound_passes(tiny_models, tmp_path, monkeypatch):
+    from peft import PeftModel
+
     cfg, layout = _project(tmp_path, tiny_models["llama"])
     cfg = config.parse({**cfg.dump(), "merge": {"max_abs_logit_diff": 1e-12}})  # tighter than fp32 round-off
     format_stage.run(cfg, layout)
     train.run(cfg, layout)
-    with pytest.raises(merge.MergeMismatchError, match="max \\|dlogit\\|"):
-        merge.run(cfg, layout)
-    assert json.loads(layout.merge_report.read_text())["bound"] == 1e-12  # recorded even when it fails
+
+    # A real mistake: the adapter unloaded instead of folded in. The float64 check does not excuse it.
+    with monkeypatch.context() as m:
+        # (PeftModel hands both to its LoraModel through __getattr__)
+        m.setattr(PeftModel, "merge_and_unload", lambda self, **kw: self.base_model.unload(), raising=False)
+        with pytest.raises(merge.MergeMismatchError, match="max \\|dlogit\\|.*more than 2x"):
+            merge.run(cfg, layout)
+    report = json.loads(layout.merge_report.read_text())
+    assert report["bound"] == 1e-12 and not report["float64_check"]["passed"]  # recorded even when it fails
     assert not layout.merged.exists()
+
+    # The true merge, off by round-off only: past the fixed bound, within 2x of fp32's own error.
+    merge.run(cfg, layout)
+    check = json.loads(layout.merge_report.read_text())["float64_check"]
+    assert check["passed"] and 0 < check["merged_vs_exact"] <= 2 * check["unmerged_fp32_vs_exact"]
+    assert layout.merged.exists()
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3", "phi"])
