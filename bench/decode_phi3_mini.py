@@ -23,7 +23,11 @@ Measured, each after a warm-up, on random prompt ids (the numbers do not depend 
      llama-family models on CUDA: the step as Triton kernels (services/phiops_kernels.py, five
      per layer: norm-fused GEMVs, rotary + cache write + split-KV attention, gated and residual
      epilogues), captured as one CUDA graph, no torch.compile; `fused_no_pdl`: those kernels
-     without programmatic dependent launch (`PHIOPS_PDL=0`), each starting after the last ends.
+     without programmatic dependent launch (`PHIOPS_PDL=0`), each starting after the last ends;
+     `fused_autotuned`: the launch configs left to Triton's autotuner instead of timed per role in a
+     graph (`FusedDecoder(tune=False)`);
+     `engine_solo_fused_sync`: the engine recording each token before queueing the next step
+     (`Engine(overlap=False)`, its way before the solo overlap) as the baseline of `engine_solo_fused`.
    `bf16_accuracy`: eager bf16 and `fused` logits against a float32 copy of the model.
    Each as tokens/s and as a fraction of the bound `bandwidth / bytes read per token`, where the
    bytes are every weight a decode step reads (all linear layers and the LM head; one embedding
@@ -195,8 +199,9 @@ def decode_graph(dec: Any, *, prompt_len: int, steps: int, device: str, mode: st
 
 
 def decode_engine_solo(model: Any, dec: Any, *, prompt_len: int, steps: int, device: str,
-                       mode: str = "engine_solo") -> dict[str, Any]:
-    """One greedy request through the service's engine with the solo decoder: tokens/s after its first."""
+                       mode: str = "engine_solo", overlap: bool = True) -> dict[str, Any]:
+    """One greedy request through the service's engine with the solo decoder: tokens/s after its first.
+    ``overlap=False``: the engine records each token before queueing the next step (its old way)."""
     import threading
 
     from phiops.serve.engine import Engine, Event, Request
@@ -210,7 +215,9 @@ def decode_engine_solo(model: Any, dec: Any, *, prompt_len: int, steps: int, dev
         if ev.finish_reason or ev.error:
             done.set()
 
-    engine = Engine(model, tok, [0], device, max_wait_ms=0, solo=dec)
+    # EOS: an id past the vocabulary, never sampled: the request runs its full length (random weights
+    # do produce id 0: bf16 Phi-3-mini stopped after 235 of 257 tokens). One request: no padding with it.
+    engine = Engine(model, tok, [model.config.vocab_size], device, max_wait_ms=0, solo=dec, overlap=overlap)
     t0 = time.perf_counter()
     engine.submit(Request(prompt=_prompt(model.config.vocab_size, prompt_len), max_new_tokens=steps + 1, emit=emit))
     done.wait()
@@ -768,7 +775,9 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
                                      "bound_tokens_per_s": result[section]["bound_tokens_per_s"]}
     out: dict[str, Any] = {"modes": rows}
     for new, base in (("w4a16_fused", "fused"), ("w4a16_fused", "engine_solo_fused"), ("w4a16_fused", "int4_graph"),
-                      ("w4a16_engine_solo_fused", "engine_solo_fused"), ("w4a16_engine_solo_fused", "int4_engine_solo")):
+                      ("w4a16_engine_solo_fused", "engine_solo_fused"), ("w4a16_engine_solo_fused", "int4_engine_solo"),
+                      ("engine_solo_fused", "engine_solo_fused_sync"), ("fused", "fused_autotuned"),
+                      ("w4a16_engine_solo_fused", "w4a16_engine_solo_fused_sync")):
         if new in rows and base in rows:
             out[f"{new}_over_{base}"] = round(rows[new]["tokens_per_s"] / rows[base]["tokens_per_s"], 3)
     return out
@@ -909,8 +918,8 @@ def main(argv: list[str] | None = None) -> int:
 
             def fused_run() -> dict[str, Any]:
                 run = decode_graph(fdec(), prompt_len=args.prompt_len, steps=steps, device=device, mode=prefix + "fused")
-                if fdec().w4_configs:  # the W4A16 launch configs the decoder picked at capture
-                    run["w4a16_configs"] = {role: list(c) for role, c in fdec().w4_configs.items()}
+                if fdec().gemv_configs:  # the launch configs the decoder picked at capture
+                    run["gemv_configs"] = {role: list(c) for role, c in fdec().gemv_configs.items()}
                 return {**run, "profile": profile_steps(fdec(), device)} if args.profile else run
 
             def fused_no_pdl() -> dict[str, Any]:  # the same kernels launched one after another
@@ -923,10 +932,18 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     del os.environ["PHIOPS_PDL"]
 
+            def fused_autotuned() -> dict[str, Any]:  # launch configs from Triton's autotuner, not timed in a graph
+                return decode_graph(FusedDecoder(m, max_len, device, tune=False), prompt_len=args.prompt_len,
+                                    steps=steps, device=device, mode=prefix + "fused_autotuned")
+
             out += [(prefix + "fused", fused_run), (prefix + "fused_no_pdl", fused_no_pdl),
+                    (prefix + "fused_autotuned", fused_autotuned),
                     (prefix + "engine_solo_fused", lambda: decode_engine_solo(
                         m, fdec(), prompt_len=args.prompt_len, steps=steps, device=device,
-                        mode=prefix + "engine_solo_fused"))]
+                        mode=prefix + "engine_solo_fused")),
+                    (prefix + "engine_solo_fused_sync", lambda: decode_engine_solo(
+                        m, fdec(), prompt_len=args.prompt_len, steps=steps, device=device,
+                        mode=prefix + "engine_solo_fused_sync", overlap=False))]
         if compile_on and graphs and compiled:
             for variant in (args.graph_variants.split(",") if tuned and args.graph_variants else []):
                 out.append((prefix + "graph_" + variant, variant_run(m, variant, prefix)))

@@ -103,15 +103,17 @@ def _run(engine: Engine, prompts: list[list[int]], n: int, join_after: int | Non
         return emit
 
     requests = [Request(prompt=p, max_new_tokens=n, emit=emitter(i)) for i, p in enumerate(prompts)]
-    sample = engine._sample
 
-    def recording(logits: Any, rows: list[Request]) -> Any:  # each row's logits, solo or batched
-        for i, r in enumerate(rows):
-            seen.setdefault(id(r), []).append(logits[i].float().clone())
-        return sample(logits, rows)
+    def recording(sample: Any) -> Any:  # each row's logits, solo or batched, overlapped or not
+        def wrapped(logits: Any, rows: list[Request]) -> Any:
+            for i, r in enumerate(rows):
+                seen.setdefault(id(r), []).append(logits[i].float().clone())
+            return sample(logits, rows)
+        return wrapped
 
     seen: dict[int, list[Any]] = {}
-    engine._sample = recording  # type: ignore[method-assign]
+    engine._sample = recording(engine._sample)  # type: ignore[method-assign]
+    engine._sample_async = recording(engine._sample_async)  # type: ignore[method-assign]
     for r in requests[:1] if join_after is not None else requests:
         engine.submit(r)
     for d in done:
@@ -159,6 +161,27 @@ def test_engine_decodes_a_lone_request_through_the_solo_decoder_and_hands_over(g
     _engine_scenarios(greedy_reference, "cpu", 1e-4)
 
 
+def test_solo_overlap_throws_away_the_step_queued_behind_a_stop(greedy_reference: Any) -> None:
+    """A lone request's steps are queued before its previous token is recorded (``_decode_solo``): the
+    step queued behind its EOS runs and is thrown away; a request asking for log-probabilities records
+    each token before the next step (nothing thrown away). Both get ``generate``'s tokens, cut at EOS."""
+    from phiops.serve.sampling import SamplingParams
+
+    model = _build("llama")
+    ref = greedy_reference(model, PROMPT, 14)[0]
+    k = next(k for k in range(3, 10) if ref.index(ref[k]) == k)  # EOS: a token first produced at step k
+    for sampling, thrown_away in ((SamplingParams(), 1), (SamplingParams(logprobs=2), 0)):
+        solo = GraphDecoder(model, 64, "cpu")
+        engine = Engine(model, word_tokenizer(model.config.vocab_size), [ref[k]], "cpu", max_wait_ms=0, solo=solo)
+        r = Request(prompt=PROMPT, max_new_tokens=14, emit=print, sampling=sampling)
+        events = _drive(engine, [r])
+        engine.close()
+        assert r.tokens == ref[:k] and events[0][-1].finish_reason == "stop"
+        # k steps fed tokens 0..k-1 (token 0 came from the prefill)
+        assert solo.length == len(PROMPT) + k + thrown_away
+        assert engine.stats.active == 0 and engine._lag is None
+
+
 # ---- FusedDecoder: the Triton kernels (phiops.serve.kernels), under the interpreter without a GPU ------
 
 
@@ -177,9 +200,10 @@ def test_gemv_kernel_computes_its_fused_stages(kernels: Any, norm: bool, gated: 
     if gated:
         y = torch.nn.functional.silu(y[:n]) * y[n:]
     want = y + r if residual else y
-    out = r.clone() if residual else torch.full((n,), float("nan"), device=device)  # poisoned: every row written
-    kernels.gemv(w, a, out, norm=gain, eps=1e-5, gated=gated, residual=out if residual else None)
-    assert float((out - want).norm() / want.norm()) < 1e-5
+    for config in [None] + kernels.gemv_candidates():  # the autotuner's pick, then each config FusedDecoder times
+        out = r.clone() if residual else torch.full((n,), float("nan"), device=device)  # poisoned: every row written
+        kernels.gemv(w, a, out, norm=gain, eps=1e-5, gated=gated, residual=out if residual else None, config=config)
+        assert float((out - want).norm() / want.norm()) < 1e-5, config
 
 
 # A vocabulary small enough for the interpreter's LM head, large enough for PROMPT's ids.

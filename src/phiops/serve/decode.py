@@ -314,8 +314,10 @@ class FusedDecoder(GraphDecoder):
     own forward into the same static cache, and ``export`` hands the cache over unchanged.
     """
 
-    def __init__(self, model: Any, max_len: int, device: str, *, chunk: int | None = None) -> None:
-        """``chunk``: positions per attention split (default: ``kernels.Attention``'s choice)."""
+    def __init__(self, model: Any, max_len: int, device: str, *, chunk: int | None = None, tune: bool = True) -> None:
+        """``chunk``: positions per attention split (default: ``kernels.Attention``'s choice).
+        ``tune``: time each role's launch configs in a graph before capturing the step (``_tune``);
+        False leaves them to Triton's autotuner (the benches' baseline)."""
         reason = fused_unsupported(model)
         if reason:
             raise ValueError(f"FusedDecoder does not support this model: {reason}")
@@ -343,12 +345,20 @@ class FusedDecoder(GraphDecoder):
         self._ao, self._h = new(hq * head_dim, ao_dtype), new(inner.layers[0].mlp.down_proj.in_features, h_dtype)
         self._logits = torch.empty((1, model.lm_head.out_features), dtype=dtype, device=device)
         self._fn = self._fused_step
-        self.w4_configs: dict[str, tuple[int, int, int]] = {}  # W4A16 launch config per matrix role (_tune_w4)
+        self.tune = tune
+        self.gemv_configs: dict[str, tuple[int, int, int]] = {}  # launch config per matrix role (_tune)
 
-    def _mv(self, w: Any, a: Any, out: Any, role: str = "", **fused: Any) -> Any:
+    def _mv(self, w: Any, a: Any, out: Any, role: str = "", config: Any = None, **fused: Any) -> Any:
+        config = config or self.gemv_configs.get(role)
         if isinstance(w, torch.Tensor):
-            return self._K.gemv(w, a, out, **fused)
-        return self._K.gemv_w4(*w, a, out, config=self.w4_configs.get(role), **fused)
+            return self._K.gemv(w, a, out, config=config, **fused)
+        return self._K.gemv_w4(*w, a, out, config=config, **fused)
+
+    def _specs(self, role: str) -> list[tuple[Any, Any, Any, dict[str, Any]]]:
+        """Every launch of one role in a step, as (weight, input, output, fused stages)."""
+        if role == "lm_head":
+            return [(self._lm_head, self._x, self._logits, {"norm": self._norm, "eps": self._norm_eps})]
+        return [self._calls(layer)[role] for layer in self._layers]
 
     def _calls(self, layer: tuple[Any, ...]) -> dict[str, tuple[Any, Any, Any, dict[str, Any]]]:
         """A layer's four weight matrices as (weight, input, output, fused stages), by role."""
@@ -368,41 +378,45 @@ class FusedDecoder(GraphDecoder):
             self._attn(self._qkv, cache.keys, cache.values, pos, self._cos, self._sin, self._ao)
             for role in ("o", "gate_up", "down"):
                 mv(*calls[role][:3], role=role, **calls[role][3])
-        return mv(self._lm_head, x, self._logits, norm=self._norm, eps=self._norm_eps)
+        return mv(self._lm_head, x, self._logits, role="lm_head", norm=self._norm, eps=self._norm_eps)
 
     def _capture(self) -> None:
-        if self._cuda:
-            self._tune_w4()
+        if self._cuda and self.tune:
+            self._tune()
         super()._capture()
 
-    def _tune_w4(self, replays: int = 5) -> None:
-        """Each W4A16 role's launch config: the one whose GEMVs over all the layers run fastest back to
-        back in a CUDA graph with PDL, as in the step (every layer's weights: far more than the L2).
+    def _tune(self, replays: int = 5) -> None:
+        """Each role's launch config (q/k/v, o, gate/up, down, LM head; bf16 and W4A16): the one whose
+        GEMVs over all the layers run fastest back to back in a CUDA graph with PDL, as in the step
+        (every layer's weights: far more than the L2).
 
-        Triton's autotuner (``kernels.gemv_w4`` without a config) times one launch alone after
-        flushing the L2, so it favours big register footprints that leave the next kernel no room
-        to start early: on the H200 its picks ran up to 1.2x slower in a graph than the best config
-        (bench/results/decode_kernels_w4a16_h200.json, ``sweep``). The buffers this scribbles on
-        are overwritten by the step.
+        Triton's autotuner (``kernels.gemv`` / ``gemv_w4`` without a config) times one launch alone
+        after flushing the L2, so it favours big register footprints that leave the next kernel no
+        room to start early: on the H200 its W4A16 picks ran up to 1.2x slower in a graph than the
+        best config (bench/results/decode_kernels_w4a16_h200.json, ``sweep``); timed this way, the
+        whole bf16 step ran 1.02x and the W4A16 one 1.03x faster than on the autotuner's picks
+        (bench/results/decode_solo_overlap_h200.json). The buffers this scribbles on are
+        overwritten by the step.
         """
         import statistics
 
         K = self._K
         for buf in (self._x, self._ao, self._h):
             buf.normal_()
-        for role in ("qkv", "o", "gate_up", "down"):
-            specs = [self._calls(layer)[role] for layer in self._layers]
-            if any(isinstance(w, torch.Tensor) for w, *_ in specs):
-                continue
+        for role in ("qkv", "o", "gate_up", "down", "lm_head"):
+            specs = self._specs(role)
+            dense = [isinstance(w, torch.Tensor) for w, *_ in specs]
+            if any(dense) != all(dense):
+                continue  # bf16 and W4A16 layers mixed: each launch left to its autotuner
             times = {}
-            for cfg in K.w4_candidates(specs[0][1].numel()):
+            for cfg in K.gemv_candidates() if all(dense) else K.w4_candidates(specs[0][1].numel()):
                 for w, a, out, fused in specs[:1]:  # compiles outside the capture
-                    K.gemv_w4(*w, a, out, config=cfg, **fused)
+                    self._mv(w, a, out, config=cfg, **fused)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     for w, a, out, fused in specs:
-                        K.gemv_w4(*w, a, out, config=cfg, **fused)
+                        self._mv(w, a, out, config=cfg, **fused)
                 graph.replay()
                 runs = []
                 for _ in range(replays):
@@ -414,9 +428,9 @@ class FusedDecoder(GraphDecoder):
                     runs.append(start.elapsed_time(end) * 1000 / len(specs))
                 times[cfg] = statistics.median(runs)
                 del graph
-            self.w4_configs[role] = min(times, key=times.get)
-            log.info("W4A16 %s: config %s, %.2f us a layer (%s)", role, self.w4_configs[role], times[self.w4_configs[role]],
-                     ", ".join(f"{c}: {t:.2f}" for c, t in times.items()))
+            best = self.gemv_configs[role] = min(times, key=times.get)
+            log.info("%s %s: config %s, %.2f us a layer (%s)", "bf16" if all(dense) else "W4A16", role, best,
+                     times[best], ", ".join(f"{c}: {t:.2f}" for c, t in times.items()))
 
 
 # ---- W4A16 through PyTorch's int4 kernel ---------------------------------------------------------

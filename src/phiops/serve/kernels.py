@@ -49,17 +49,23 @@ def pdl_enabled() -> bool:
             and torch.cuda.get_device_capability() >= (9, 0))
 
 
+# bf16 GEMV launch configs: (rows a program, columns a tile, warps)
+GEMV_CONFIGS = [(1, 1024, 4), (2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 4), (4, 1024, 8),
+                (8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 8), (16, 512, 8)]
+GEMV_INTERPRET_CONFIG = (128, 128, 4)  # one config: the interpreter has no timing to tune on
+
+
+def gemv_candidates() -> list[tuple[int, int, int]]:
+    """The launch configs ``gemv(config=...)`` takes here (``FusedDecoder._tune`` times them)."""
+    return [GEMV_INTERPRET_CONFIG] if INTERPRET else GEMV_CONFIGS
+
+
 def _gemv_configs() -> list[Any]:
-    if INTERPRET:  # one config: the interpreter has no timing to tune on
-        return [triton.Config({"BLOCK_N": 128, "BLOCK_K": 128}, num_warps=4)]
-    shapes = [(1, 1024, 4), (2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 4), (4, 1024, 8),
-              (8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 8), (16, 512, 8)]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in shapes]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in gemv_candidates()]
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "K", "NORM", "GATED", "RESIDUAL"], restore_value=["out_ptr"])
 @triton.jit
-def _gemv(w_ptr, a_ptr, g_ptr, r_ptr, out_ptr, N, eps,
+def _gemv_kernel(w_ptr, a_ptr, g_ptr, r_ptr, out_ptr, N, eps,
           K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     if PDL:
@@ -104,21 +110,32 @@ def _gemv(w_ptr, a_ptr, g_ptr, r_ptr, out_ptr, N, eps,
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
 
 
+_gemv = triton.autotune(configs=_gemv_configs(), key=["N", "K", "NORM", "GATED", "RESIDUAL"],
+                        restore_value=["out_ptr"])(_gemv_kernel)
+
+
 def gemv(w: torch.Tensor, a: torch.Tensor, out: torch.Tensor, *, norm: torch.Tensor | None = None,
-         eps: float = 0.0, gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+         eps: float = 0.0, gated: bool = False, residual: torch.Tensor | None = None,
+         config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``out = W @ a`` with the fused stages of the module doc; ``w`` is ``[N, K]`` (``[2N, K]`` gated).
 
     ``residual`` may be ``out`` itself (each output row is read, then written, by one program).
+    ``config``: (rows a program, columns a tile, warps), one of ``gemv_candidates()``; None:
+    Triton's autotuner picks per shape.
     """
     rows, k = w.shape
     n = rows // 2 if gated else rows
     if not (w.is_contiguous() and a.numel() == k and out.numel() == n):
         raise ValueError(f"gemv: weight {tuple(w.shape)}, input {a.numel()}, output {out.numel()} do not agree")
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)
     pdl = pdl_enabled()
-    _gemv[grid](w, a, norm if norm is not None else a, residual if residual is not None else out, out, n, eps,
-                K=k, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None, PDL=pdl,
+    args = (w, a, norm if norm is not None else a, residual if residual is not None else out, out, n, eps)
+    meta = dict(K=k, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None, PDL=pdl,
                 **({"launch_pdl": True} if pdl else {}))
+    if config is None:
+        _gemv[lambda m: (triton.cdiv(n, m["BLOCK_N"]),)](*args, **meta)
+    else:
+        block_n, block_k, warps = config
+        _gemv_kernel[(triton.cdiv(n, block_n),)](*args, **meta, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return out
 
 
