@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -250,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-requests", type=int, default=24, help="per round")
     ap.add_argument("--service-requests", type=int, default=192, help="per round")
     ap.add_argument("--no-engines", action="store_true", help="skip the in-process batching comparison")
+    ap.add_argument("--prefill-chunks", default=None,
+                    help="serve.prefill_chunk_tokens values, comma-separated (e.g. 512,0): one server each, "
+                         "their rounds alternating; the first is the summary's (default: the service's default only)")
     ap.add_argument("--soak-rounds", type=int, default=0,
                     help="after the measured rounds, this many more service-only rounds, recording the RSS after each")
     args = ap.parse_args(argv)
@@ -282,15 +286,24 @@ def main(argv: list[str] | None = None) -> int:
     for b in baselines:
         b.run(prompts[:1])  # warm-up
     rounds = []
-    port = client.free_port()
-    with client.serving(bento_tag, port=port, timeout=600) as url:
-        pid = _server_pid(port)
-        rss_loaded = _tree_rss(pid)
-        # Warm-up: one full service round, not counted. The first load grows the server once
-        # (allocator arenas, oneDNN kernels for each batch shape, Python caches): recorded as
-        # `server_rss_warmup_growth_fraction`. "Flat" is judged after it, over the counted rounds.
-        asyncio.run(_load(url, prompts, CLIENTS))
-        rss_before = _tree_rss(pid)
+    chunks = args.prefill_chunks.split(",") if args.prefill_chunks else [None]
+    with contextlib.ExitStack() as stack:
+        urls, pids, rss_loaded, rss_before = {}, {}, {}, {}
+        for chunk in chunks:
+            label = chunk or "default"
+            if chunk is not None:  # read by the server at its start (ServeCfg from the environment)
+                os.environ["PHIOPS_PREFILL_CHUNK_TOKENS"] = chunk
+            port = client.free_port()
+            urls[label] = stack.enter_context(client.serving(bento_tag, port=port, timeout=600))
+            pids[label] = _server_pid(port)
+            rss_loaded[label] = _tree_rss(pids[label])
+        os.environ.pop("PHIOPS_PREFILL_CHUNK_TOKENS", None)
+        for label, url in urls.items():
+            # Warm-up: one full service round, not counted. The first load grows the server once
+            # (allocator arenas, oneDNN kernels for each batch shape, Python caches): recorded as
+            # `server_rss_warmup_growth_fraction`. "Flat" is judged after it, over the counted rounds.
+            asyncio.run(_load(url, prompts, CLIENTS))
+            rss_before[label] = _tree_rss(pids[label])
         for i in range(args.rounds):
             k = args.baseline_requests
             bs = {}
@@ -298,11 +311,19 @@ def main(argv: list[str] | None = None) -> int:
                 b = bs[base.dtype] = base.run(prompts[i * k:(i + 1) * k])
                 print(f"round {i}: baseline {base.dtype} {b['requests_per_s']:.3f} req/s "
                       f"{b['output_tokens_per_s']:.1f} tok/s", flush=True)
-            s = asyncio.run(_load(url, prompts, CLIENTS))
-            print(f"round {i}: service  {s['requests_per_s']:.3f} req/s {s['output_tokens_per_s']:.1f} tok/s "
-                  f"p50 {s['latency_p50_s']}s p99 {s['latency_p99_s']}s errors {s['errors']}", flush=True)
-            rounds.append({"baseline": bs, "service": s, "rss_server_bytes": _tree_rss(pid),
+            services, rss = {}, {}
+            for label, url in urls.items():
+                s = services[label] = asyncio.run(_load(url, prompts, CLIENTS))
+                rss[label] = _tree_rss(pids[label])
+                print(f"round {i}: service {label} {s['requests_per_s']:.3f} req/s {s['output_tokens_per_s']:.1f} "
+                      f"tok/s p50 {s['latency_p50_s']}s p99 {s['latency_p99_s']}s errors {s['errors']}", flush=True)
+            first = next(iter(urls))
+            rounds.append({"baseline": bs, "service": services[first], "rss_server_bytes": rss[first],
+                           **({"services": services, "rss_server_bytes_by_service": rss} if len(urls) > 1 else {}),
                            "loadavg": os.getloadavg()})
+        label = next(iter(urls))
+        url, pid = urls[label], pids[label]
+        rss_loaded, rss_before = rss_loaded[label], rss_before[label]
         rss_after = rounds[-1]["rss_server_bytes"] if rounds else rss_before
         soak = []
         for i in range(args.soak_rounds):  # service only: does the RSS keep rising, or level off?
@@ -348,6 +369,21 @@ def main(argv: list[str] | None = None) -> int:
             "soak_errors": sum(r["errors"] for r in soak)} if soak else {}),
         "goal": "service requests/s >= 8x baseline, no errors, memory flat",
     }
+    if len(chunks) > 1:  # each setting against the same baseline rounds
+        def setting(label: str) -> dict[str, Any]:
+            runs = [r["services"][label] for r in rounds]
+            rps = sum(x["requests"] - x["errors"] for x in runs) / sum(x["wall_s"] for x in runs)
+            rss = [r["rss_server_bytes_by_service"][label] for r in rounds]
+            return {"service_requests_per_s": round(rps, 4), "ratio_requests_per_s": round(rps / b_rps, 2),
+                    "ratio_by_round": [round(x["requests_per_s"] / r["baseline"][best]["requests_per_s"], 2)
+                                       for x, r in zip(runs, rounds)],
+                    "latency_p50_s": max(x["latency_p50_s"] for x in runs),
+                    "latency_p99_s": max(x["latency_p99_s"] for x in runs),
+                    "errors": sum(x["errors"] for x in runs),
+                    "server_rss_growth_fraction": round(rss[-1] / rss[0] - 1, 4)}
+
+        result["summary"]["prefill_chunk_tokens"] = chunks[0]
+        result["summary"]["by_prefill_chunk_tokens"] = {label: setting(label) for label in rounds[0]["services"]}
     if not args.no_engines:
         # In the service's dtype on this machine (bf16 with AMX, else fp32).
         served = "bfloat16" if torch.cpu._is_amx_tile_supported() else "float32"
