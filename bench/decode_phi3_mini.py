@@ -24,8 +24,6 @@ Measured, each after a warm-up, on random prompt ids (the numbers do not depend 
      per layer: norm-fused GEMVs, rotary + cache write + split-KV attention, gated and residual
      epilogues), captured as one CUDA graph, no torch.compile; `fused_no_pdl`: those kernels
      without programmatic dependent launch (`PHIOPS_PDL=0`), each starting after the last ends;
-     `fused_combine_launch`: attention's splits combined by a second kernel launch, not by the
-     last split inside the attention kernel (`kernels.Attention.FUSE_COMBINE = False`);
      `fused_autotuned`: the launch configs left to Triton's autotuner instead of timed per role in a
      graph (`FusedDecoder(tune=False)`);
      `engine_solo_fused_sync`: the engine recording each token before queueing the next step
@@ -779,7 +777,6 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     for new, base in (("w4a16_fused", "fused"), ("w4a16_fused", "engine_solo_fused"), ("w4a16_fused", "int4_graph"),
                       ("w4a16_engine_solo_fused", "engine_solo_fused"), ("w4a16_engine_solo_fused", "int4_engine_solo"),
                       ("engine_solo_fused", "engine_solo_fused_sync"), ("fused", "fused_autotuned"),
-                      ("fused", "fused_combine_launch"), ("w4a16_fused", "w4a16_fused_combine_launch"),
                       ("w4a16_engine_solo_fused", "w4a16_engine_solo_fused_sync")):
         if new in rows and base in rows:
             out[f"{new}_over_{base}"] = round(rows[new]["tokens_per_s"] / rows[base]["tokens_per_s"], 3)
@@ -939,18 +936,8 @@ def main(argv: list[str] | None = None) -> int:
                 return decode_graph(FusedDecoder(m, max_len, device, tune=False), prompt_len=args.prompt_len,
                                     steps=steps, device=device, mode=prefix + "fused_autotuned")
 
-            def fused_combine_launch() -> dict[str, Any]:  # attention's splits combined by a second launch
-                from phiops.serve import kernels
-
-                kernels.Attention.FUSE_COMBINE = False
-                try:
-                    return decode_graph(FusedDecoder(m, max_len, device), prompt_len=args.prompt_len, steps=steps,
-                                        device=device, mode=prefix + "fused_combine_launch")
-                finally:
-                    kernels.Attention.FUSE_COMBINE = True
-
             out += [(prefix + "fused", fused_run), (prefix + "fused_no_pdl", fused_no_pdl),
-                    (prefix + "fused_autotuned", fused_autotuned), (prefix + "fused_combine_launch", fused_combine_launch),
+                    (prefix + "fused_autotuned", fused_autotuned),
                     (prefix + "engine_solo_fused", lambda: decode_engine_solo(
                         m, fdec(), prompt_len=args.prompt_len, steps=steps, device=device,
                         mode=prefix + "engine_solo_fused")),

@@ -457,43 +457,6 @@ def _refs(greedy_reference: Any, model: Any, prompts: list[list[int]], n: int, d
     return refs, eos
 
 
-@pytest.mark.parametrize("page", [None, 16])
-def test_attention_combines_its_splits_in_the_kernel_as_the_combine_launch_does(kernels: Any, page: int | None,
-                                                                                monkeypatch: Any) -> None:
-    """Several splits a head: the last split to finish combines the partials inside the attention
-    kernel (``Attention.FUSE_COMBINE``), giving the separate ``_combine`` launch's output; its
-    counters are back at zero after each launch, so the next launch (the next layer) starts clean.
-    Contiguous and paged caches, two rows at different positions, GQA (two query heads a key head)."""
-    device = kernels.DEVICE
-    hq, hkv, d, max_len, rows = 4, 2, 32, 64, 2
-    g = torch.Generator().manual_seed(3)
-    qkv = torch.randn(rows, (hq + 2 * hkv) * d, generator=g).to(device)
-    pos = torch.tensor([37, 5], device=device)  # row 1's position lies in the first of the four splits
-    angles = torch.arange(max_len)[:, None] * torch.rand(d, generator=g)[None, :]
-    cos, sin = torch.cos(angles).to(device), torch.sin(angles).to(device)
-    if page is None:
-        k0 = torch.randn(rows, hkv, max_len, d, generator=g).to(device)
-        table = None
-    else:
-        k0 = torch.randn(rows * max_len // page, hkv, page, d, generator=g).to(device)
-        table = torch.arange(rows * max_len // page, dtype=torch.int32).flip(0).view(rows, -1).to(device)
-    v0 = torch.randn(k0.shape, generator=g).to(device)
-    outs = {}
-    for fuse in (False, True):
-        monkeypatch.setattr(kernels.Attention, "FUSE_COMBINE", fuse)
-        attn = kernels.Attention(heads=hq, kv_heads=hkv, head_dim=d, rotary_dim=d, max_len=max_len,
-                                 scaling=d ** -0.5, device=device, chunk=16, rows=rows, page=page)
-        assert attn.splits == 4 and attn.fuse == fuse
-        k, v = k0.clone(), v0.clone()
-        for _ in range(2):  # the second launch finds its counters zeroed by the first
-            out = torch.full((rows, hq * d), float("nan"), device=device)
-            attn(qkv, k, v, pos, cos, sin, out, table=table)
-            assert not attn.done.any()
-        outs[fuse] = out
-    assert torch.isfinite(outs[True]).all()
-    assert torch.allclose(outs[True], outs[False], rtol=0, atol=1e-6)
-
-
 def test_paged_engine_matches_generate_for_rows_that_join_and_leave(greedy_reference: Any, kernels: Any) -> None:
     """8 greedy requests: 3 at once, 5 joining while they decode, each leaving at its own length."""
     device = kernels.DEVICE

@@ -167,10 +167,10 @@ def _rotated_query(qkv_ptr, cos_ptr, sin_ptr, pos, kvh, sm_scale, HQ: tl.constex
 
 @triton.jit
 def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr,
-                      cnt_ptr, sm_scale, MAX_LEN,
+                      sm_scale, MAX_LEN,
                       CHUNK: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
                       GROUP_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                      SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, FUSE: tl.constexpr, PDL: tl.constexpr):
+                      SPLITS: tl.constexpr, PDL: tl.constexpr):
     """One program per (key/value head, sequence split, batch row); it serves the head's GROUP query heads.
 
     The cache is ``[rows, HKV, MAX_LEN, D]``, row ``r`` its own (a paged pool: ``_paged_attention``).
@@ -220,16 +220,22 @@ def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_
             l = l * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vb[None, :, :], axis=1)
             m = m_new
-    _attention_out(acc, m, l, qh, gmask, qmask, d, split, row, kvh, out_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr,
-                   HQ, HKV, D, SPLITS, BLOCK_D, BLOCK_S, FUSE)
+    qh += row * HQ  # the output and partials are [rows, HQ, ...]
+    if SPLITS == 1:
+        tl.store(out_ptr + qh[:, None] * D + d[None, :], (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=qmask)
+    else:  # unnormalized partials; an empty split leaves m = -inf, l = 0, acc = 0, which weigh nothing
+        part = qh * SPLITS + split
+        tl.store(po_ptr + part[:, None] * D + d[None, :], acc, mask=qmask)
+        tl.store(pm_ptr + part, m, mask=gmask)
+        tl.store(pl_ptr + part, l, mask=gmask)
 
 
 @triton.jit
 def _paged_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr,
-                     cnt_ptr, table_ptr, sm_scale, TW, CHUNK: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
+                     table_ptr, sm_scale, TW, CHUNK: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
                      D: tl.constexpr, ROT: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PAGE: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, FUSE: tl.constexpr,
-                     STAGES: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):
+                     PAGE: tl.constexpr, SPLITS: tl.constexpr, STAGES: tl.constexpr, DOT_F32: tl.constexpr,
+                     PDL: tl.constexpr):
     """Decode attention of batch rows over a paged pool, on tensor cores; one program per (key/value
     head, sequence split, row), serving the head's query heads (padded to ``GROUP_P`` >= 16 rows of a dot).
 
@@ -297,38 +303,7 @@ def _paged_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_p
         l = l * alpha + p_new
         acc = acc * alpha[:, None] + p_new[:, None] * v_new.to(tl.float32)[None, :]
         m = m_new
-    _attention_out(acc, m, l, qh, gmask, qmask, d, split, row, kvh, out_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr,
-                   HQ, HKV, D, SPLITS, BLOCK_D, BLOCK_S, FUSE)
-
-
-@triton.jit
-def _combine_head(po_ptr, pm_ptr, pl_ptr, out_ptr, h, D: tl.constexpr, SPLITS: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Query head ``h``'s (``row * HQ + head``) output from its splits' partials; read through the L2
-    (``.cg``): in the fused combine other programs wrote them during this kernel."""
-    s = tl.arange(0, BLOCK_S)
-    smask = s < SPLITS
-    d = tl.arange(0, BLOCK_D)
-    m = tl.load(pm_ptr + h * SPLITS + s, mask=smask, other=float("-inf"), cache_modifier=".cg")
-    w = tl.exp2(m - tl.max(m, axis=0))
-    l = tl.sum(tl.load(pl_ptr + h * SPLITS + s, mask=smask, other=0.0, cache_modifier=".cg") * w, axis=0)
-    o = tl.load(po_ptr + (h * SPLITS + s)[:, None] * D + d[None, :], mask=smask[:, None] & (d < D)[None, :], other=0.0,
-                cache_modifier=".cg")
-    tl.store(out_ptr + h * D + d, (tl.sum(o * w[:, None], axis=0) / l).to(out_ptr.dtype.element_ty), mask=d < D)
-
-
-@triton.jit
-def _attention_out(acc, m, l, qh, gmask, qmask, d, split, row, kvh, out_ptr, po_ptr, pm_ptr, pl_ptr, cnt_ptr,
-                   HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, FUSE: tl.constexpr):
-    """The end of both decode attention kernels: one split writes the output; several write their
-    unnormalized partials (an empty split: m = -inf, l = 0, acc = 0, which weigh nothing), which
-    ``FUSE`` combines in the same kernel: each split counts itself done on the (row, key/value
-    head)'s counter, and the last one combines the head's query heads and zeroes the counter for
-    the next launch (the "last block" pattern of split-K reductions; the CTA barrier and the
-    counter's acquire-release order the partials' writes before their reads). Without ``FUSE``
-    a ``_combine`` launch follows."""
-    qh += row * HQ  # the output and partials are [rows, HQ, ...]
+    qh += row * HQ
     if SPLITS == 1:
         tl.store(out_ptr + qh[:, None] * D + d[None, :], (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=qmask)
     else:
@@ -336,14 +311,6 @@ def _attention_out(acc, m, l, qh, gmask, qmask, d, split, row, kvh, out_ptr, po_
         tl.store(po_ptr + part[:, None] * D + d[None, :], acc, mask=qmask)
         tl.store(pm_ptr + part, m, mask=gmask)
         tl.store(pl_ptr + part, l, mask=gmask)
-        if FUSE:
-            tl.debug_barrier()  # every thread's partials stored before the count
-            counter = cnt_ptr + row * HKV + kvh
-            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-                h0 = row * HQ + kvh * (HQ // HKV)
-                for g in tl.static_range(HQ // HKV):
-                    _combine_head(po_ptr, pm_ptr, pl_ptr, out_ptr, h0 + g, D, SPLITS, BLOCK_D, BLOCK_S)
 
 
 @triton.jit
@@ -352,7 +319,15 @@ def _combine(po_ptr, pm_ptr, pl_ptr, out_ptr, D: tl.constexpr, SPLITS: tl.conste
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
-    _combine_head(po_ptr, pm_ptr, pl_ptr, out_ptr, tl.program_id(0), D, SPLITS, BLOCK_D, BLOCK_S)
+    h = tl.program_id(0)  # row * HQ + query head
+    s = tl.arange(0, BLOCK_S)
+    smask = s < SPLITS
+    d = tl.arange(0, BLOCK_D)
+    m = tl.load(pm_ptr + h * SPLITS + s, mask=smask, other=float("-inf"))
+    w = tl.exp2(m - tl.max(m, axis=0))
+    l = tl.sum(tl.load(pl_ptr + h * SPLITS + s, mask=smask, other=0.0) * w, axis=0)
+    o = tl.load(po_ptr + (h * SPLITS + s)[:, None] * D + d[None, :], mask=smask[:, None] & (d < D)[None, :], other=0.0)
+    tl.store(out_ptr + h * D + d, (tl.sum(o * w[:, None], axis=0) / l).to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 class Attention:
@@ -375,9 +350,6 @@ class Attention:
     # Phi-3-mini at 32 rows of 192 tokens, one H200: 29 us a layer with 2 warps (2.6 TB/s of keys and
     # values), 34 with 4; the stages 3 and 4 alike; one split (more added a combine and no speed).
     PAGED_WARPS, PAGED_STAGES = 2, 3
-    # The splits' partials combined by the last split of each head, in the attention kernel
-    # (``_attention_out``), not by a second launch; False: the ``_combine`` launch (benches' baseline).
-    FUSE_COMBINE = True
 
     def __init__(self, *, heads: int, kv_heads: int, head_dim: int, rotary_dim: int, max_len: int,
                  scaling: float, device: Any, chunk: int | None = None, block_t: int | None = None,
@@ -405,8 +377,6 @@ class Attention:
         self.po = torch.empty((n, head_dim), dtype=torch.float32, device=device)
         self.pm = torch.empty((n,), dtype=torch.float32, device=device)
         self.pl = torch.empty((n,), dtype=torch.float32, device=device)
-        self.fuse = self.FUSE_COMBINE and self.splits > 1
-        self.done = torch.zeros((rows * kv_heads,), dtype=torch.int32, device=device)  # splits finished (FUSE)
 
     def __call__(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
@@ -417,25 +387,24 @@ class Attention:
         pdl = pdl_enabled()
         launch = {"launch_pdl": True} if pdl else {}
         group_p = triton.next_power_of_2(self.hq // self.hkv)
-        block_s = triton.next_power_of_2(self.splits)
-        parts = (self.po, self.pm, self.pl, self.done)
         if table is None:
             _decode_attention[(self.hkv, self.splits, self.rows)](
-                qkv, k_cache, v_cache, pos, cos, sin, out, *parts, self.scaling, self.max_len,
+                qkv, k_cache, v_cache, pos, cos, sin, out, self.po, self.pm, self.pl, self.scaling, self.max_len,
                 CHUNK=self.chunk, HQ=self.hq, HKV=self.hkv, D=self.d, ROT=self.rot, GROUP_P=group_p,
-                BLOCK_D=block_d, BLOCK_T=self.block_t, SPLITS=self.splits, BLOCK_S=block_s, FUSE=self.fuse,
-                PDL=pdl, num_warps=self.num_warps, **launch)
+                BLOCK_D=block_d, BLOCK_T=self.block_t, SPLITS=self.splits, PDL=pdl, num_warps=self.num_warps,
+                **launch)
         else:
             # float32 caches (and the interpreter, which multiplies bf16 dot operands as raw bits) dot in float32
             _paged_attention[(self.hkv, self.splits, self.rows)](
-                qkv, k_cache, v_cache, pos, cos, sin, out, *parts, table, self.scaling,
+                qkv, k_cache, v_cache, pos, cos, sin, out, self.po, self.pm, self.pl, table, self.scaling,
                 table.shape[1], CHUNK=self.chunk, HQ=self.hq, HKV=self.hkv, D=self.d, ROT=self.rot,
                 GROUP_P=max(16, group_p), BLOCK_D=max(16, block_d), PAGE=self.page, SPLITS=self.splits,
-                BLOCK_S=block_s, FUSE=self.fuse, STAGES=self.stages,
-                DOT_F32=INTERPRET or k_cache.dtype == torch.float32, PDL=pdl, num_warps=self.num_warps, **launch)
-        if self.splits > 1 and not self.fuse:
+                STAGES=self.stages, DOT_F32=INTERPRET or k_cache.dtype == torch.float32, PDL=pdl,
+                num_warps=self.num_warps, **launch)
+        if self.splits > 1:
             _combine[(self.rows * self.hq,)](self.po, self.pm, self.pl, out, D=self.d, SPLITS=self.splits,
-                                             BLOCK_D=block_d, BLOCK_S=block_s, PDL=pdl, num_warps=4, **launch)
+                                             BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(self.splits), PDL=pdl,
+                                             num_warps=4, **launch)
         return out
 
 
