@@ -646,8 +646,7 @@ class Engine:
         pool = self.paged
         # pages the prefill in flight will take when it joins (admission counted them free)
         held = sum(pool.pages_for(len(r.ids())) for r in self._prefilling())
-        if self._lag is not None and (pool.pages_short(held) or not self._overlaps() or any(
-                len(r.tokens) + 1 >= r.max_new_tokens for r in self._lag[0])):
+        if (self._lag is not None and pool.pages_short(held)) or self._record_first():
             self._drain()
             if not self.rows:
                 return
@@ -667,13 +666,7 @@ class Engine:
                 self._keep(keep)
             if not self.rows:
                 return
-        self._counted("decode", len(self.rows))
-        if self._overlaps():
-            self.last = self._sample_async(logits, self.rows)
-        else:
-            self.last = self._sample(logits, self.rows)
-            self._keep(self._advance(self.rows, self.last))
-        self._track()
+        self._sampled(logits)
 
     def _decode_solo(self) -> None:
         """One step of the lone row through the solo decoder, overlapped with the host as in
@@ -682,8 +675,7 @@ class Engine:
         recording first, 1.03x; W4A16 709 against 644, 1.10x; bench/README.md). A step queued behind
         a token that ended the row is thrown away with the solo cache; one that could end it by
         length, or a row whose grammar or log-probabilities need the token now, records first."""
-        r = self.rows[0]
-        if self._lag is not None and (not self._overlaps() or len(r.tokens) + 1 >= r.max_new_tokens):
+        if self._record_first():
             self._drain()
             if not self.rows:
                 return
@@ -691,7 +683,18 @@ class Engine:
         if self._lag is not None and not self._drain(keep_rows=False):
             self._reset()  # the row ended at the lagged token: this step's output is not used
             return
-        self._counted("decode", 1)
+        self._sampled(logits)
+
+    def _record_first(self) -> bool:
+        """The lagged step must be recorded before the next one is queued: a row's grammar or
+        log-probabilities need its token on the host, or the lagged token may end a row by length."""
+        return self._lag is not None and (not self._overlaps() or any(
+            len(r.tokens) + 1 >= r.max_new_tokens for r in self._lag[0]))
+
+    def _sampled(self, logits: Any) -> None:
+        """The step's tokens: queued to the host, to be recorded during the next step (``_overlaps``),
+        or recorded now."""
+        self._counted("decode", len(self.rows))
         if self._overlaps():
             self.last = self._sample_async(logits, self.rows)
         else:
