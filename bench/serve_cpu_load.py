@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = []
     chunks = args.prefill_chunks.split(",") if args.prefill_chunks else [None]
     with contextlib.ExitStack() as stack:
-        urls, pids, rss_loaded, rss_before = {}, {}, {}, {}
+        urls, pids, rss_loaded_by, rss_before_by = {}, {}, {}, {}
         for chunk in chunks:
             label = chunk or "default"
             if chunk is not None:  # read by the server at its start (ServeCfg from the environment)
@@ -296,14 +296,15 @@ def main(argv: list[str] | None = None) -> int:
             port = client.free_port()
             urls[label] = stack.enter_context(client.serving(bento_tag, port=port, timeout=600))
             pids[label] = _server_pid(port)
-            rss_loaded[label] = _tree_rss(pids[label])
+            rss_loaded_by[label] = _tree_rss(pids[label])
         os.environ.pop("PHIOPS_PREFILL_CHUNK_TOKENS", None)
         for label, url in urls.items():
             # Warm-up: one full service round, not counted. The first load grows the server once
             # (allocator arenas, oneDNN kernels for each batch shape, Python caches): recorded as
             # `server_rss_warmup_growth_fraction`. "Flat" is judged after it, over the counted rounds.
             asyncio.run(_load(url, prompts, CLIENTS))
-            rss_before[label] = _tree_rss(pids[label])
+            rss_before_by[label] = _tree_rss(pids[label])
+        first = next(iter(urls))  # the summary's setting; the soak runs on it
         for i in range(args.rounds):
             k = args.baseline_requests
             bs = {}
@@ -317,13 +318,11 @@ def main(argv: list[str] | None = None) -> int:
                 rss[label] = _tree_rss(pids[label])
                 print(f"round {i}: service {label} {s['requests_per_s']:.3f} req/s {s['output_tokens_per_s']:.1f} "
                       f"tok/s p50 {s['latency_p50_s']}s p99 {s['latency_p99_s']}s errors {s['errors']}", flush=True)
-            first = next(iter(urls))
             rounds.append({"baseline": bs, "service": services[first], "rss_server_bytes": rss[first],
                            **({"services": services, "rss_server_bytes_by_service": rss} if len(urls) > 1 else {}),
                            "loadavg": os.getloadavg()})
-        label = next(iter(urls))
-        url, pid = urls[label], pids[label]
-        rss_loaded, rss_before = rss_loaded[label], rss_before[label]
+        url, pid = urls[first], pids[first]
+        rss_loaded, rss_before = rss_loaded_by[first], rss_before_by[first]
         rss_after = rounds[-1]["rss_server_bytes"] if rounds else rss_before
         soak = []
         for i in range(args.soak_rounds):  # service only: does the RSS keep rising, or level off?

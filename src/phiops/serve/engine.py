@@ -248,7 +248,9 @@ class Engine:
         self._lag: tuple[list[Request], Any] | None = None
         # (On CPU the same path runs, synchronously: the tests hold it to the engine's other paths.)
         cuda = str(device).startswith("cuda")
-        lag_rows = 0 if not overlap else paged.max_rows if paged is not None else 1 if solo is not None else 0
+        lag_rows = 0  # the rows a lagged step can hold: the pool's, or the solo decoder's one
+        if overlap:
+            lag_rows = paged.max_rows if paged is not None else int(solo is not None)
         self._lag_host = torch.empty((2, lag_rows), dtype=torch.long, pin_memory=cuda) if lag_rows else None
         self._lag_event = torch.cuda.Event() if lag_rows and cuda else None
         self._queue: queue.Queue[Request] = queue.Queue()
@@ -459,10 +461,11 @@ class Engine:
 
     def _prefill(self, new: list[Request]) -> None:
         """Queue the admitted requests' prefill (``_prefill_work`` runs it), in groups of one pass each."""
-        if self._solo_on and self._lag is not None:  # its last token first (it may have ended there)
-            self._drain()
         if self._solo_on:  # company has come: the solo row joins the shared cache first
-            self._leave_solo()
+            if self._lag is not None:  # its last token first (it may have ended there)
+                self._drain()
+            if self._solo_on:
+                self._leave_solo()
         # A request asking for its prompt's log-probabilities needs logits at every position:
         # prefilled on its own, so the [T, vocab] logits are one row's, not the group's.
         echo = [[r] for r in new if r.echo()]
