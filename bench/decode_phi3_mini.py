@@ -25,7 +25,8 @@ Measured, each after a warm-up, on random prompt ids (the numbers do not depend 
      epilogues), captured as one CUDA graph, no torch.compile; `fused_no_pdl`: those kernels
      without programmatic dependent launch (`PHIOPS_PDL=0`), each starting after the last ends;
      `fused_autotuned`: the launch configs left to Triton's autotuner instead of timed per role in a
-     graph (`FusedDecoder(tune=False)`);
+     graph (`FusedDecoder(tune=False)`); `fused_no_preload`: o_proj's GEMV requesting one tile of its
+     weights before waiting for attention, not all of K (`FusedDecoder(preload=False)`);
      `engine_solo_fused_sync`: the engine recording each token before queueing the next step
      (`Engine(overlap=False)`, its way before the solo overlap) as the baseline of `engine_solo_fused`.
    `bf16_accuracy`: eager bf16 and `fused` logits against a float32 copy of the model.
@@ -777,6 +778,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     for new, base in (("w4a16_fused", "fused"), ("w4a16_fused", "engine_solo_fused"), ("w4a16_fused", "int4_graph"),
                       ("w4a16_engine_solo_fused", "engine_solo_fused"), ("w4a16_engine_solo_fused", "int4_engine_solo"),
                       ("engine_solo_fused", "engine_solo_fused_sync"), ("fused", "fused_autotuned"),
+                      ("fused", "fused_no_preload"),
                       ("w4a16_engine_solo_fused", "w4a16_engine_solo_fused_sync")):
         if new in rows and base in rows:
             out[f"{new}_over_{base}"] = round(rows[new]["tokens_per_s"] / rows[base]["tokens_per_s"], 3)
@@ -936,8 +938,14 @@ def main(argv: list[str] | None = None) -> int:
                 return decode_graph(FusedDecoder(m, max_len, device, tune=False), prompt_len=args.prompt_len,
                                     steps=steps, device=device, mode=prefix + "fused_autotuned")
 
+            def fused_no_preload() -> dict[str, Any]:  # o_proj requesting one tile before its wait, as before
+                dec = FusedDecoder(m, max_len, device, preload=False)
+                run = decode_graph(dec, prompt_len=args.prompt_len, steps=steps, device=device,
+                                   mode=prefix + "fused_no_preload")
+                return {**run, "gemv_configs": {role: list(c) for role, c in dec.gemv_configs.items()}}
+
             out += [(prefix + "fused", fused_run), (prefix + "fused_no_pdl", fused_no_pdl),
-                    (prefix + "fused_autotuned", fused_autotuned),
+                    (prefix + "fused_autotuned", fused_autotuned), (prefix + "fused_no_preload", fused_no_preload),
                     (prefix + "engine_solo_fused", lambda: decode_engine_solo(
                         m, fdec(), prompt_len=args.prompt_len, steps=steps, device=device,
                         mode=prefix + "engine_solo_fused")),

@@ -300,6 +300,12 @@ def layer_matrices(model: Any) -> list[tuple[Any, ...]]:
              float(layer.input_layernorm.variance_epsilon)) for layer in model.model.layers]
 
 
+# The roles whose bf16 GEMV runs after a latency-bound kernel (o_proj after attention and its
+# combine, a few microseconds in which the memory bus is idle): ``_tune`` also times configs that
+# request all of their K before waiting, so that the weights stream while attention runs.
+PRELOAD_ROLES = ("o",)
+
+
 class FusedDecoder(GraphDecoder):
     """``GraphDecoder`` whose step is five Triton kernels per layer (``phiops.serve.kernels``), not a compile.
 
@@ -314,10 +320,12 @@ class FusedDecoder(GraphDecoder):
     own forward into the same static cache, and ``export`` hands the cache over unchanged.
     """
 
-    def __init__(self, model: Any, max_len: int, device: str, *, chunk: int | None = None, tune: bool = True) -> None:
+    def __init__(self, model: Any, max_len: int, device: str, *, chunk: int | None = None, tune: bool = True,
+                 preload: bool = True) -> None:
         """``chunk``: positions per attention split (default: ``kernels.Attention``'s choice).
         ``tune``: time each role's launch configs in a graph before capturing the step (``_tune``);
-        False leaves them to Triton's autotuner (the benches' baseline)."""
+        False leaves them to Triton's autotuner (the benches' baseline). ``preload``: the bf16
+        GEMVs of ``PRELOAD_ROLES`` may request all of K before waiting (False: the benches' baseline)."""
         reason = fused_unsupported(model)
         if reason:
             raise ValueError(f"FusedDecoder does not support this model: {reason}")
@@ -345,8 +353,8 @@ class FusedDecoder(GraphDecoder):
         self._ao, self._h = new(hq * head_dim, ao_dtype), new(inner.layers[0].mlp.down_proj.in_features, h_dtype)
         self._logits = torch.empty((1, model.lm_head.out_features), dtype=dtype, device=device)
         self._fn = self._fused_step
-        self.tune = tune
-        self.gemv_configs: dict[str, tuple[int, int, int]] = {}  # launch config per matrix role (_tune)
+        self.tune, self.preload = tune, preload
+        self.gemv_configs: dict[str, tuple[int, ...]] = {}  # launch config per matrix role (_tune)
 
     def _mv(self, w: Any, a: Any, out: Any, role: str = "", config: Any = None, **fused: Any) -> Any:
         config = config or self.gemv_configs.get(role)
@@ -409,7 +417,8 @@ class FusedDecoder(GraphDecoder):
             if any(dense) != all(dense):
                 continue  # bf16 and W4A16 layers mixed: each launch left to its autotuner
             times = {}
-            for cfg in K.gemv_candidates() if all(dense) else K.w4_candidates(specs[0][1].numel()):
+            for cfg in (K.gemv_candidates(self.preload and role in PRELOAD_ROLES) if all(dense)
+                        else K.w4_candidates(specs[0][1].numel())):
                 for w, a, out, fused in specs[:1]:  # compiles outside the capture
                     self._mv(w, a, out, config=cfg, **fused)
                 torch.cuda.synchronize()

@@ -53,11 +53,20 @@ def pdl_enabled() -> bool:
 GEMV_CONFIGS = [(1, 1024, 4), (2, 1024, 4), (2, 2048, 8), (4, 512, 4), (4, 1024, 4), (4, 1024, 8),
                 (8, 256, 4), (8, 512, 4), (8, 512, 8), (16, 256, 8), (16, 512, 8)]
 GEMV_INTERPRET_CONFIG = (128, 128, 4)  # one config: the interpreter has no timing to tune on
+# Configs that request all of a K of up to 4 tiles before waiting for the previous kernel:
+# (rows, columns, warps, tiles before the wait). For the GEMV after a latency-bound kernel (o_proj
+# after attention): its weights stream while attention runs, instead of one tile of them.
+GEMV_PRELOAD_CONFIGS = [(2, 1024, 4, 4), (4, 1024, 4, 4), (8, 1024, 4, 4), (8, 1024, 8, 4), (16, 1024, 8, 4),
+                        (4, 2048, 8, 4), (8, 512, 4, 4)]
+GEMV_INTERPRET_PRELOAD_CONFIG = (128, 32, 4, 4)  # the tests' K of 200: four tiles before the wait, three after
 
 
-def gemv_candidates() -> list[tuple[int, int, int]]:
-    """The launch configs ``gemv(config=...)`` takes here (``FusedDecoder._tune`` times them)."""
-    return [GEMV_INTERPRET_CONFIG] if INTERPRET else GEMV_CONFIGS
+def gemv_candidates(preload: bool = False) -> list[tuple[int, ...]]:
+    """The launch configs ``gemv(config=...)`` takes here (``FusedDecoder._tune`` times them);
+    ``preload``: also those requesting up to four tiles before the wait."""
+    if INTERPRET:
+        return [GEMV_INTERPRET_CONFIG] + ([GEMV_INTERPRET_PRELOAD_CONFIG] if preload else [])
+    return GEMV_CONFIGS + (GEMV_PRELOAD_CONFIGS if preload else [])
 
 
 def _gemv_configs() -> list[Any]:
@@ -65,9 +74,41 @@ def _gemv_configs() -> list[Any]:
 
 
 @triton.jit
+def _gemv_tile(w_ptr, rows, rmask, N, K: tl.constexpr, k0: tl.constexpr, GATED: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """One ``[BLOCK_N, BLOCK_K]`` tile of the weight (and of its up rows when ``GATED``) from column ``k0``."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    wmask = rmask[:, None] & (cols < K)[None, :]
+    w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=wmask, other=0.0, eviction_policy="evict_first")
+    u = w
+    if GATED:
+        u = tl.load(w_ptr + (rows[:, None] + N) * K + cols[None, :], mask=wmask, other=0.0,
+                    eviction_policy="evict_first")
+    return w, u
+
+
+@triton.jit
+def _gemv_acc(w, u, a_ptr, g_ptr, acc, acc_up, sumsq, K: tl.constexpr, k0: tl.constexpr, NORM: tl.constexpr,
+              GATED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc += w * a`` (and ``acc_up += u * a``) over one tile's columns; the norm's sum of squares."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    cmask = cols < K
+    a = tl.load(a_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    if NORM:
+        sumsq += a * a
+        a = a * tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    acc += w.to(tl.float32) * a[None, :]
+    if GATED:
+        acc_up += u.to(tl.float32) * a[None, :]
+    return acc, acc_up, sumsq
+
+
+@triton.jit
 def _gemv_kernel(w_ptr, a_ptr, g_ptr, r_ptr, out_ptr, N, eps,
                  K: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-                 PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRE: tl.constexpr = 1):
+    """``PRE`` (1-4) tiles of weights requested before, under PDL, waiting for the previous kernel
+    (whose output, the activations, is read only after); the rest of K tile after tile."""
     if PDL:
         gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -75,27 +116,31 @@ def _gemv_kernel(w_ptr, a_ptr, g_ptr, r_ptr, out_ptr, N, eps,
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     sumsq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    NT: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    P: tl.constexpr = PRE if PRE < NT else NT  # tiles in flight before the wait
+    # Weights first: they do not depend on the previous kernel.
+    w0, u0 = _gemv_tile(w_ptr, rows, rmask, N, K, 0, GATED, BLOCK_K)
+    if P > 1:
+        w1, u1 = _gemv_tile(w_ptr, rows, rmask, N, K, BLOCK_K, GATED, BLOCK_K)
+    if P > 2:
+        w2, u2 = _gemv_tile(w_ptr, rows, rmask, N, K, 2 * BLOCK_K, GATED, BLOCK_K)
+    if P > 3:
+        w3, u3 = _gemv_tile(w_ptr, rows, rmask, N, K, 3 * BLOCK_K, GATED, BLOCK_K)
+    if PDL:
+        gdc_wait()
+    acc, acc_up, sumsq = _gemv_acc(w0, u0, a_ptr, g_ptr, acc, acc_up, sumsq, K, 0, NORM, GATED, BLOCK_K)
+    if P > 1:
+        acc, acc_up, sumsq = _gemv_acc(w1, u1, a_ptr, g_ptr, acc, acc_up, sumsq, K, BLOCK_K, NORM, GATED, BLOCK_K)
+    if P > 2:
+        acc, acc_up, sumsq = _gemv_acc(w2, u2, a_ptr, g_ptr, acc, acc_up, sumsq, K, 2 * BLOCK_K, NORM, GATED,
+                                       BLOCK_K)
+    if P > 3:
+        acc, acc_up, sumsq = _gemv_acc(w3, u3, a_ptr, g_ptr, acc, acc_up, sumsq, K, 3 * BLOCK_K, NORM, GATED,
+                                       BLOCK_K)
     # K is a compile-time constant: the loop unrolls and the weight loads can all be in flight.
-    for k0 in tl.static_range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        cmask = cols < K
-        wmask = rmask[:, None] & cmask[None, :]
-        # Weights first: they do not depend on the previous kernel, so under PDL the first
-        # tile is in flight before this program waits for that kernel's output.
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=wmask, other=0.0,
-                    eviction_policy="evict_first")
-        if GATED:
-            u = tl.load(w_ptr + (rows[:, None] + N) * K + cols[None, :], mask=wmask, other=0.0,
-                        eviction_policy="evict_first")
-        if PDL and k0 == 0:
-            gdc_wait()
-        a = tl.load(a_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        if NORM:
-            sumsq += a * a
-            a = a * tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        acc += w.to(tl.float32) * a[None, :]
-        if GATED:
-            acc_up += u.to(tl.float32) * a[None, :]
+    for k0 in tl.static_range(P * BLOCK_K, K, BLOCK_K):
+        w, u = _gemv_tile(w_ptr, rows, rmask, N, K, k0, GATED, BLOCK_K)
+        acc, acc_up, sumsq = _gemv_acc(w, u, a_ptr, g_ptr, acc, acc_up, sumsq, K, k0, NORM, GATED, BLOCK_K)
     y = tl.sum(acc, axis=1)
     if NORM:
         scale = tl.rsqrt(tl.sum(sumsq, axis=0) / K + eps)
@@ -116,12 +161,12 @@ _gemv = triton.autotune(configs=_gemv_configs(), key=["N", "K", "NORM", "GATED",
 
 def gemv(w: torch.Tensor, a: torch.Tensor, out: torch.Tensor, *, norm: torch.Tensor | None = None,
          eps: float = 0.0, gated: bool = False, residual: torch.Tensor | None = None,
-         config: tuple[int, int, int] | None = None) -> torch.Tensor:
+         config: tuple[int, ...] | None = None) -> torch.Tensor:
     """``out = W @ a`` with the fused stages of the module doc; ``w`` is ``[N, K]`` (``[2N, K]`` gated).
 
     ``residual`` may be ``out`` itself (each output row is read, then written, by one program).
-    ``config``: (rows a program, columns a tile, warps), one of ``gemv_candidates()``; None:
-    Triton's autotuner picks per shape.
+    ``config``: (rows a program, columns a tile, warps[, tiles requested before the wait, 1-4]),
+    one of ``gemv_candidates()``; None: Triton's autotuner picks per shape.
     """
     rows, k = w.shape
     n = rows // 2 if gated else rows
@@ -134,8 +179,9 @@ def gemv(w: torch.Tensor, a: torch.Tensor, out: torch.Tensor, *, norm: torch.Ten
     if config is None:
         _gemv[lambda m: (triton.cdiv(n, m["BLOCK_N"]),)](*args, **meta)
     else:
-        block_n, block_k, warps = config
-        _gemv_kernel[(triton.cdiv(n, block_n),)](*args, **meta, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        block_n, block_k, warps, *pre = config
+        _gemv_kernel[(triton.cdiv(n, block_n),)](*args, **meta, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                                                 PRE=pre[0] if pre else 1)
     return out
 
 
