@@ -221,9 +221,10 @@ class ServeCfg(_Section):
     # CUDA, llama-family models: the share of GPU memory still free once the model is loaded that
     # the engine's KV page pool takes (phiops.serve.paged); requests are admitted by free pages.
     kv_cache_fraction: float = Field(0.5, gt=0, lt=1)
-    # While rows decode, a newly admitted prompt is prefilled in passes of at most this many tokens
-    # (its group's rows together), one pass per decode step (chunked prefill): a long prompt delays
-    # the running rows' next token by one pass, not its whole prefill. 0: each prefill in one pass.
+    # While rows decode, a newly admitted prompt longer than this is prefilled alone, in passes of at
+    # most this many tokens, one per decode step (chunked prefill): it delays the running rows' next
+    # token by one pass, not its whole prefill. Shorter prompts admitted together go in one pass.
+    # 0: every prefill in one pass.
     prefill_chunk_tokens: int = Field(512, ge=0)
     # auto: bf16 on CUDA and on CPUs with AMX (batched passes 1.5-3.3x faster than fp32), else fp32
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"

@@ -600,6 +600,33 @@ def test_chunked_prefill_runs_between_the_running_rows_steps(greedy_reference: A
     assert phases[start:start + 10] == [("prefill", 1), ("decode", 2)] * 4 + [("prefill", 1), ("decode", 3)]
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["dynamic cache", "paged pool"])
+def test_short_prompts_arriving_together_prefill_in_one_pass_and_a_long_one_alone_in_chunks(
+        greedy_reference: Any, kernels: Any, paged: bool) -> None:
+    """One row decodes when four prompts arrive at once, with ``prefill_chunk=8``: the three of 2-5
+    tokens (15 padded tokens together) go in one pass and decode from the next step; the 10-token
+    one follows alone in passes of 8 and 2. Not the group cut into columns of 8 // 4 (five passes
+    before any of them decodes: what a CPU server under load of short prompts paid). Every
+    request's greedy tokens are ``generate``'s."""
+    device = kernels.DEVICE
+    model = _build("llama", device=device, **_SMALL)
+    prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[5], PROMPTS[7], PROMPTS[4]]  # 6 (running), 3, 10, 5, 2 tokens
+    refs, eos = _refs(greedy_reference, model, prompts, 12, device)
+    requests = [Request(prompt=p, max_new_tokens=12, emit=print) for p in prompts]
+    if paged:
+        engine = _paged_engine(model, device, eos, pages=32, prefill_chunk=8)
+    else:
+        engine = Engine(model, word_tokenizer(model.config.vocab_size), eos, device, max_wait_ms=0,
+                        max_batch_size=8, prefill_chunk=8)
+    phases: list[tuple[str, int]] = []
+    engine.on_step = lambda phase, rows, new: phases.append((phase, rows))
+    _drive(engine, requests, joins={1: 2, 2: 2, 3: 2, 4: 2})
+    assert [r.tokens for r in requests] == refs
+    start = phases.index(("prefill", 3))
+    assert phases[start - 1:start + 6] == [("decode", 1), ("prefill", 3), ("decode", 4), ("prefill", 1),
+                                           ("decode", 4), ("prefill", 1), ("decode", 5)]
+
+
 def test_chunked_prefill_echoes_the_prompt_logprobs_of_one_pass(greedy_reference: Any, kernels: Any) -> None:
     """A request that asks for its prompt's log-probabilities, prefilled in chunks beside a decoding row:
     the same prompt log-probabilities and tokens as one whole pass."""

@@ -5,8 +5,9 @@ One background thread owns the model. Each iteration it
 1. admits waiting requests (up to ``max_batch_size`` rows in all): their prompts are prefilled
    together, left-padded, into a fresh KV cache that is then merged into the running batch's
    (both left-padded to the longer length, concatenated on the batch dimension); while rows
-   decode, that prefill runs in passes of at most ``prefill_chunk`` tokens, one per iteration
-   (chunked prefill), and no other request is admitted until it has joined;
+   decode, a prompt longer than ``prefill_chunk`` tokens is prefilled alone, in passes of at most
+   that many, one per iteration (chunked prefill), and no other request is admitted until the
+   admitted ones have joined;
 2. runs one decode step for every running row: input ``[B, 1]``, a 2-D padding mask and
    per-row position ids over the shared ``DynamicCache`` (whose layers append in place,
    ``phiops.serve.batched``);
@@ -199,8 +200,9 @@ class Engine:
             deadline they are refused, never out of memory), and when a running row needs a page
             that is not free, the newest rows are preempted: back to the front of the queue, their
             tokens kept, resumed by a prefill of prompt and tokens (the same tokens, seeded or greedy).
-        prefill_chunk: while rows decode, an admitted group's prefill runs in passes of at most this
-            many prompt tokens (padding included), one pass per step of the running rows (0: whole).
+        prefill_chunk: while rows decode, an admitted prompt longer than this many tokens is
+            prefilled alone, in passes of at most this many, one pass per step of the running rows;
+            the shorter prompts admitted with it go together in one pass (0: every prefill whole).
         overlap: queue each paged or solo step before recording the previous one's tokens
             (``_decode_paged``, ``_decode_solo``); False records each step before the next (the
             benches' baseline).
@@ -467,20 +469,29 @@ class Engine:
             if self._solo_on:
                 self._leave_solo()
         # A request asking for its prompt's log-probabilities needs logits at every position:
-        # prefilled on its own, so the [T, vocab] logits are one row's, not the group's.
-        echo = [[r] for r in new if r.echo()]
-        plain = [r for r in new if not r.echo()]
-        self._groups.extend(echo + ([plain] if plain else []))
+        # prefilled on its own, so the [T, vocab] logits are one row's, not the group's. While rows
+        # decode, a prompt longer than ``prefill_chunk`` is prefilled on its own too, in chunks
+        # (``_prefill_pass``), after the shorter prompts, which go in one pass.
+        chunk = self.prefill_chunk if self.rows else 0
+        long = [r for r in new if chunk and len(r.ids()) > chunk and not r.echo()]
+        plain = [r for r in new if not r.echo() and all(r is not x for x in long)]
+        self._groups.extend([[r] for r in new if r.echo()] + ([plain] if plain else []) + [[r] for r in long])
 
     def _prefilling(self) -> list[Request]:
         """The admitted requests whose prefill has not finished (in flight first, then queued)."""
         return [r for g in ([self._chunked.group] if self._chunked else []) + self._groups for r in g]
 
     def _prefill_work(self) -> None:
-        """Run the queued prefills: all of them while no row decodes, else one pass of at most
-        ``prefill_chunk`` prompt tokens (chunked prefill, as Sarathi-Serve and vLLM schedule it): a
-        long prompt then delays the running rows' next token by one chunk's pass, not by its whole
-        prefill. A failure fails the requests of that group alone."""
+        """Run the queued prefills: all of them while no row decodes, else one pass: a group of
+        short prompts whole, or at most ``prefill_chunk`` tokens of a long prompt (chunked prefill,
+        as Sarathi-Serve and vLLM schedule it), which then delays the running rows' next token by
+        one chunk's pass, not by its whole prefill. A failure fails the requests of that group alone.
+
+        Short prompts are not cut into columns: on CPU every pass pays the model's whole per-forward
+        cost, and cutting the groups of a load of short prompts into passes of 512 tokens cost it
+        7 % of its throughput (bench/results/serve_cpu_load_prefill_ab.json). Unlike vLLM's token
+        budget, the short prompts of one admission are not capped in total: their pass is one
+        stall, as a burst's prefill at an idle engine is."""
         budget = self.prefill_chunk if self.rows else 0
         while self._chunked is not None or self._groups:
             if self._chunked is None:
@@ -548,12 +559,13 @@ class Engine:
         return _Chunked(new, [len(p) for p in prompts], ids, mask, positions, new_cache())  # appends in place
 
     def _prefill_pass(self, st: _Chunked, budget: int) -> bool:
-        """One forward pass over the group's next columns (at most ``budget`` tokens in all, 0: the
-        rest); True once the group is prefilled and its rows have joined the batch."""
+        """One forward pass over the group's next columns: a prompt alone, at most ``budget`` of its
+        tokens (0: the rest); a group of several prompts, all (none is longer than the budget:
+        ``_prefill``). True once the group is prefilled and its rows have joined the batch."""
         torch = self._torch
         new, width = st.group, st.ids.shape[1]
         c0 = st.done
-        c1 = width if not budget else min(width, c0 + max(1, budget // len(new)))
+        c1 = width if not budget or len(new) > 1 else min(width, c0 + budget)
         every = new[0].echo()  # a group of one (see _prefill)
         with self._attention():
             out = self.model(input_ids=st.ids[:, c0:c1], attention_mask=st.mask[:, :c1],
@@ -839,8 +851,13 @@ class Engine:
         on an H200), kept for ``_advance`` (``_host_ids``). A row that samples adds its own.
         """
         torch = self._torch
-        out = logits.argmax(-1)
-        ids, finite = torch.stack([out, torch.isfinite(logits).all(-1).to(out.dtype)]).tolist()
+        # In float32 (exact): on CPU, argmax and the check over bf16 logits took ~8 ms of a 32-row
+        # step of the embedded model, ~3 ms this way. A finite sum means every logit is finite (a
+        # NaN or an inf makes it NaN or inf); a row whose sum is not (an overflow too) goes through
+        # ``pick``, which handles every case.
+        scores = logits.float()
+        out = scores.argmax(-1)
+        ids, finite = torch.stack([out, scores.sum(-1).isfinite().to(out.dtype)]).tolist()
         for i, r in enumerate(rows):
             p = r.sampling
             if p.greedy and not p.penalized and r.grammar is None and finite[i]:
