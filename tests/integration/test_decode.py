@@ -576,15 +576,13 @@ def test_paged_add_that_fails_leaves_the_pool_as_it_was() -> None:
 LONG_PROMPT = [1] + list(range(100, 139))  # 40 tokens
 
 
-@pytest.mark.parametrize("paged", [False, True], ids=["dynamic cache", "paged pool"])
-def test_chunked_prefill_runs_between_the_running_rows_steps(greedy_reference: Any, kernels: Any,
-                                                             paged: bool) -> None:
-    """Two rows decode when a 40-token prompt arrives: with ``prefill_chunk=8`` its prefill is 5 passes
-    of 8 tokens, a decode step of the running rows after each of the first 4, not one pass that holds
-    them up. Every request's greedy tokens are still ``generate``'s, on both of the engine's caches."""
+def _chunked_schedule(greedy_reference: Any, kernels: Any, paged: bool, prompts: list[list[int]],
+                      joins: dict[int, int]) -> list[tuple[str, int]]:
+    """``prompts`` through an engine with ``prefill_chunk=8`` (request i of ``joins`` submitted once
+    request 0 has ``joins[i]`` tokens); checks every request's greedy tokens against ``generate``'s
+    and returns the engine's passes in order, as (phase, rows)."""
     device = kernels.DEVICE
     model = _build("llama", device=device, **_SMALL)
-    prompts = [PROMPTS[0], PROMPTS[1], LONG_PROMPT]
     refs, eos = _refs(greedy_reference, model, prompts, 12, device)
     requests = [Request(prompt=p, max_new_tokens=12, emit=print) for p in prompts]
     if paged:
@@ -594,8 +592,18 @@ def test_chunked_prefill_runs_between_the_running_rows_steps(greedy_reference: A
                         max_batch_size=8, prefill_chunk=8)
     phases: list[tuple[str, int]] = []
     engine.on_step = lambda phase, rows, new: phases.append((phase, rows))
-    _drive(engine, requests, joins={2: 2})
+    _drive(engine, requests, joins=joins)
     assert [r.tokens for r in requests] == refs
+    return phases
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["dynamic cache", "paged pool"])
+def test_chunked_prefill_runs_between_the_running_rows_steps(greedy_reference: Any, kernels: Any,
+                                                             paged: bool) -> None:
+    """Two rows decode when a 40-token prompt arrives: with ``prefill_chunk=8`` its prefill is 5 passes
+    of 8 tokens, a decode step of the running rows after each of the first 4, not one pass that holds
+    them up. Every request's greedy tokens are still ``generate``'s, on both of the engine's caches."""
+    phases = _chunked_schedule(greedy_reference, kernels, paged, [PROMPTS[0], PROMPTS[1], LONG_PROMPT], {2: 2})
     start = phases.index(("prefill", 1), 1)  # the long prompt's first pass (the first entry: the two rows')
     assert phases[start:start + 10] == [("prefill", 1), ("decode", 2)] * 4 + [("prefill", 1), ("decode", 3)]
 
@@ -608,20 +616,8 @@ def test_short_prompts_arriving_together_prefill_in_one_pass_and_a_long_one_alon
     one follows alone in passes of 8 and 2. Not the group cut into columns of 8 // 4 (five passes
     before any of them decodes: what a CPU server under load of short prompts paid). Every
     request's greedy tokens are ``generate``'s."""
-    device = kernels.DEVICE
-    model = _build("llama", device=device, **_SMALL)
     prompts = [PROMPTS[1], PROMPTS[2], PROMPTS[5], PROMPTS[7], PROMPTS[4]]  # 6 (running), 3, 10, 5, 2 tokens
-    refs, eos = _refs(greedy_reference, model, prompts, 12, device)
-    requests = [Request(prompt=p, max_new_tokens=12, emit=print) for p in prompts]
-    if paged:
-        engine = _paged_engine(model, device, eos, pages=32, prefill_chunk=8)
-    else:
-        engine = Engine(model, word_tokenizer(model.config.vocab_size), eos, device, max_wait_ms=0,
-                        max_batch_size=8, prefill_chunk=8)
-    phases: list[tuple[str, int]] = []
-    engine.on_step = lambda phase, rows, new: phases.append((phase, rows))
-    _drive(engine, requests, joins={1: 2, 2: 2, 3: 2, 4: 2})
-    assert [r.tokens for r in requests] == refs
+    phases = _chunked_schedule(greedy_reference, kernels, paged, prompts, {1: 2, 2: 2, 3: 2, 4: 2})
     start = phases.index(("prefill", 3))
     assert phases[start - 1:start + 6] == [("decode", 1), ("prefill", 3), ("decode", 4), ("prefill", 1),
                                            ("decode", 4), ("prefill", 1), ("decode", 5)]
