@@ -918,10 +918,14 @@ def main(argv: list[str] | None = None) -> int:
             # built at its first use, so that --only can leave it out
             fdec = functools.cache(lambda: FusedDecoder(m, max_len, device))
 
+            def with_configs(run: dict[str, Any], dec: Any) -> dict[str, Any]:
+                if dec.gemv_configs:  # the launch configs the decoder picked at capture
+                    run["gemv_configs"] = {role: list(c) for role, c in dec.gemv_configs.items()}
+                return run
+
             def fused_run() -> dict[str, Any]:
-                run = decode_graph(fdec(), prompt_len=args.prompt_len, steps=steps, device=device, mode=prefix + "fused")
-                if fdec().gemv_configs:  # the launch configs the decoder picked at capture
-                    run["gemv_configs"] = {role: list(c) for role, c in fdec().gemv_configs.items()}
+                run = with_configs(decode_graph(fdec(), prompt_len=args.prompt_len, steps=steps, device=device,
+                                                mode=prefix + "fused"), fdec())
                 return {**run, "profile": profile_steps(fdec(), device)} if args.profile else run
 
             def fused_no_pdl() -> dict[str, Any]:  # the same kernels launched one after another
@@ -940,9 +944,8 @@ def main(argv: list[str] | None = None) -> int:
 
             def fused_no_preload() -> dict[str, Any]:  # o_proj requesting one tile before its wait, as before
                 dec = FusedDecoder(m, max_len, device, preload=False)
-                run = decode_graph(dec, prompt_len=args.prompt_len, steps=steps, device=device,
-                                   mode=prefix + "fused_no_preload")
-                return {**run, "gemv_configs": {role: list(c) for role, c in dec.gemv_configs.items()}}
+                return with_configs(decode_graph(dec, prompt_len=args.prompt_len, steps=steps, device=device,
+                                                 mode=prefix + "fused_no_preload"), dec)
 
             out += [(prefix + "fused", fused_run), (prefix + "fused_no_pdl", fused_no_pdl),
                     (prefix + "fused_autotuned", fused_autotuned), (prefix + "fused_no_preload", fused_no_preload),

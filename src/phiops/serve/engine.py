@@ -473,9 +473,10 @@ class Engine:
         # decode, a prompt longer than ``prefill_chunk`` is prefilled on its own too, in chunks
         # (``_prefill_pass``), after the shorter prompts, which go in one pass.
         chunk = self.prefill_chunk if self.rows else 0
-        long = [r for r in new if chunk and len(r.ids()) > chunk and not r.echo()]
-        plain = [r for r in new if not r.echo() and all(r is not x for x in long)]
-        self._groups.extend([[r] for r in new if r.echo()] + ([plain] if plain else []) + [[r] for r in long])
+        long = [chunk and len(r.ids()) > chunk for r in new]
+        plain = [r for r, is_long in zip(new, long) if not (r.echo() or is_long)]
+        self._groups.extend([[r] for r in new if r.echo()] + ([plain] if plain else [])
+                            + [[r] for r, is_long in zip(new, long) if is_long and not r.echo()])
 
     def _prefilling(self) -> list[Request]:
         """The admitted requests whose prefill has not finished (in flight first, then queued)."""
