@@ -94,7 +94,7 @@ def test_every_tuned_gemv_w4_config_matches_on_long_ragged_rows(kernels: Any, co
     _check_gemv_w4(kernels, 300, k, group, symmetric, norm, gated, residual, config=config)
 
 
-@pytest.mark.parametrize("m,k,group,symmetric", [(5, 320, 64, False), (17, 384, 128, True)])
+@pytest.mark.parametrize("m,k,group,symmetric", [(5, 320, 64, False), (17, 384, 128, True), (70, 256, 128, False)])
 def test_matmul_w4_and_the_layer_match_the_dequantized_weight(kernels: Any, m: int, k: int, group: int,
                                                               symmetric: bool) -> None:
     device, n = kernels.DEVICE, 100
@@ -102,9 +102,13 @@ def test_matmul_w4_and_the_layer_match_the_dequantized_weight(kernels: Any, m: i
     w4, w = _packed_weight(n, k, group, symmetric, g, device)
     x = torch.randn(m, k, generator=g)
     want = (x.double() @ w.T).float()
-    out = torch.full((m, n), float("nan"), device=device)
-    kernels.matmul_w4(kernels.interleave_w4(w4[0], k, group), *w4[1:], x.to(device), out)
-    assert float((out.cpu() - want).norm() / want.norm()) < 1e-5
+    packed = kernels.interleave_w4(w4[0], k, group)
+    # the weight put back in column order: the scratch matrix of the many-row path
+    assert torch.allclose(kernels.dequant_w4(packed, *w4[1:], k, torch.float32).cpu(), w.float(), rtol=1e-6, atol=0)
+    for dequant in (False, True):  # the tiled kernel, then the scratch matrix through torch.mm
+        out = torch.full((m, n), float("nan"), device=device)
+        kernels.matmul_w4(packed, *w4[1:], x.to(device), out, dequant=dequant)
+        assert float((out.cpu() - want).norm() / want.norm()) < 1e-5, dequant
     bias = torch.randn(n, generator=g)
     with pytest.raises(ValueError, match="whole number of groups"):  # a short last group: not what the kernels take
         kernels.interleave_w4(w4[0][:, :-1].contiguous(), k - 8, group)

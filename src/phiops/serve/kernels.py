@@ -25,6 +25,7 @@ the tests check the kernels against the transformers forward on machines without
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -816,22 +817,91 @@ def _matmul_w4(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K: tl.constexpr, G: tl
              mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
+@triton.jit
+def _dequant_w4(q_ptr, s_ptr, z_ptr, w_ptr, N, K: tl.constexpr, G: tl.constexpr, ZP: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """``w[N, K] = (u - c) * s`` for one group of ``BLOCK_N`` rows: each packed word read once, its
+    eight nibbles put back in column order (the interleaved word ``w`` of a group holds columns
+    ``w + j * G / 8``), one scale and centre a row."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.program_id(1)
+    KW: tl.constexpr = K // 8
+    NG: tl.constexpr = K // G
+    GW: tl.constexpr = G // 8
+    nmask = rn < N
+    q = tl.load(q_ptr + rn[:, None] * KW + (g * GW + tl.arange(0, GW))[None, :], mask=nmask[:, None], other=0)
+    u = (q[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 15  # [BLOCK_N, word, nibble]
+    u = tl.reshape(tl.permute(u, (0, 2, 1)), [BLOCK_N, G])  # column j * GW + w of the group
+    s = tl.load(s_ptr + rn * NG + g, mask=nmask, other=0.0).to(tl.float32)
+    if ZP:  # the stored nibble is 8 + z
+        c = (tl.load(z_ptr + (rn // 8) * NG + g, mask=nmask, other=0) >> ((rn % 8) * 4)) & 15
+    else:
+        c = tl.full([BLOCK_N], 8, tl.int32)
+    w = (u - c[:, None]).to(tl.float32) * s[:, None]
+    tl.store(w_ptr + rn[:, None] * K + (g * G + tl.arange(0, G))[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=nmask[:, None])
+
+
+def dequant_w4(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group: int, k: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The ``[N, K]`` weight in ``dtype`` from its packed form (``interleave_w4``'s order)."""
+    _w4_check(packed, scale, zero_point, k, group)
+    n = packed.shape[0]
+    w = torch.empty(n, k, dtype=dtype, device=packed.device)
+    _dequant_w4[(triton.cdiv(n, 32), k // group)](packed, scale, zero_point if zero_point is not None else packed, w,
+                                                  n, K=k, G=group, ZP=zero_point is not None, BLOCK_N=32,
+                                                  num_warps=4)
+    return w
+
+
+# ``matmul_w4``'s two paths. Its own tiles re-read each packed word for each of its nibbles and run
+# one program of 32 (64) rows per row block, K walked in sequence; the other dequantizes the weight
+# into a scratch matrix (each word read once, the bf16 weight written at ~3.5 TB/s: ~20 us for a
+# 9,216 x 3,072 matrix on an H200) and hands it to cuBLAS. Measured per matrix of Phi-3-mini on an
+# H200 (bench/results/matmul_w4_h200.json): from 64 rows the scratch matrix wins for the four
+# matrices of a layer together (1.25x at 64, 1.8x at 128, 4.2-4.7x at a prefill's 1,024-4,096 rows);
+# below that it wins only where the tiles leave multiprocessors idle (o and down, 3,072 rows: 96
+# row blocks for 132 SMs; 1.31-1.44x at 8 and 32 rows), and loses on qkv and gate_up (0.76-0.99x).
+DEQUANT_ROWS = 64
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _tiles_config(m: int, n: int) -> tuple[int, int, int, int, int]:
+    """The tiles' default launch: bench/batched_step.py's sweep on an H200 (Phi-3-mini's matrices, M =
+    8, 32, 128): narrow tiles, so that even a 3072-row matrix spreads over the GPU (96 programs of 32 rows)."""
+    block_m = min(64, max(16, triton.next_power_of_2(m)))
+    return block_m, 64 if n >= 16384 else 32, 128 if block_m <= 32 else 64, 4, 4 if block_m == 16 else 3
+
+
+def matmul_w4_dequantizes(m: int, n: int, device: torch.device) -> bool:
+    """Whether ``matmul_w4`` takes the scratch matrix for ``m`` rows of an ``n``-row weight (above)."""
+    return m >= DEQUANT_ROWS or (device.type == "cuda"
+                                 and triton.cdiv(n, _tiles_config(m, n)[1]) < _sm_count(device.index or 0))
+
+
 def matmul_w4(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group: int,
               x: torch.Tensor, out: torch.Tensor,
-              config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+              config: tuple[int, int, int, int, int] | None = None, dequant: bool | None = None) -> torch.Tensor:
     """``out = x @ dequant(W).T`` for ``x`` ``[M, K]`` (contiguous) and ``out`` ``[M, N]``: the layer's
     forward for more than one row (prefill, the batched engine); a batch-1 step uses ``gemv_w4``.
-    ``config``: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)`` instead of the default (bench)."""
+    From ``DEQUANT_ROWS`` rows, or where the tiles' row blocks are fewer than the GPU's
+    multiprocessors, the weight is dequantized into a scratch matrix for ``torch.mm`` (above);
+    ``dequant`` forces either path (tests, bench). ``config``: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps,
+    stages)`` of the tiles instead of their default (bench)."""
     m, k = x.shape
     _w4_check(packed, scale, zero_point, k, group)
     n = packed.shape[0]
     if not x.is_contiguous() or tuple(out.shape) != (m, n):
         raise ValueError(f"matmul_w4: input {tuple(x.shape)}, output {tuple(out.shape)}, {n} weight rows")
-    if config is None:  # bench/batched_step.py's sweep on an H200 (Phi-3-mini's matrices, M = 8, 32, 128):
-        # narrow tiles, so that even a 3072-row matrix spreads over the GPU (96 programs of 32 rows)
-        block_m = min(64, max(16, triton.next_power_of_2(m)))
-        config = (block_m, 64 if n >= 16384 else 32, 128 if block_m <= 32 else 64, 4, 4 if block_m == 16 else 3)
-    block_m, block_n, block_k, warps, stages = config
+    if dequant is None:
+        dequant = config is None and matmul_w4_dequantizes(m, n, x.device)
+    if dequant:
+        return torch.mm(x, dequant_w4(packed, scale, zero_point, group, k, x.dtype).t(), out=out)
+    block_m, block_n, block_k, warps, stages = config or _tiles_config(m, n)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _matmul_w4[grid](x, packed, scale, zero_point if zero_point is not None else packed, out, m, n, k,
                      G=group, ZP=zero_point is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
