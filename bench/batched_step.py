@@ -10,9 +10,10 @@ Phi-3-mini's shape with random bf16 weights, one GPU:
 - ``attention``: the paged attention kernel alone at 32 rows, over its launch settings (warps,
   pipeline stages, splits), 32 layers' caches so none sits in L2;
 - ``matmul_w4``: ``kernels.matmul_w4`` on packed int4 weights of each of the step's matrices at
-  M = 8, 32, 128: its default launch against the one before (``before_us``) and against cuBLAS on
-  the bf16 weights of the same shape (the time to beat: W4A16 reads a quarter of the bytes);
-  ``--w4-sweep`` over tile sizes and pipeline depths (where the default came from).
+  ``--w4-rows`` rows, by each of its paths: its own tiles (``tiles_us``), the weight dequantized
+  into a scratch matrix for cuBLAS (``dequant_us``) and what it picks by row count
+  (``default_us``), against cuBLAS on the bf16 weights of the same shape; ``--w4-sweep`` times the
+  tiles over tile sizes and pipeline depths (where their default came from).
 
 Timings are CUDA-graph replays (``decode_kernels.graph_time_us``); ratios are within this run.
 """
@@ -165,32 +166,32 @@ def matmul_w4_sweep(arch: dict[str, Any], ms: list[int], group: int = 128, sweep
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             y = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
             cublas = graph_time_us([lambda w=w: torch.mm(x, w.t(), out=y) for w in dense])
-            ref = graph_time_us([lambda i=i: K.matmul_w4(packed[i], scale[i], None, group, x, y)
-                                 for i in range(copies)])
+            paths = {path: graph_time_us([lambda i=i, d=d: K.matmul_w4(packed[i], scale[i], None, group, x, y,
+                                                                       dequant=d) for i in range(copies)])
+                     for path, d in (("tiles", False), ("dequant", True), ("default", None))}
             runs = []
-            block_m = min(64, max(16, 1 << (m - 1).bit_length()))
-            configs = [(block_m, 64, 64, 4, 3)]  # the launch before this sweep
             if sweep:
-                configs += [(block_m, bn, bk, 4, stages) for bn in (32, 64, 128) for bk in (64, 128, 256)
-                            for stages in (3, 4) if bn * bk <= 128 * 128]
-            for cfg in configs:
-                try:
-                    us = graph_time_us([lambda i=i, c=cfg: K.matmul_w4(packed[i], scale[i], None, group, x, y, config=c)
-                                        for i in range(copies)])
-                except Exception as exc:  # out of shared memory, say
-                    runs.append({"config": cfg, "error": f"{type(exc).__name__}"[:80]})
-                    continue
-                runs.append({"config": cfg, "us": round(us, 2)})
+                block_m = min(64, max(16, 1 << (m - 1).bit_length()))
+                for cfg in [(block_m, bn, bk, 4, stages) for bn in (32, 64, 128) for bk in (64, 128, 256)
+                            for stages in (3, 4) if bn * bk <= 128 * 128]:
+                    try:
+                        us = graph_time_us([lambda i=i, c=cfg: K.matmul_w4(packed[i], scale[i], None, group, x, y,
+                                                                           config=c) for i in range(copies)])
+                    except Exception as exc:  # out of shared memory, say
+                        runs.append({"config": cfg, "error": f"{type(exc).__name__}"[:80]})
+                        continue
+                    runs.append({"config": cfg, "us": round(us, 2)})
             ok = sorted((r for r in runs if "us" in r), key=lambda r: r["us"])
-            before = runs[0].get("us")
             row = {"matrix": name, "n": n, "k": k, "m": m, "cublas_bf16_us": round(cublas, 2),
-                   "matmul_w4_default_us": round(ref, 2), "before_us": before,
-                   "default_over_before": round(before / ref, 3) if before else None,
-                   "default_over_cublas": round(cublas / ref, 3), "best": ok[0] if ok else None,
-                   "best_over_default": round(ref / ok[0]["us"], 3) if ok else None,
-                   "best_over_cublas": round(cublas / ok[0]["us"], 3) if ok else None,
-                   "w4_bytes_tb_s": round((n * k // 2 + n * k // group * 2) / ok[0]["us"] / 1e6, 2) if ok else None,
-                   "top": ok[:6]}
+                   **{f"{p}_us": round(us, 2) for p, us in paths.items()},
+                   "default_path": "dequant" if K.matmul_w4_dequantizes(m, n, x.device) else "tiles",
+                   "dequant_over_tiles": round(paths["tiles"] / paths["dequant"], 3),
+                   "default_over_cublas": round(cublas / paths["default"], 3),
+                   "dequant_over_cublas": round(cublas / paths["dequant"], 3),
+                   "tiles_over_cublas": round(cublas / paths["tiles"], 3),
+                   "w4_bytes_tb_s": round((n * k // 2 + n * k // group * 2) / min(paths.values()) / 1e6, 2)}
+            if ok:
+                row.update(best_tiles=ok[0], best_tiles_over_cublas=round(cublas / ok[0]["us"], 3), top_tiles=ok[:6])
             print(json.dumps(row), flush=True)
             out.append(row)
         del packed, scale, dense
@@ -204,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length", type=int, default=192, help="tokens cached per row (prompt 128 + half of 128 out)")
     ap.add_argument("--rows", default="8,32,128")
     ap.add_argument("--only", default="step_profile,attention,matmul_w4")
-    ap.add_argument("--w4-sweep", action="store_true", help="matmul_w4 over tile sizes and pipeline depths")
+    ap.add_argument("--w4-sweep", action="store_true", help="matmul_w4's tiles over tile sizes and pipeline depths")
+    ap.add_argument("--w4-rows", default="8,32,64,128,1024,4096",
+                    help="matmul_w4's row counts (decode batches; 1,024 and 4,096: prefill of 8 and 32 prompts)")
     args = ap.parse_args(argv)
     import torch
 
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         result["attention"] = attention_sweep(arch, 32, args.length)
         save()
     if "matmul_w4" in only:
-        result["matmul_w4"] = matmul_w4_sweep(arch, [8, 32, 128], sweep=args.w4_sweep)
+        result["matmul_w4"] = matmul_w4_sweep(arch, [int(x) for x in args.w4_rows.split(",")], sweep=args.w4_sweep)
         save()
     result["total_s"] = round(time.perf_counter() - t0, 1)
     save()

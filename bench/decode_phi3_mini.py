@@ -76,6 +76,7 @@ compressed-tensors. About 5 minutes on one H100 (most of it torch.compile).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -83,7 +84,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -605,10 +606,25 @@ def engine_breakdown(model: Any, tok: Any, prompts: list[list[int]], gen_tokens:
     return out
 
 
+@contextlib.contextmanager
+def w4_tiles_only(on: bool = True) -> Iterator[None]:
+    """While held, `kernels.matmul_w4` runs its tiled kernel at every row count (W4A16's batched
+    matmul before the scratch-matrix path): the baseline of `--w4-tiles-baseline`."""
+    from phiops.serve import kernels
+
+    before = kernels.DEQUANT_ROWS
+    if on:
+        kernels.DEQUANT_ROWS = sys.maxsize
+    try:
+        yield
+    finally:
+        kernels.DEQUANT_ROWS = before
+
+
 def concurrent(model: Any, *, ns: list[int], prompt_len: int, gen_tokens: int, device: str, cb: bool,
                solo: Any = None, breakdown_at: int | None = None, on_point: Any = None,
                into: dict[str, Any] | None = None, cudnn_baseline: bool = False,
-               paged: Any = None) -> dict[str, Any]:
+               paged: Any = None, paged_tiles: Any = None) -> dict[str, Any]:
     """The concurrency curve: for each n in `ns`, n requests at once through the service's engine
     and through transformers' continuous batching, one after the other in this run.
 
@@ -623,6 +639,10 @@ def concurrent(model: Any, *, ns: list[int], prompt_len: int, gen_tokens: int, d
         paged: a `PagedDecoder` (rows for max(ns) requests): after the dynamic-cache engine, the same
             requests through an engine with it (`phiops_engine_paged`, the service's CUDA path), and
             the ratio `paged_over_dynamic`; left out where a lone request takes the solo decoder.
+        paged_tiles: a second `PagedDecoder` of a W4A16 model, captured with `kernels.matmul_w4` on its
+            tiles at every row count (`DEQUANT_ROWS` off, as before the scratch-matrix path): after the
+            paged engine, the same requests through it with that setting held (`phiops_engine_paged_tiles`),
+            and the ratio `paged_over_tiles`.
 
     Returns:
         {"points": [{"requests": n, "phiops_engine": {...}, "transformers_continuous_batching": {...}}],
@@ -653,20 +673,26 @@ def concurrent(model: Any, *, ns: list[int], prompt_len: int, gen_tokens: int, d
         print("concurrent", n, "engine", json.dumps(point["phiops_engine"])[:300], flush=True)
         base = point["phiops_engine"]
         variants = [("phiops_engine_cudnn_sdpa", "engine_over_cudnn_sdpa", {"cudnn_sdpa": True}, cudnn_baseline),
-                    ("phiops_engine_paged", "paged_over_dynamic", {"paged": paged}, paged is not None)]
+                    ("phiops_engine_paged", "paged_over_dynamic", {"paged": paged}, paged is not None),
+                    ("phiops_engine_paged_tiles", "paged_over_tiles", {"paged": paged_tiles}, paged_tiles is not None)]
         for key, ratio, kw, wanted in variants:  # the same requests through another engine, right after
             if not wanted or (n == 1 and solo is not None):
                 continue
             try:
-                point[key] = engine_point(model, tok, prompts, gen_tokens, device, solo=solo, **kw)
+                with w4_tiles_only(key.endswith("_tiles")):
+                    point[key] = engine_point(model, tok, prompts, gen_tokens, device, solo=solo, **kw)
             except Exception as exc:
                 point[key] = _error(exc)
             _release(device)
             other = point[key]
             print("concurrent", n, key, json.dumps(other)[:300], flush=True)
             if "output_tokens_per_s" in other and "output_tokens_per_s" in base:
-                # cuDNN: the engine now over the old behaviour; paged: the pool over the engine without it
-                num, den = (base, other) if key.endswith("cudnn_sdpa") else (other, base)
+                # cuDNN: the engine now over the old behaviour; paged: the pool over the engine without it;
+                # tiles: the paged engine now over it with the tiled W4A16 matmul
+                num, den = ((base, other) if key.endswith("cudnn_sdpa") else
+                            (point.get("phiops_engine_paged", {}), other) if key.endswith("_tiles") else (other, base))
+                if "output_tokens_per_s" not in num:
+                    continue
                 point[ratio] = round(num["output_tokens_per_s"] / den["output_tokens_per_s"], 3)
         if cb:
             try:
@@ -704,6 +730,7 @@ def curve_table(result: dict[str, Any]) -> str:
     for key, dtype in (("bf16_concurrent", "bf16"), ("w4a16_concurrent", "W4A16")):
         for point in result.get(key, {}).get("points", []):
             for eng, name in (("phiops_engine", "phiops"), ("phiops_engine_paged", "phiops, paged + graphs"),
+                              ("phiops_engine_paged_tiles", "phiops, paged + graphs, W4A16 tiles"),
                               ("phiops_engine_cudnn_sdpa", "phiops, cuDNN SDPA"),
                               ("transformers_continuous_batching", "transformers CB")):
                 r = point.get(eng)
@@ -809,6 +836,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paged", action="store_true",
                     help="concurrency: also run the engine with its paged KV pool and graph-captured step "
                          "(phiops_engine_paged), beside the dynamic-cache engine")
+    ap.add_argument("--w4-tiles-baseline", action="store_true",
+                    help="with --paged: the W4A16 curve also through a paged engine whose batched matmuls run "
+                         "kernels.matmul_w4's tiles at every row count (before the scratch-matrix path)")
+    ap.add_argument("--skip-bf16-curve", action="store_true", help="the concurrency curve of the W4A16 model only")
     ap.add_argument("--graph-variants", default="", help=f"bf16 ablations of the compiled step, of {','.join(VARIANTS)}")
     ap.add_argument("--profile", action="store_true", help="profile each variant's graph replays (GPU kernel time)")
     ap.add_argument("--only", default="", help="run only these modes (comma-separated names as in the JSON; "
@@ -887,6 +918,7 @@ def main(argv: list[str] | None = None) -> int:
     from phiops.serve.decode import (
         FusedDecoder,
         GraphDecoder,
+        W4A16Linear,
         fused_unsupported,
         int4_linears,
         w4a16_kernel,
@@ -1022,16 +1054,26 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 paged.warm()  # every bucket's graph, as the service does at load
                 live["paged_warm_s"] = round(time.perf_counter() - t0, 1)
+            tiles = None
+            if paged is not None and args.w4_tiles_baseline and any(isinstance(x, W4A16Linear)
+                                                                     for x in m.modules()):
+                with w4_tiles_only():
+                    tiles = PagedDecoder(m, device, pages=rows * cdiv(per_row, PAGE), max_len=per_row,
+                                         max_rows=rows)
+                    tiles.warm()
             concurrent(m, ns=ns, prompt_len=args.prompt_len, gen_tokens=gen_tokens, device=device,
                        cb=not args.skip_cb, solo=solo, breakdown_at=breakdown_at or None, on_point=save, into=live,
-                       cudnn_baseline=args.cudnn_sdpa_baseline, paged=paged)
-            del paged
+                       cudnn_baseline=args.cudnn_sdpa_baseline, paged=paged, paged_tiles=tiles)
+            del paged, tiles
         except Exception as exc:
             live.update(_error(exc))
         _release(device)
         save()
 
-    curve("bf16_concurrent", model)
+    if args.skip_bf16_curve:
+        result["bf16_concurrent"] = {"error": "LookupError: left out by --skip-bf16-curve"}
+    else:
+        curve("bf16_concurrent", model)
     print("concurrent", json.dumps(result["bf16_concurrent"])[:400], flush=True)
 
     if not args.skip_w4a16:
