@@ -879,8 +879,10 @@ def _tiles_config(m: int, n: int) -> tuple[int, int, int, int, int]:
 
 def matmul_w4_dequantizes(m: int, n: int, device: torch.device) -> bool:
     """Whether ``matmul_w4`` takes the scratch matrix for ``m`` rows of an ``n``-row weight (above)."""
-    return m >= DEQUANT_ROWS or (device.type == "cuda"
-                                 and triton.cdiv(n, _tiles_config(m, n)[1]) < _sm_count(device.index or 0))
+    if m >= DEQUANT_ROWS or device.type != "cuda":
+        return m >= DEQUANT_ROWS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.cdiv(n, _tiles_config(m, n)[1]) < _sm_count(index)
 
 
 def matmul_w4(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group: int,
