@@ -671,29 +671,28 @@ def concurrent(model: Any, *, ns: list[int], prompt_len: int, gen_tokens: int, d
             point["phiops_engine"] = _error(exc)
         _release(device)
         print("concurrent", n, "engine", json.dumps(point["phiops_engine"])[:300], flush=True)
-        base = point["phiops_engine"]
-        variants = [("phiops_engine_cudnn_sdpa", "engine_over_cudnn_sdpa", {"cudnn_sdpa": True}, cudnn_baseline),
-                    ("phiops_engine_paged", "paged_over_dynamic", {"paged": paged}, paged is not None),
-                    ("phiops_engine_paged_tiles", "paged_over_tiles", {"paged": paged_tiles}, paged_tiles is not None)]
-        for key, ratio, kw, wanted in variants:  # the same requests through another engine, right after
+        # (engine, ratio, engine kwargs, wanted, the ratio's numerator and denominator): cuDNN, the engine
+        # now over the old behaviour; paged, the pool over the engine without it; tiles, the paged
+        # engine now over one with the tiled W4A16 matmul (run with that setting held)
+        variants = [("phiops_engine_cudnn_sdpa", "engine_over_cudnn_sdpa", {"cudnn_sdpa": True}, cudnn_baseline,
+                     "phiops_engine", "phiops_engine_cudnn_sdpa"),
+                    ("phiops_engine_paged", "paged_over_dynamic", {"paged": paged}, paged is not None,
+                     "phiops_engine_paged", "phiops_engine"),
+                    ("phiops_engine_paged_tiles", "paged_over_tiles", {"paged": paged_tiles}, paged_tiles is not None,
+                     "phiops_engine_paged", "phiops_engine_paged_tiles")]
+        for key, ratio, kw, wanted, num, den in variants:  # the same requests through another engine, right after
             if not wanted or (n == 1 and solo is not None):
                 continue
             try:
-                with w4_tiles_only(key.endswith("_tiles")):
+                with w4_tiles_only(key == "phiops_engine_paged_tiles"):
                     point[key] = engine_point(model, tok, prompts, gen_tokens, device, solo=solo, **kw)
             except Exception as exc:
                 point[key] = _error(exc)
             _release(device)
-            other = point[key]
-            print("concurrent", n, key, json.dumps(other)[:300], flush=True)
-            if "output_tokens_per_s" in other and "output_tokens_per_s" in base:
-                # cuDNN: the engine now over the old behaviour; paged: the pool over the engine without it;
-                # tiles: the paged engine now over it with the tiled W4A16 matmul
-                num, den = ((base, other) if key.endswith("cudnn_sdpa") else
-                            (point.get("phiops_engine_paged", {}), other) if key.endswith("_tiles") else (other, base))
-                if "output_tokens_per_s" not in num:
-                    continue
-                point[ratio] = round(num["output_tokens_per_s"] / den["output_tokens_per_s"], 3)
+            print("concurrent", n, key, json.dumps(point[key])[:300], flush=True)
+            rates = [point.get(k, {}).get("output_tokens_per_s") for k in (num, den)]
+            if None not in rates:
+                point[ratio] = round(rates[0] / rates[1], 3)
         if cb:
             try:
                 point["transformers_continuous_batching"] = cb_point(model, prompts, gen_tokens)

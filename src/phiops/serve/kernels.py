@@ -862,6 +862,7 @@ def dequant_w4(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
 # matrices of a layer together (1.25x at 64, 1.8x at 128, 4.2-4.7x at a prefill's 1,024-4,096 rows);
 # below that it wins only where the tiles leave multiprocessors idle (o and down, 3,072 rows: 96
 # row blocks for 132 SMs; 1.31-1.44x at 8 and 32 rows), and loses on qkv and gate_up (0.76-0.99x).
+# The same trade as the CPU int4 layer's prefill (``decode.Int4Linear``, ``PREFILL_ROWS``), on this layout.
 DEQUANT_ROWS = 64
 
 
@@ -879,8 +880,10 @@ def _tiles_config(m: int, n: int) -> tuple[int, int, int, int, int]:
 
 def matmul_w4_dequantizes(m: int, n: int, device: torch.device) -> bool:
     """Whether ``matmul_w4`` takes the scratch matrix for ``m`` rows of an ``n``-row weight (above)."""
-    if m >= DEQUANT_ROWS or device.type != "cuda":
-        return m >= DEQUANT_ROWS
+    if m >= DEQUANT_ROWS:
+        return True
+    if device.type != "cuda":
+        return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return triton.cdiv(n, _tiles_config(m, n)[1]) < _sm_count(index)
 
