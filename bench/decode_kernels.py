@@ -138,8 +138,7 @@ def w4a16_rows(copies_bytes: int = 400_000_000, sweep: bool = False,
 
     Each stage also runs ``dry`` (the tuned config's weight loads without the arithmetic: what the
     memory system and the launch give that tiling) and, with ``sweep``, every config of
-    ``kernels.W4_CONFIGS`` that takes K in one batch of tiles and every streamed config
-    of the grid (``kernels.w4_stream_candidates(grid=True)``), with the best of each family compared."""
+    ``kernels.W4_CONFIGS`` that takes K in one batch of tiles."""
     stages = [  # name, weight rows, K, norm, gated, residual, symmetric
         ("qkv_proj (norm fused)", 3 * HIDDEN, HIDDEN, True, False, False, True),
         ("qkv_proj (norm fused), asymmetric", 3 * HIDDEN, HIDDEN, True, False, False, False),
@@ -219,20 +218,6 @@ def _w4a16_stage(name: str, rows: int, k: int, norm: bool, gated: bool, residual
             t = graph_time_us([ours(w, config=cfg) for w in copies])
             row["sweep"].append({"config": list(cfg), "us": round(t, 2), "tbs": round(nbytes / t / 1e6, 3),
                                  "rel_err": error(config=cfg)})
-        for cfg in K.w4_stream_candidates(k, gated, grid=True):  # streamed: (rows a block, words, warps, programs an SM)
-            try:  # a config past the SM's shared memory fails at its launch: recorded, not fatal
-                t = graph_time_us([ours(w, config=cfg) for w in copies])
-            except Exception as exc:
-                row["sweep"].append({"config": list(cfg), "streamed": True, "error": f"{type(exc).__name__}: {exc}"[:200]})
-                continue
-            row["sweep"].append({"config": list(cfg), "streamed": True, "us": round(t, 2),
-                                 "tbs": round(nbytes / t / 1e6, 3), "rel_err": error(config=cfg)})
-        tiles = [r for r in row["sweep"] if not r.get("streamed")]
-        streamed = [r for r in row["sweep"] if r.get("streamed") and "us" in r]
-        if tiles and streamed:  # best against best, both timed in this run
-            best_t, best_s = min(tiles, key=lambda r: r["us"]), min(streamed, key=lambda r: r["us"])
-            row["streamed_vs_tiles"] = {"tiles": best_t["config"], "streamed": best_s["config"],
-                                        "speedup": round(best_t["us"] / best_s["us"], 3)}
     try:  # tinygemm on the same weights: the bare matmul, no fused stages
         u = (q.to(torch.int32) + 8)
         packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), 8)

@@ -47,9 +47,7 @@ Measured, each after a warm-up, on random prompt ids (the numbers do not depend 
      each group, run by our Triton kernels `kernels.gemv_w4` / `matmul_w4`), the step through
      `FusedDecoder` (one `gemv_w4` per weight matrix, norm / gating / residual fused; the
      service's CUDA path for llama-family W4A16 checkpoints; `w4a16_configs`: the launch configs
-     it picked); bound over that model's bytes. `w4a16_fused_no_stream`: the same decoder choosing
-     among the tiles' configs alone (`FusedDecoder(stream=False)`), the baseline of the streamed
-     GEMV (`kernels.w4_stream_candidates`). `w4a16_accuracy`: its logits against the dequantized model in
+     it picked); bound over that model's bytes. `w4a16_accuracy`: its logits against the dequantized model in
      float32. `summary` puts the W4A16 paths over bf16 `fused`, `engine_solo_fused` and `int4_graph`.
 3. The concurrency curve (`--concurrency`, default 1,8,32,128,256; `--only concurrent` runs it
    alone), for bf16 and for the W4A16 model as the service loads it: n requests of
@@ -980,13 +978,7 @@ def main(argv: list[str] | None = None) -> int:
                 return with_configs(decode_graph(dec, prompt_len=args.prompt_len, steps=steps, device=device,
                                                  mode=prefix + "fused_no_preload"), dec)
 
-            def fused_no_stream() -> dict[str, Any]:  # W4A16 GEMVs on the tiles alone, as before
-                dec = FusedDecoder(m, max_len, device, stream=False)
-                return with_configs(decode_graph(dec, prompt_len=args.prompt_len, steps=steps, device=device,
-                                                 mode=prefix + "fused_no_stream"), dec)
-
             out += [(prefix + "fused", fused_run), (prefix + "fused_no_pdl", fused_no_pdl),
-                    (prefix + "fused_no_stream", fused_no_stream),
                     (prefix + "fused_autotuned", fused_autotuned), (prefix + "fused_no_preload", fused_no_preload),
                     (prefix + "engine_solo_fused", lambda: decode_engine_solo(
                         m, fdec(), prompt_len=args.prompt_len, steps=steps, device=device,

@@ -94,39 +94,6 @@ def test_every_tuned_gemv_w4_config_matches_on_long_ragged_rows(kernels: Any, co
     _check_gemv_w4(kernels, 300, k, group, symmetric, norm, gated, residual, config=config)
 
 
-@pytest.mark.parametrize("k,group,symmetric,norm,gated,residual", CASES)
-def test_the_streamed_gemv_w4_matches_the_float64_dequantized_weight(kernels: Any, k: int, group: int, symmetric: bool,
-                                                                     norm: bool, gated: bool, residual: bool) -> None:
-    # interpreter: 19 row blocks over 3 programs, so each program walks several and the last is ragged
-    config = kernels.w4_stream_candidates(k, gated, grid=True)[0]  # the interpreter's own config there
-    _check_gemv_w4(kernels, 300, k, group, symmetric, norm, gated, residual, config=config)
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("k,group,symmetric,norm,gated,residual", [
-    (3200, 64, False, True, True, False),  # 400 words in a 512-word tile
-    (8192, 128, True, False, False, True),  # 1,024 words: 8 warps, the longest K one tile takes
-])
-def test_every_streamed_gemv_w4_config_matches_on_many_row_blocks(kernels: Any, k: int, group: int, symmetric: bool,
-                                                                  norm: bool, gated: bool, residual: bool) -> None:
-    configs = kernels.w4_stream_candidates(k, gated)
-    assert len(configs) == len(kernels.W4_STREAM_CONFIGS)
-    for config in configs:  # 3,001 rows: more row blocks than programs at every count a SM, the last ragged
-        _check_gemv_w4(kernels, 3001, k, group, symmetric, norm, gated, residual, config=config)
-
-
-def test_the_streamed_gemv_w4_is_offered_only_where_one_tile_holds_k(kernels: Any) -> None:
-    if kernels.INTERPRET:
-        assert kernels.w4_stream_candidates(512) == [kernels.W4_INTERPRET_STREAM_CONFIG]
-        assert kernels.w4_stream_candidates(520) == []
-        return
-    assert {c[1:3] for c in kernels.w4_stream_candidates(3072)} == {(512, 4)}
-    assert {c[0] for c in kernels.w4_stream_candidates(3072, gated=True)} == {c[0] // 2 for c in kernels.W4_STREAM_CONFIGS}
-    assert {c[1:3] for c in kernels.w4_stream_candidates(8192)} == {(1024, 4)}
-    assert kernels.w4_stream_candidates(17920) == []  # Phi-4's down_proj: the tiles alone
-
-
 @pytest.mark.parametrize("m,k,group,symmetric", [(5, 320, 64, False), (17, 384, 128, True), (70, 256, 128, False)])
 def test_matmul_w4_and_the_layer_match_the_dequantized_weight(kernels: Any, m: int, k: int, group: int,
                                                               symmetric: bool) -> None:

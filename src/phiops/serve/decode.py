@@ -321,13 +321,11 @@ class FusedDecoder(GraphDecoder):
     """
 
     def __init__(self, model: Any, max_len: int, device: str, *, chunk: int | None = None, tune: bool = True,
-                 preload: bool = True, stream: bool = True) -> None:
+                 preload: bool = True) -> None:
         """``chunk``: positions per attention split (default: ``kernels.Attention``'s choice).
         ``tune``: time each role's launch configs in a graph before capturing the step (``_tune``);
         False leaves them to Triton's autotuner (the benches' baseline). ``preload``: the bf16
-        GEMVs of ``PRELOAD_ROLES`` may request all of K before waiting (False: the benches' baseline).
-        ``stream``: ``_tune`` also times the W4A16 GEMV's streamed configs (``kernels.w4_stream_candidates``;
-        False: the tiles alone, the benches' baseline)."""
+        GEMVs of ``PRELOAD_ROLES`` may request all of K before waiting (False: the benches' baseline)."""
         reason = fused_unsupported(model)
         if reason:
             raise ValueError(f"FusedDecoder does not support this model: {reason}")
@@ -355,7 +353,7 @@ class FusedDecoder(GraphDecoder):
         self._ao, self._h = new(hq * head_dim, ao_dtype), new(inner.layers[0].mlp.down_proj.in_features, h_dtype)
         self._logits = torch.empty((1, model.lm_head.out_features), dtype=dtype, device=device)
         self._fn = self._fused_step
-        self.tune, self.preload, self.stream = tune, preload, stream
+        self.tune, self.preload = tune, preload
         self.gemv_configs: dict[str, tuple[int, ...]] = {}  # launch config per matrix role (_tune)
 
     def _mv(self, w: Any, a: Any, out: Any, role: str = "", config: Any = None, **fused: Any) -> Any:
@@ -419,9 +417,8 @@ class FusedDecoder(GraphDecoder):
             if any(dense) != all(dense):
                 continue  # bf16 and W4A16 layers mixed: each launch left to its autotuner
             times = {}
-            k, gated = specs[0][1].numel(), specs[0][3].get("gated", False)
             for cfg in (K.gemv_candidates(self.preload and role in PRELOAD_ROLES) if all(dense)
-                        else K.w4_candidates(k) + (K.w4_stream_candidates(k, gated) if self.stream else [])):
+                        else K.w4_candidates(specs[0][1].numel())):
                 for w, a, out, fused in specs[:1]:  # compiles outside the capture
                     self._mv(w, a, out, config=cfg, **fused)
                 torch.cuda.synchronize()

@@ -737,127 +737,6 @@ _gemv_w4 = triton.autotune(
 )(_gemv_w4_fixed)
 
 
-# ---- W4A16 GEMV, streamed: a fixed set of programs walks the row blocks, one block ahead -----------
-#
-# ``_gemv_w4_kernel`` requests all of a program's weights and then computes: on the H200 its loads
-# alone stream at 3.9-4.4 TB/s but the whole kernel takes 2-2.7x as long, because every program's
-# data land together and the dequantizing starts only then (bench/README). Here each of a few
-# programs per SM holds the activations for all of K once (lifted, gain-multiplied, their sums and the
-# norm's scalar: 8 registers a word of K it covers, computed once instead of once a row block), and
-# walks row blocks ``program, program + programs, ...``, requesting the next block's weights before it
-# computes the current one: the loads of one block overlap the arithmetic of the last. K is one tile
-# (``BW`` words, ``128 x warps``), so ``K <= 8 * 1024`` (Phi-4's 17,920-wide down_proj stays on the tiles).
-
-# Launch configs as (rows a block, warps, programs an SM); the tile is the least power of two of
-# words >= K / 8, so a thread holds ``words / (128 x warps)`` chunks of four words of each row.
-W4_STREAM_CONFIGS = [(4, 4, 2, 3), (8, 4, 2, 3)]  # gated: half the rows
-W4_STREAM_GRID = {"rows": (2, 4, 8), "warps": (1, 2, 4), "warps_an_sm": (8, 16), "stages": (3, 5)}  # the bench's sweep
-W4_STREAM_MAX_CHUNKS = 4  # chunks a thread: its activations take 32 registers each
-W4_INTERPRET_STREAM_CONFIG = (16, 64, 4, 3, 3)  # tests: 300 rows in 19 blocks over 3 programs, K up to 512
-
-
-def w4_stream_candidates(k: int, gated: bool = False, grid: bool = False) -> list[tuple[int, int, int, int, int]]:
-    """The streamed configs ``(rows a block, words a tile, warps, programs an SM)`` for a K (rows
-    halved when gated: a block holds gate and up rows): ``W4_STREAM_CONFIGS``, or with ``grid``
-    every combination of ``W4_STREAM_GRID`` whose threads hold 1 to ``W4_STREAM_MAX_CHUNKS`` chunks.
-    None where K is longer than ``128 x 8 x W4_STREAM_MAX_CHUNKS`` words."""
-    if INTERPRET:
-        return [W4_INTERPRET_STREAM_CONFIG] if k // 8 <= W4_INTERPRET_STREAM_CONFIG[1] else []
-    bw = max(128, triton.next_power_of_2(k // 8))
-    if grid:
-        configs = [(rows, warps, max(1, per // warps), stages) for rows in W4_STREAM_GRID["rows"]
-                   for warps in W4_STREAM_GRID["warps"] for per in W4_STREAM_GRID["warps_an_sm"]
-                   for stages in W4_STREAM_GRID["stages"]]
-    else:
-        configs = W4_STREAM_CONFIGS
-    return [(max(1, rows // 2) if gated else rows, bw, warps, per_sm, stages) for rows, warps, per_sm, stages in configs
-            if 128 * warps <= bw <= 128 * warps * W4_STREAM_MAX_CHUNKS]
-
-
-@triton.jit
-def _w4_act(a_ptr, g_ptr, col0, cmask, GW: tl.constexpr, J: tl.constexpr, NORM: tl.constexpr):
-    """The activations that meet nibble ``J`` of a tile's words: lifted for ``_w4_dot``'s FMA, as
-    they are (gain-multiplied when ``NORM``) and their squares (the norm's sum)."""
-    cols = col0 + J * GW
-    a = tl.load(a_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    sq = a * a
-    if NORM:
-        a = a * tl.load(g_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    return _w4_lift(a, J), a, sq
-
-
-@triton.jit
-def _gemv_w4_stream_kernel(q_ptr, s_ptr, z_ptr, a_ptr, g_ptr, r_ptr, out_ptr, N, eps,
-                           K: tl.constexpr, G: tl.constexpr, ZP: tl.constexpr, NORM: tl.constexpr,
-                           GATED: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BW: tl.constexpr, STAGES: tl.constexpr = 3):
-    """``_gemv_w4_kernel``'s result, row block ``b`` of ``BLOCK_N`` rows by program ``b % programs``."""
-    if PDL:
-        gdc_launch_dependents()
-    KW: tl.constexpr = K // 8
-    NG: tl.constexpr = K // G
-    GW: tl.constexpr = G // 8
-    P: tl.constexpr = 2 if GATED else 1
-    BC: tl.constexpr = BW // 4
-    pair = tl.arange(0, P)
-    # [rows, pair, chunk, word]: threads along the chunks (the words' contiguous axis), so that a
-    # thread holds one chunk of every row and 32 activations in all (not 32 of every nibble)
-    c = tl.arange(0, BC)[None, None, :, None]
-    i = tl.arange(0, 4)[None, None, None, :]
-    programs = tl.num_programs(0)
-    blocks = tl.cdiv(N, BLOCK_N)
-    if PDL:
-        gdc_wait()
-    w = c * 4 + i
-    cmask = w < KW
-    col0 = tl.max_contiguous(tl.multiple_of((w // GW) * G + w % GW, [1, 1, 1, 4]), [1, 1, 1, 4])
-    l0, a0, sq0 = _w4_act(a_ptr, g_ptr, col0, cmask, GW, 0, NORM)
-    l1, a1, sq1 = _w4_act(a_ptr, g_ptr, col0, cmask, GW, 1, NORM)
-    l2, a2, sq2 = _w4_act(a_ptr, g_ptr, col0, cmask, GW, 2, NORM)
-    l3, a3, sq3 = _w4_act(a_ptr, g_ptr, col0, cmask, GW, 3, NORM)
-    l4, a4, sq4 = _w4_act(a_ptr, g_ptr, col0, cmask, GW, 4, NORM)
-    l5, a5, sq5 = _w4_act(a_ptr, g_ptr, col0, cmask, GW, 5, NORM)
-    l6, a6, sq6 = _w4_act(a_ptr, g_ptr, col0, cmask, GW, 6, NORM)
-    l7, a7, sq7 = _w4_act(a_ptr, g_ptr, col0, cmask, GW, 7, NORM)
-    asum = tl.sum(((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)), axis=3, keep_dims=True)  # [1, 1, BC, 1]
-    if NORM:
-        rstd = tl.rsqrt(tl.sum(((sq0 + sq1) + (sq2 + sq3)) + ((sq4 + sq5) + (sq6 + sq7))) / K + eps)
-    for b in tl.range(tl.program_id(0), blocks, programs, num_stages=STAGES):
-        n = b * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = (n[:, None] + pair[None, :] * N)[:, :, None, None]
-        rmask = (n[:, None] < N)[:, :, None, None] & (pair[None, :] < P)[:, :, None, None]
-        q, s, zw = _w4_tile(q_ptr, s_ptr, z_ptr, rows, rmask, c, i, KW, NG, GW, ZP)
-        nmask = n < N
-        if RESIDUAL:
-            r = tl.load(r_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-        qh = q >> 12
-        p = _w4_code(q, qh, 0) * l0
-        p += _w4_code(q, qh, 1) * l1
-        p += _w4_code(q, qh, 2) * l2
-        p += _w4_code(q, qh, 3) * l3
-        p += _w4_code(q, qh, 4) * l4
-        p += _w4_code(q, qh, 5) * l5
-        p += _w4_code(q, qh, 6) * l6
-        p += _w4_code(q, qh, 7) * l7
-        if ZP:
-            centre = (((zw >> ((rows % 8) * 4)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        else:
-            centre = 8.0
-        acc = s.to(tl.float32) * (tl.sum(p, axis=3, keep_dims=True) * 5.902958103587057e20 - centre * asum)
-        y = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BLOCK_N, P]
-        if NORM:
-            y = y * rstd
-        if GATED:
-            gate = tl.sum(tl.where(pair[None, :] == 0, y, 0.0), axis=1)
-            up = tl.sum(tl.where(pair[None, :] == 1, y, 0.0), axis=1)
-            o = gate * tl.sigmoid(gate) * up
-        else:
-            o = tl.sum(y, axis=1)
-        if RESIDUAL:
-            o += r
-        tl.store(out_ptr + n, o.to(out_ptr.dtype.element_ty), mask=nmask)
-
-
 def _w4_check(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, k: int, group: int) -> None:
     n = packed.shape[0]
     if group % 32 or k % group or packed.dtype != torch.int32 or not packed.is_contiguous() or packed.shape[1] != k // 8:
@@ -881,8 +760,7 @@ def gemv_w4(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor 
         scale, zero_point, group: the layer's compressed-tensors scales, packed zero points (None
             when symmetric) and group size.
         a: the input, ``K`` elements; ``out``: ``N`` elements (may be ``residual`` itself).
-        config: ``(rows a program, words a tile, warps)`` instead of the tuned choice (tests, bench), or
-            a streamed one, ``(rows a block, words, warps, programs an SM)`` (``_gemv_w4_stream_kernel``).
+        config: ``(rows a program, words a tile, warps)`` instead of the tuned choice (tests, bench).
         dry: the weight loads without the arithmetic (bench only: the output is meaningless).
     """
     k = a.numel()
@@ -898,16 +776,6 @@ def gemv_w4(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor 
                 RESIDUAL=residual is not None, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
     if config is None and not dry:
         _gemv_w4[lambda m: (triton.cdiv(n, m["BLOCK_N"]),)](*args, **meta)
-    elif config is not None and len(config) == 5:  # streamed: (rows a block, words, warps, programs an SM, stages)
-        if dry:
-            raise ValueError("gemv_w4: dry runs are the tiles' (a 3-item config)")
-        block_n, bw, warps, per_sm, stages = config
-        if bw < k // 8:
-            raise ValueError(f"gemv_w4: a streamed config takes K in one tile: {bw} words for K {k}")
-        sms = 1 if INTERPRET else _sm_count(a.device.index if a.device.index is not None
-                                            else torch.cuda.current_device())
-        grid = (min(triton.cdiv(n, block_n), per_sm * sms),)
-        _gemv_w4_stream_kernel[grid](*args, **meta, BLOCK_N=block_n, BW=bw, STAGES=stages, num_warps=warps)
     else:
         block_n, bw, warps = config or W4_CONFIGS[0]
         _gemv_w4_fixed[(triton.cdiv(n, block_n),)](*args, **meta, BLOCK_N=block_n, BW=bw, num_warps=warps, DRY=dry)
