@@ -27,10 +27,9 @@ Measured, each after a warm-up, on random prompt ids (the numbers do not depend 
      `fused_autotuned`: the launch configs left to Triton's autotuner instead of timed per role in a
      graph (`FusedDecoder(tune=False)`); `fused_no_preload`: o_proj's GEMV requesting one tile of its
      weights before waiting for attention, not all of K (`FusedDecoder(preload=False)`);
-     `fused_no_attn_prefetch`: attention reading its cached keys and values only after waiting for
-     the q/k/v projection (`FusedDecoder(attn_prefetch=False)`; `engine_solo_fused_no_attn_prefetch`: that
-     decoder through the engine); `engine_solo_fused_sync`: the engine recording each token before queueing the next step
-     (`Engine(overlap=False)`, its way before the solo overlap) as the baseline of `engine_solo_fused`.
+     `fused_o_ab`: o_proj on a preload config and on a plain one, the other roles' configs the
+     tuned decoder's, each raw and through the engine, two rounds; `engine_solo_fused_sync`: the
+     engine recording each token before queueing the next step (`Engine(overlap=False)`, its way before the solo overlap) as the baseline of `engine_solo_fused`.
    `bf16_accuracy`: eager bf16 and `fused` logits against a float32 copy of the model.
    Each as tokens/s and as a fraction of the bound `bandwidth / bytes read per token`, where the
    bytes are every weight a decode step reads (all linear layers and the LM head; one embedding
@@ -985,30 +984,23 @@ def main(argv: list[str] | None = None) -> int:
                 return with_configs(decode_graph(dec, prompt_len=args.prompt_len, steps=steps, device=device,
                                                  mode=prefix + "fused_no_preload"), dec)
 
-            def fused_no_attn_prefetch() -> dict[str, Any]:  # attention's cached keys/values read after its wait
-                dec = FusedDecoder(m, max_len, device, attn_prefetch=False)
-                return with_configs(decode_graph(dec, prompt_len=args.prompt_len, steps=steps, device=device,
-                                                 mode=prefix + "fused_no_attn_prefetch"), dec)
-
-            def fused_prefetch_ab() -> dict[str, Any]:
-                """Attention's prefetch on and off with the same launch configs (the tuned decoder's),
-                bf16 also with o_proj on each of its two kinds of config, the one requesting its weights
-                before the wait for attention (preload) and not: each decoder raw and through the engine,
-                two rounds in alternating order."""
+            def fused_o_ab() -> dict[str, Any]:
+                """o_proj on each of its two kinds of bf16 config, one requesting all of its weights
+                before the wait for attention (preload) and one not, the other roles on the tuned
+                decoder's configs: each decoder raw and through the engine, two rounds in alternating order."""
                 import statistics
 
                 base = fdec()
                 if base._graph is None:
                     decode_graph(base, prompt_len=args.prompt_len, steps=8, device=device)  # tunes and captures
                 configs = dict(base.gemv_configs)
-                dense = isinstance(base._layers[0][1], torch.Tensor)
-                o_choices = {"o_plain": (8, 512, 4), "o_preload": (8, 1024, 4, 4)} if dense else {"o_tuned": configs["o"]}
+                if not isinstance(base._layers[0][1], torch.Tensor):
+                    raise LookupError("o_proj is W4A16: its kernel has no preload configs")
+                o_choices = {"o_plain": (8, 512, 4), "o_preload": (8, 1024, 4, 4)}
                 decs = {}
-                for o_name, o_cfg in o_choices.items():
-                    for prefetch in (True, False):
-                        dec = FusedDecoder(m, max_len, device, tune=False, attn_prefetch=prefetch)
-                        dec.gemv_configs = {**configs, "o": o_cfg}
-                        decs[f"{'prefetch' if prefetch else 'no_prefetch'}_{o_name}"] = dec
+                for name, o_cfg in o_choices.items():
+                    decs[name] = FusedDecoder(m, max_len, device, tune=False)
+                    decs[name].gemv_configs = {**configs, "o": o_cfg}
                 runs: dict[str, dict[str, list[float]]] = {name: {"raw": [], "engine": []} for name in decs}
                 for rnd in range(2):
                     for name in (list(decs) if rnd == 0 else list(decs)[::-1]):
@@ -1016,27 +1008,23 @@ def main(argv: list[str] | None = None) -> int:
                         eng = decode_engine_solo(m, decs[name], prompt_len=args.prompt_len, steps=steps, device=device)
                         runs[name]["raw"].append(raw["tokens_per_s"])
                         runs[name]["engine"].append(eng["tokens_per_s"])
-                        print(prefix + "fused_prefetch_ab", name, raw["tokens_per_s"], eng["tokens_per_s"], flush=True)
+                        print(prefix + "fused_o_ab", name, raw["tokens_per_s"], eng["tokens_per_s"], flush=True)
                 med = {name: {k: round(statistics.median(v), 2) for k, v in r.items()} for name, r in runs.items()}
-                ratios = {o: {k: round(med[f"prefetch_{o}"][k] / med[f"no_prefetch_{o}"][k], 3) for k in ("raw", "engine")}
-                          for o in o_choices}
-                return {"mode": prefix + "fused_prefetch_ab", "configs": {k: list(v) for k, v in configs.items()},
+                return {"mode": prefix + "fused_o_ab", "tuned_configs": {k: list(v) for k, v in configs.items()},
                         "o_configs": {k: list(v) for k, v in o_choices.items()}, "runs": runs, "median": med,
-                        "prefetch_over_no_prefetch": ratios, "tokens_per_s": max(v["engine"] for v in med.values())}
+                        "preload_over_plain": {k: round(med["o_preload"][k] / med["o_plain"][k], 3)
+                                               for k in ("raw", "engine")},
+                        "tokens_per_s": max(v["engine"] for v in med.values())}
 
             out += [(prefix + "fused", fused_run), (prefix + "fused_no_pdl", fused_no_pdl),
-                    (prefix + "fused_prefetch_ab", fused_prefetch_ab),
-                    (prefix + "fused_no_attn_prefetch", fused_no_attn_prefetch),
+                    (prefix + "fused_o_ab", fused_o_ab),
                     (prefix + "fused_autotuned", fused_autotuned), (prefix + "fused_no_preload", fused_no_preload),
                     (prefix + "engine_solo_fused", lambda: decode_engine_solo(
                         m, fdec(), prompt_len=args.prompt_len, steps=steps, device=device,
                         mode=prefix + "engine_solo_fused")),
                     (prefix + "engine_solo_fused_sync", lambda: decode_engine_solo(
                         m, fdec(), prompt_len=args.prompt_len, steps=steps, device=device,
-                        mode=prefix + "engine_solo_fused_sync", overlap=False)),
-                    (prefix + "engine_solo_fused_no_attn_prefetch", lambda: decode_engine_solo(
-                        m, FusedDecoder(m, max_len, device, attn_prefetch=False), prompt_len=args.prompt_len,
-                        steps=steps, device=device, mode=prefix + "engine_solo_fused_no_attn_prefetch"))]
+                        mode=prefix + "engine_solo_fused_sync", overlap=False))]
         if compile_on and graphs and compiled:
             for variant in (args.graph_variants.split(",") if tuned and args.graph_variants else []):
                 out.append((prefix + "graph_" + variant, variant_run(m, variant, prefix)))

@@ -226,18 +226,6 @@ def test_fused_decoder_matches_the_dynamic_cache_forward(greedy_reference: Any, 
     _check_decoder(dec, want, want_logits)
 
 
-def test_fused_decoder_takes_the_new_position_from_registers_in_any_block_of_a_split(greedy_reference: Any,
-                                                                                    kernels: Any) -> None:
-    # Two 4-position blocks a split: the first is requested before the wait, so it never holds the
-    # new key and value; the new position falls in the first block and in the second in turn.
-    device = kernels.DEVICE
-    model = _build("phi3", device=device, **_SMALL)
-    want, want_logits = greedy_reference(model, PROMPT, 10, device)
-    dec = FusedDecoder(model, 32, device, chunk=8)
-    dec._attn.block_t = 4
-    _check_decoder(dec, want, want_logits)
-
-
 def test_fused_decoder_keeps_the_model_working_and_refuses_other_architectures(kernels: Any) -> None:
     device = kernels.DEVICE
     model = _build("llama", device=device, **_SMALL)

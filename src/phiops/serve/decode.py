@@ -321,13 +321,11 @@ class FusedDecoder(GraphDecoder):
     """
 
     def __init__(self, model: Any, max_len: int, device: str, *, chunk: int | None = None, tune: bool = True,
-                 preload: bool = True, attn_prefetch: bool = True) -> None:
+                 preload: bool = True) -> None:
         """``chunk``: positions per attention split (default: ``kernels.Attention``'s choice).
         ``tune``: time each role's launch configs in a graph before capturing the step (``_tune``);
         False leaves them to Triton's autotuner (the benches' baseline). ``preload``: the bf16
-        GEMVs of ``PRELOAD_ROLES`` may request all of K before waiting (False: the benches' baseline).
-        ``attn_prefetch``: attention requests its first block of cached keys and values before waiting
-        for the q/k/v projection (``kernels.Attention``'s ``prefetch``; False: the benches' baseline)."""
+        GEMVs of ``PRELOAD_ROLES`` may request all of K before waiting (False: the benches' baseline)."""
         reason = fused_unsupported(model)
         if reason:
             raise ValueError(f"FusedDecoder does not support this model: {reason}")
@@ -342,8 +340,7 @@ class FusedDecoder(GraphDecoder):
         head_dim = attn0.head_dim
         self._cos, self._sin, rot = rotary_tables(model, max_len, device)
         self._attn = K.Attention(heads=hq, kv_heads=hkv, head_dim=head_dim, rotary_dim=rot,
-                                 max_len=max_len, scaling=float(attn0.scaling), device=device, chunk=chunk,
-                                 prefetch=attn_prefetch)
+                                 max_len=max_len, scaling=float(attn0.scaling), device=device, chunk=chunk)
         self._layers, self._lm_head = layer_matrices(model), _fused_matrix((model.lm_head,))
         self._embed = inner.embed_tokens.weight.data
         self._norm, self._norm_eps = inner.norm.weight.data, float(inner.norm.variance_epsilon)

@@ -217,48 +217,35 @@ def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_
                       sm_scale, MAX_LEN,
                       CHUNK: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
                       GROUP_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                      SPLITS: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = True):
+                      SPLITS: tl.constexpr, PDL: tl.constexpr):
     """One program per (key/value head, sequence split, batch row); it serves the head's GROUP query heads.
 
     The cache is ``[rows, HKV, MAX_LEN, D]``, row ``r`` its own (a paged pool: ``_paged_attention``).
-    ``PREFETCH``: the split's first block of cached keys and values (the positions before ``pos``,
-    written by earlier steps) is requested before the wait for the q/k/v projection, so that it
-    streams while that kernel finishes; ``pos`` is read before the wait too, so it must be written
-    before the step's kernels run (``GraphDecoder.step`` fills it before the graph's replay). The new
-    position's key and value are taken from registers wherever a block holds it.
     """
     if PDL:
         gdc_launch_dependents()
-        if not PREFETCH:
-            gdc_wait()
+        gdc_wait()
     kvh = tl.program_id(0)
     split = tl.program_id(1)
     row = tl.program_id(2)
-    pos = tl.load(pos_ptr + row)
-    lo = split * CHUNK
-    hi = tl.minimum(lo + CHUNK, pos + 1)
-    head_off = (row * HKV + kvh) * MAX_LEN * D
-    d0 = tl.arange(0, BLOCK_D)
-    t0 = lo + tl.arange(0, BLOCK_T)
-    offs0 = head_off + t0[:, None] * D + d0[None, :]
-    premask = (t0 < pos)[:, None] & (d0 < D)[None, :]
-    kb0 = tl.load(k_cache + offs0, mask=premask, other=0.0)
-    vb0 = tl.load(v_cache + offs0, mask=premask, other=0.0)
-    if PDL and PREFETCH:
-        gdc_wait()
     qkv_ptr += row * ((HQ + 2 * HKV) * D)
+    pos = tl.load(pos_ptr + row)
     d, dmask, partner, sign, cos, sin, gmask, qh, qmask, q = _rotated_query(
         qkv_ptr, cos_ptr, sin_ptr, pos, kvh, sm_scale, HQ, HKV, D, ROT, GROUP_P, BLOCK_D)
 
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, pos + 1)
+    head_off = (row * HKV + kvh) * MAX_LEN * D
     new_off = head_off + pos * D
-    k_base = qkv_ptr + (HQ + kvh) * D
-    k = tl.load(k_base + d, mask=dmask, other=0.0).to(tl.float32)
-    k_rot = tl.load(k_base + partner, mask=dmask, other=0.0).to(tl.float32)
-    k_new = (k * cos + k_rot * sign * sin).to(k_cache.dtype.element_ty)
-    v_new = tl.load(qkv_ptr + (HQ + HKV + kvh) * D + d, mask=dmask, other=0.0).to(v_cache.dtype.element_ty)
     if (pos >= lo) & (pos < lo + CHUNK):  # this split holds the new position: write its key and value
-        tl.store(k_cache + new_off + d, k_new, mask=dmask)
-        tl.store(v_cache + new_off + d, v_new, mask=dmask)
+        k_base = qkv_ptr + (HQ + kvh) * D
+        k = tl.load(k_base + d, mask=dmask, other=0.0).to(tl.float32)
+        k_rot = tl.load(k_base + partner, mask=dmask, other=0.0).to(tl.float32)
+        k = k * cos + k_rot * sign * sin
+        v = tl.load(qkv_ptr + (HQ + HKV + kvh) * D + d, mask=dmask, other=0.0)
+        tl.store(k_cache + new_off + d, k.to(k_cache.dtype.element_ty), mask=dmask)
+        tl.store(v_cache + new_off + d, v, mask=dmask)
+    tl.debug_barrier()  # the program's own writes above are read back in the loop below
 
     m = tl.full([GROUP_P], float("-inf"), dtype=tl.float32)
     l = tl.zeros([GROUP_P], dtype=tl.float32)
@@ -268,16 +255,10 @@ def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_
         if lo + i < hi:
             t = lo + i + tl.arange(0, BLOCK_T)
             tmask = t < hi
-            if i == 0:  # the block requested before the wait
-                kb, vb = kb0, vb0
-            else:
-                offs = head_off + t[:, None] * D + d[None, :]
-                kvmask = (t < pos)[:, None] & dmask[None, :]
-                kb = tl.load(k_cache + offs, mask=kvmask, other=0.0)
-                vb = tl.load(v_cache + offs, mask=kvmask, other=0.0)
-            new = (t == pos)[:, None]  # the new position: from registers, not read back
-            kb = tl.where(new, k_new[None, :], kb).to(tl.float32)
-            vb = tl.where(new, v_new[None, :], vb).to(tl.float32)
+            kvmask = tmask[:, None] & dmask[None, :]
+            offs = head_off + t[:, None] * D + d[None, :]
+            kb = tl.load(k_cache + offs, mask=kvmask, other=0.0).to(tl.float32)
+            vb = tl.load(v_cache + offs, mask=kvmask, other=0.0).to(tl.float32)
             s = tl.sum(q[:, None, :] * kb[None, :, :], axis=2)  # [GROUP_P, BLOCK_T], in log2 units
             s = tl.where(tmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -402,9 +383,7 @@ class Attention:
     ``rows``: batch rows a call serves (``qkv`` ``[rows, (HQ + 2 HKV) D]``, ``pos`` ``[rows]``, ``out``
     ``[rows, HQ D]``). ``page``: the positions a page of a paged pool holds (``__call__``'s ``table``;
     ``_paged_attention``), None for a contiguous ``[rows, HKV, max_len, D]`` cache (``_decode_attention``);
-    ``max_len`` is then the positions a row's table can address. ``prefetch``: the contiguous cache's
-    first block of keys and values requested before the wait (``_decode_attention``; False: after it,
-    the benches' baseline).
+    ``max_len`` is then the positions a row's table can address.
     """
 
     # Launch settings from bench/decode_kernels.py --attention-sweep (bench/results/
@@ -422,7 +401,7 @@ class Attention:
     def __init__(self, *, heads: int, kv_heads: int, head_dim: int, rotary_dim: int, max_len: int,
                  scaling: float, device: Any, chunk: int | None = None, block_t: int | None = None,
                  num_warps: int | None = None, rows: int = 1, page: int | None = None,
-                 stages: int | None = None, prefetch: bool = True) -> None:
+                 stages: int | None = None) -> None:
         if heads % kv_heads or rotary_dim % 2 or rotary_dim > head_dim:
             raise ValueError(f"unsupported attention shape: {heads} heads, {kv_heads} kv heads, "
                              f"head_dim {head_dim}, rotary {rotary_dim}")
@@ -430,7 +409,7 @@ class Attention:
             raise ValueError(f"page {page}: a power of two of at least 16 that divides max_len {max_len}")
         self.hq, self.hkv, self.d, self.rot, self.max_len, self.scaling = (heads, kv_heads, head_dim, rotary_dim,
                                                                            max_len, scaling)
-        self.rows, self.page, self.prefetch = rows, page, prefetch
+        self.rows, self.page = rows, page
         # Splits: enough programs to fill the GPU for a short sequence, each scanning at most `chunk`.
         splits = self.MAX_SPLITS if rows == 1 else max(1, min(self.MAX_SPLITS, self.FILL_PROGRAMS // (kv_heads * rows)))
         smallest = page or self.BLOCK_T
@@ -459,8 +438,8 @@ class Attention:
             _decode_attention[(self.hkv, self.splits, self.rows)](
                 qkv, k_cache, v_cache, pos, cos, sin, out, self.po, self.pm, self.pl, self.scaling, self.max_len,
                 CHUNK=self.chunk, HQ=self.hq, HKV=self.hkv, D=self.d, ROT=self.rot, GROUP_P=group_p,
-                BLOCK_D=block_d, BLOCK_T=self.block_t, SPLITS=self.splits, PDL=pdl, PREFETCH=self.prefetch,
-                num_warps=self.num_warps, **launch)
+                BLOCK_D=block_d, BLOCK_T=self.block_t, SPLITS=self.splits, PDL=pdl, num_warps=self.num_warps,
+                **launch)
         else:
             # float32 caches (and the interpreter, which multiplies bf16 dot operands as raw bits) dot in float32
             _paged_attention[(self.hkv, self.splits, self.rows)](
