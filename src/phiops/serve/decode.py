@@ -302,12 +302,7 @@ def layer_matrices(model: Any) -> list[tuple[Any, ...]]:
 
 # The roles whose bf16 GEMV runs after a latency-bound kernel (o_proj after attention and its
 # combine, a few microseconds in which the memory bus is idle): ``_tune`` also times configs that
-# request all of their K before waiting, so that the weights stream while attention runs, and times
-# every config of these roles with attention launched before each GEMV, as in the step. Timed
-# without it, the preload configs' gain does not show: the tuner picked o_proj's plain config for 4
-# of the 5 bf16 decoders tuned for bench/results/decode_attn_prefetch*_h200.json, although with the
-# other roles' configs held equal the preload one ran 1.034x the raw step and 1.048x through the
-# engine (decode_attn_prefetch_ab_h200.json).
+# request all of their K before waiting, so that the weights stream while attention runs.
 PRELOAD_ROLES = ("o",)
 
 
@@ -408,14 +403,13 @@ class FusedDecoder(GraphDecoder):
         room to start early: on the H200 its W4A16 picks ran up to 1.2x slower in a graph than the
         best config (bench/results/decode_kernels_w4a16_h200.json, ``sweep``); timed this way, the
         whole bf16 step ran 1.02x and the W4A16 one 1.03x faster than on the autotuner's picks
-        (bench/results/decode_solo_overlap_h200.json). ``PRELOAD_ROLES`` are timed with attention
-        before each launch (above). The buffers and the cache position this scribbles on are
+        (bench/results/decode_solo_overlap_h200.json). The buffers this scribbles on are
         overwritten by the step.
         """
         import statistics
 
         K = self._K
-        for buf in (self._x, self._qkv, self._ao, self._h):
+        for buf in (self._x, self._ao, self._h):
             buf.normal_()
         for role in ("qkv", "o", "gate_up", "down", "lm_head"):
             specs = self._specs(role)
@@ -430,9 +424,7 @@ class FusedDecoder(GraphDecoder):
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    for cache, (w, a, out, fused) in zip(self.cache.layers, specs):
-                        if role in PRELOAD_ROLES:  # attention first, as in the step (writes at the step's position)
-                            self._attn(self._qkv, cache.keys, cache.values, self._pos, self._cos, self._sin, self._ao)
+                    for w, a, out, fused in specs:
                         self._mv(w, a, out, config=cfg, **fused)
                 graph.replay()
                 runs = []
