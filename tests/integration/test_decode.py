@@ -200,7 +200,8 @@ def test_gemv_kernel_computes_its_fused_stages(kernels: Any, norm: bool, gated: 
     if gated:
         y = torch.nn.functional.silu(y[:n]) * y[n:]
     want = y + r if residual else y
-    for config in [None] + kernels.gemv_candidates(preload=True):  # the autotuner's pick, then each config FusedDecoder times
+    # the autotuner's pick, then each config FusedDecoder times
+    for config in [None] + kernels.gemv_candidates() + kernels.gemv_candidates(preload=True):
         out = r.clone() if residual else torch.full((n,), float("nan"), device=device)  # poisoned: every row written
         kernels.gemv(w, a, out, norm=gain, eps=1e-5, gated=gated, residual=out if residual else None, config=config)
         assert float((out - want).norm() / want.norm()) < 1e-5, config

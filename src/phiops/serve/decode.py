@@ -301,8 +301,14 @@ def layer_matrices(model: Any) -> list[tuple[Any, ...]]:
 
 
 # The roles whose bf16 GEMV runs after a latency-bound kernel (o_proj after attention and its
-# combine, a few microseconds in which the memory bus is idle): ``_tune`` also times configs that
-# request all of their K before waiting, so that the weights stream while attention runs.
+# combine, a few microseconds in which the memory bus is idle): ``_tune`` times only the configs that
+# request all of their K before waiting, so that the weights stream while attention runs. It used to
+# time them beside the plain ones, and picked a plain one for 4 of the 5 bf16 decoders tuned for
+# bench/results/decode_attn_prefetch*_h200.json: timed back to back, without attention between
+# launches, the preload's gain cannot show. In the step, with the other roles' configs held equal,
+# o_proj's preload config (8, 1024, 4, 4) ran the raw step 1.045x and 1.012x and the lone request
+# through the engine 1.044x and 1.030x faster than its plain (8, 512, 4), in two runs
+# (decode_attn_prefetch_ab_h200.json, ``no_prefetch_*``; decode_o_in_context_h200.json, ``fused_o_ab``).
 PRELOAD_ROLES = ("o",)
 
 
@@ -325,7 +331,7 @@ class FusedDecoder(GraphDecoder):
         """``chunk``: positions per attention split (default: ``kernels.Attention``'s choice).
         ``tune``: time each role's launch configs in a graph before capturing the step (``_tune``);
         False leaves them to Triton's autotuner (the benches' baseline). ``preload``: the bf16
-        GEMVs of ``PRELOAD_ROLES`` may request all of K before waiting (False: the benches' baseline)."""
+        GEMVs of ``PRELOAD_ROLES`` request all of K before waiting (False: one tile, the benches' baseline)."""
         reason = fused_unsupported(model)
         if reason:
             raise ValueError(f"FusedDecoder does not support this model: {reason}")

@@ -64,10 +64,10 @@ GEMV_INTERPRET_PRELOAD_CONFIG = (128, 32, 4, 4)  # the tests' K of 200: four til
 
 def gemv_candidates(preload: bool = False) -> list[tuple[int, ...]]:
     """The launch configs ``gemv(config=...)`` takes here (``FusedDecoder._tune`` times them);
-    ``preload``: also those requesting up to four tiles before the wait."""
+    ``preload``: those requesting up to four tiles before the wait instead."""
     if INTERPRET:
-        return [GEMV_INTERPRET_CONFIG] + ([GEMV_INTERPRET_PRELOAD_CONFIG] if preload else [])
-    return GEMV_CONFIGS + (GEMV_PRELOAD_CONFIGS if preload else [])
+        return [GEMV_INTERPRET_PRELOAD_CONFIG if preload else GEMV_INTERPRET_CONFIG]
+    return GEMV_PRELOAD_CONFIGS if preload else GEMV_CONFIGS
 
 
 def _gemv_configs() -> list[Any]:
