@@ -29,7 +29,8 @@ Measured, each after a warm-up, on random prompt ids (the numbers do not depend 
      weights before waiting for attention, not all of K (`FusedDecoder(preload=False)`);
      `fused_o_ab`: o_proj on a preload config and on a plain one, the other roles' configs the
      tuned decoder's, each raw and through the engine, two rounds; `engine_solo_fused_sync`: the
-     engine recording each token before queueing the next step (`Engine(overlap=False)`, its way before the solo overlap) as the baseline of `engine_solo_fused`.
+     engine recording each token before queueing the next step (`Engine(overlap=False)`, its way
+     before the solo overlap) as the baseline of `engine_solo_fused`.
    `bf16_accuracy`: eager bf16 and `fused` logits against a float32 copy of the model.
    Each as tokens/s and as a fraction of the bound `bandwidth / bytes read per token`, where the
    bytes are every weight a decode step reads (all linear layers and the LM head; one embedding
