@@ -227,6 +227,19 @@ def test_fused_decoder_matches_the_dynamic_cache_forward(greedy_reference: Any, 
     _check_decoder(dec, want, want_logits)
 
 
+def test_fused_decoder_times_only_preload_configs_for_o_proj(kernels: Any) -> None:
+    # o_proj's preload configs stream its weights while attention runs; timed without attention the
+    # tuner could not see that and picked plain ones, so they are the only candidates (decode.PRELOAD_ROLES)
+    device = kernels.DEVICE
+    model = _build("phi3", device=device, **_SMALL)
+    dec = FusedDecoder(model, 32, device)
+    assert dec.candidates("o") == kernels.gemv_candidates(preload=True)
+    assert all(len(c) == 4 for c in dec.candidates("o"))  # (rows, columns, warps, tiles before the wait)
+    for role in ("qkv", "gate_up", "down", "lm_head"):
+        assert dec.candidates(role) == kernels.gemv_candidates()
+    assert FusedDecoder(model, 32, device, preload=False).candidates("o") == kernels.gemv_candidates()
+
+
 def test_fused_decoder_keeps_the_model_working_and_refuses_other_architectures(kernels: Any) -> None:
     device = kernels.DEVICE
     model = _build("llama", device=device, **_SMALL)

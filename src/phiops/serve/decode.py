@@ -399,6 +399,18 @@ class FusedDecoder(GraphDecoder):
             self._tune()
         super()._capture()
 
+    def candidates(self, role: str) -> list[tuple[int, ...]]:
+        """The launch configs ``_tune`` times for a role: the bf16 GEMV's (those that request all of
+        K before the wait alone, for ``PRELOAD_ROLES`` unless ``preload`` is off) or the W4A16 one's;
+        none where the role's layers mix the two."""
+        specs = self._specs(role)
+        dense = [isinstance(w, torch.Tensor) for w, *_ in specs]
+        if any(dense) != all(dense):
+            return []
+        if all(dense):
+            return self._K.gemv_candidates(self.preload and role in PRELOAD_ROLES)
+        return self._K.w4_candidates(specs[0][1].numel())
+
     def _tune(self, replays: int = 5) -> None:
         """Each role's launch config (q/k/v, o, gate/up, down, LM head; bf16 and W4A16): the one whose
         GEMVs over all the layers run fastest back to back in a CUDA graph with PDL, as in the step
@@ -419,12 +431,11 @@ class FusedDecoder(GraphDecoder):
             buf.normal_()
         for role in ("qkv", "o", "gate_up", "down", "lm_head"):
             specs = self._specs(role)
-            dense = [isinstance(w, torch.Tensor) for w, *_ in specs]
-            if any(dense) != all(dense):
+            candidates = self.candidates(role)
+            if not candidates:
                 continue  # bf16 and W4A16 layers mixed: each launch left to its autotuner
             times = {}
-            for cfg in (K.gemv_candidates(self.preload and role in PRELOAD_ROLES) if all(dense)
-                        else K.w4_candidates(specs[0][1].numel())):
+            for cfg in candidates:
                 for w, a, out, fused in specs[:1]:  # compiles outside the capture
                     self._mv(w, a, out, config=cfg, **fused)
                 torch.cuda.synchronize()
