@@ -426,7 +426,6 @@ class FusedDecoder(GraphDecoder):
         """
         import statistics
 
-        K = self._K
         for buf in (self._x, self._ao, self._h):
             buf.normal_()
         for role in ("qkv", "o", "gate_up", "down", "lm_head"):
@@ -455,8 +454,9 @@ class FusedDecoder(GraphDecoder):
                 times[cfg] = statistics.median(runs)
                 del graph
             best = self.gemv_configs[role] = min(times, key=times.get)
-            log.info("%s %s: config %s, %.2f us a layer (%s)", "bf16" if all(dense) else "W4A16", role, best,
-                     times[best], ", ".join(f"{c}: {t:.2f}" for c, t in times.items()))
+            kind = "bf16" if isinstance(specs[0][0], torch.Tensor) else "W4A16"
+            log.info("%s %s: config %s, %.2f us a layer (%s)", kind, role, best, times[best],
+                     ", ".join(f"{c}: {t:.2f}" for c, t in times.items()))
 
 
 # ---- W4A16 through PyTorch's int4 kernel ---------------------------------------------------------
