@@ -194,7 +194,7 @@ def matmul_w4_sweep(arch: dict[str, Any], ms: list[int], group: int = 128, sweep
                 row.update(best_tiles=ok[0], best_tiles_over_cublas=round(cublas / ok[0]["us"], 3), top_tiles=ok[:6])
             print(json.dumps(row), flush=True)
             out.append(row)
-        del packed, scale, dense
+        packed = scale = dense = None  # freed before the next shape (rebound, not deleted: the lambdas name them)
         torch.cuda.empty_cache()
     return out
 

@@ -11,7 +11,6 @@ software pipeline; ``B = 1``: none). ``dq`` configs time ``kernels.dequant_w4`` 
 (the path ``matmul_w4`` took since). bench/README (W4A16's batched matmul through a scratch matrix)
 says what it showed: per-program K loops whose time tracks their length, not the bytes.
 """
-import itertools
 import json
 import sys
 import time
@@ -47,7 +46,6 @@ def _w4_group_load(x_ptr, q_ptr, s_ptr, z_ptr, rm, rn, mmask, nmask, g, K: tl.co
 @triton.jit
 def _w4_group_dot(acc, x, q, s, z, rn, G: tl.constexpr, ZP: tl.constexpr, F32: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    GW: tl.constexpr = G // 8
     u = ((q[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 15) | 0x4300  # bf16 128 + code
     w = tl.reshape(tl.permute(u, (0, 2, 1)), [BLOCK_N, G]).to(tl.int16).to(tl.bfloat16, bitcast=True)
     if ZP:
@@ -163,7 +161,7 @@ def main() -> None:
             print(json.dumps({key: v for key, v in row.items() if key != "top"}), flush=True)
             res["rows"].append(row)
             json.dump(res, open(out_path, "w"), indent=1)
-        del packed, scale, dense
+        packed = scale = dense = None  # freed before the next shape (rebound, not deleted: the lambdas name them)
         torch.cuda.empty_cache()
     res["total_s"] = round(time.time() - t0, 1)
     json.dump(res, open(out_path, "w"), indent=1)

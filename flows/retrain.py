@@ -35,7 +35,6 @@ from phiops import approval as approval_cli  # noqa: E402
 from phiops import candidate, config, deploy, eval_report, gate, lineage, live, procs, registry, runlock  # noqa: E402
 from phiops.paths import Layout  # noqa: E402
 from phiops.serve import client  # noqa: E402
-from phiops.stages import evaluate  # noqa: E402
 
 
 @task(retries=0)  # a retry cannot fix bad data or a bad config; DVC resumes what finished

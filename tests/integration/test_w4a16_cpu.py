@@ -124,7 +124,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_loaded_w4a16_stays_packed_and_decodes_as_the_dequantized_model(
         checkpoints: dict[str, Path], case: str, monkeypatch: pytest.MonkeyPatch, greedy_reference: Any) -> None:
-    path, (_, symmetric, group, (n_packed, n_fallback)) = checkpoints[case], CASES[case]
+    path, (_, _, _, (n_packed, n_fallback)) = checkpoints[case], CASES[case]
     model, *_ = load_checkpoint(str(path), "float32", "cpu", require_chat_template=False)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (Int4Linear, DequantizedLinear))}
     assert sum(isinstance(m, Int4Linear) for m in layers.values()) == n_packed
