@@ -1017,8 +1017,38 @@ def main(argv: list[str] | None = None) -> int:
                                                for k in ("raw", "engine")},
                         "tokens_per_s": max(v["engine"] for v in med.values())}
 
+            def fused_l2_ab() -> dict[str, Any]:
+                """Attention requesting the next GEMVs' weights into the L2 (``l2_prefetch``): none, o_proj's,
+                o_proj's and gate/up's, every launch config held at the tuned decoder's; each decoder raw
+                and through the engine, two rounds in alternating order."""
+                import statistics
+
+                base = fdec()
+                if base._graph is None:
+                    decode_graph(base, prompt_len=args.prompt_len, steps=8, device=device)  # tunes and captures
+                configs = dict(base.gemv_configs)
+                choices = {"none": (), "o": ("o",), "o_gate_up": ("o", "gate_up")}
+                decs = {}
+                for name, roles in choices.items():
+                    decs[name] = FusedDecoder(m, max_len, device, tune=False, l2_prefetch=roles)
+                    decs[name].gemv_configs = dict(configs)
+                runs: dict[str, dict[str, list[float]]] = {name: {"raw": [], "engine": []} for name in decs}
+                for rnd in range(2):
+                    for name in (list(decs) if rnd == 0 else list(decs)[::-1]):
+                        raw = decode_graph(decs[name], prompt_len=args.prompt_len, steps=steps, device=device)
+                        eng = decode_engine_solo(m, decs[name], prompt_len=args.prompt_len, steps=steps, device=device)
+                        runs[name]["raw"].append(raw["tokens_per_s"])
+                        runs[name]["engine"].append(eng["tokens_per_s"])
+                        print(prefix + "fused_l2_ab", name, raw["tokens_per_s"], eng["tokens_per_s"], flush=True)
+                med = {name: {k: round(statistics.median(v), 2) for k, v in r.items()} for name, r in runs.items()}
+                return {"mode": prefix + "fused_l2_ab", "configs": {k: list(v) for k, v in configs.items()},
+                        "prefetched_roles": {k: list(v) for k, v in choices.items()}, "runs": runs, "median": med,
+                        "over_none": {name: {k: round(med[name][k] / med["none"][k], 3) for k in ("raw", "engine")}
+                                      for name in decs},
+                        "tokens_per_s": max(v["engine"] for v in med.values())}
+
             out += [(prefix + "fused", fused_run), (prefix + "fused_no_pdl", fused_no_pdl),
-                    (prefix + "fused_o_ab", fused_o_ab),
+                    (prefix + "fused_o_ab", fused_o_ab), (prefix + "fused_l2_ab", fused_l2_ab),
                     (prefix + "fused_autotuned", fused_autotuned), (prefix + "fused_no_preload", fused_no_preload),
                     (prefix + "engine_solo_fused", lambda: decode_engine_solo(
                         m, fdec(), prompt_len=args.prompt_len, steps=steps, device=device,

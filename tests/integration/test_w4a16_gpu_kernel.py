@@ -171,6 +171,9 @@ def test_fused_w4a16_decoder_gives_the_dequantized_models_greedy_tokens(
     assert fused_unsupported(model) is None
     dec = FusedDecoder(model, 32, device)
     assert not isinstance(dec._layers[0][0], torch.Tensor)  # q/k/v through gemv_w4, not a dense weight
+    # each layer's attention requests its W4A16 o_proj's packed words into the L2 (decode.L2_PREFETCH)
+    assert dec.l2_prefetch == ("o",)
+    assert all(len(p) == 1 and p[0] is layer[1][0] for p, layer in zip(dec._prefetch, dec._layers, strict=True))
     with torch.inference_mode():  # (test_decode.py checks a second prefill into the same cache)
         logits, got = dec.prefill(PROMPT), []
         for i in range(8):

@@ -300,6 +300,13 @@ def layer_matrices(model: Any) -> list[tuple[Any, ...]]:
              float(layer.input_layernorm.variance_epsilon)) for layer in model.model.layers]
 
 
+# The W4A16 roles whose packed words each layer's attention kernel requests into the L2 before its
+# wait, while its latency-bound work leaves the memory bus idle. One H200, Phi-3-mini, every launch
+# config held equal (bench/results/decode_l2_prefetch_ab_h200.json): W4A16 o_proj's 4.7 MB 1.011x
+# through the engine (720.0 against 712.2 tok/s); with gate/up's 25 MB as well 0.954x; bf16 o_proj's
+# 18.9 MB 0.993x (its preload config already streams them), so bf16 weights are never prefetched.
+L2_PREFETCH = ("o",)
+
 # The roles whose bf16 GEMV runs after a latency-bound kernel (o_proj after attention and its
 # combine, a few microseconds in which the memory bus is idle): ``_tune`` times only the configs that
 # request all of their K before waiting, so that the weights stream while attention runs. It used to
@@ -327,11 +334,14 @@ class FusedDecoder(GraphDecoder):
     """
 
     def __init__(self, model: Any, max_len: int, device: str, *, chunk: int | None = None, tune: bool = True,
-                 preload: bool = True) -> None:
+                 preload: bool = True, l2_prefetch: tuple[str, ...] | None = None) -> None:
         """``chunk``: positions per attention split (default: ``kernels.Attention``'s choice).
         ``tune``: time each role's launch configs in a graph before capturing the step (``_tune``);
         False leaves them to Triton's autotuner (the benches' baseline). ``preload``: the bf16
-        GEMVs of ``PRELOAD_ROLES`` request all of K before waiting (False: one tile, the benches' baseline)."""
+        GEMVs of ``PRELOAD_ROLES`` request all of K before waiting (False: one tile, the benches' baseline).
+        ``l2_prefetch``: the roles ("o", "gate_up") whose weights each layer's attention kernel
+        requests into the L2 before it waits for q/k/v (W4A16: the packed words), () for none;
+        None: ``L2_PREFETCH`` (o_proj's where it is W4A16)."""
         reason = fused_unsupported(model)
         if reason:
             raise ValueError(f"FusedDecoder does not support this model: {reason}")
@@ -360,6 +370,13 @@ class FusedDecoder(GraphDecoder):
         self._logits = torch.empty((1, model.lm_head.out_features), dtype=dtype, device=device)
         self._fn = self._fused_step
         self.tune, self.preload = tune, preload
+        roles = {"o": 1, "gate_up": 2}
+        if l2_prefetch is None:
+            l2_prefetch = tuple(r for r in L2_PREFETCH if not isinstance(self._layers[0][roles[r]], torch.Tensor))
+        self.l2_prefetch = l2_prefetch
+        weights = lambda layer: (layer[roles[r]] for r in l2_prefetch)
+        self._prefetch = [tuple(w if isinstance(w, torch.Tensor) else w[0] for w in weights(layer))
+                          for layer in self._layers]
         self.gemv_configs: dict[str, tuple[int, ...]] = {}  # launch config per matrix role (_tune)
 
     def _mv(self, w: Any, a: Any, out: Any, role: str = "", config: Any = None, **fused: Any) -> Any:
@@ -386,10 +403,10 @@ class FusedDecoder(GraphDecoder):
     def _fused_step(self, tok: Any, pos: Any) -> Any:
         x, mv = self._x, self._mv
         torch.index_select(self._embed, 0, tok.view(1), out=x.view(1, -1))
-        for cache, layer in zip(self.cache.layers, self._layers):
+        for cache, layer, prefetch in zip(self.cache.layers, self._layers, self._prefetch):
             calls = self._calls(layer)
             mv(*calls["qkv"][:3], role="qkv", **calls["qkv"][3])
-            self._attn(self._qkv, cache.keys, cache.values, pos, self._cos, self._sin, self._ao)
+            self._attn(self._qkv, cache.keys, cache.values, pos, self._cos, self._sin, self._ao, prefetch=prefetch)
             for role in ("o", "gate_up", "down"):
                 mv(*calls[role][:3], role=role, **calls[role][3])
         return mv(self._lm_head, x, self._logits, role="lm_head", norm=self._norm, eps=self._norm_eps)

@@ -212,18 +212,43 @@ def _rotated_query(qkv_ptr, cos_ptr, sin_ptr, pos, kvh, sm_scale, HQ: tl.constex
     return d, dmask, partner, sign, cos, sin, gmask, qh, qmask, q
 
 
+L2_LINE = 128  # bytes an L2 prefetch brings
+
+
+@triton.jit
+def _l2_prefetch(ptr, lines, pid, nprog, BLOCK: tl.constexpr):
+    """This program's share of ``lines`` 128-byte lines from ``ptr`` requested into the L2
+    (PTX ``prefetch.global.L2::evict_last``: nothing comes back to registers, nothing waits)."""
+    base = ptr.to(tl.pointer_type(tl.int8))
+    per = tl.cdiv(lines, nprog)
+    for j in range(0, per, BLOCK):
+        line = tl.minimum(pid * per + j + tl.arange(0, BLOCK), lines - 1).to(tl.int64)
+        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                  [base + line * 128], dtype=tl.int32, is_pure=False, pack=1)
+
+
 @triton.jit
 def _decode_attention(qkv_ptr, k_cache, v_cache, pos_ptr, cos_ptr, sin_ptr, out_ptr, po_ptr, pm_ptr, pl_ptr,
-                      sm_scale, MAX_LEN,
+                      sm_scale, MAX_LEN, pf0_ptr, pf0_lines, pf1_ptr, pf1_lines,
                       CHUNK: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
                       GROUP_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                      SPLITS: tl.constexpr, PDL: tl.constexpr):
+                      SPLITS: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0):
     """One program per (key/value head, sequence split, batch row); it serves the head's GROUP query heads.
 
     The cache is ``[rows, HKV, MAX_LEN, D]``, row ``r`` its own (a paged pool: ``_paged_attention``).
+    ``PREFETCH`` (0-2): regions (``pf*_ptr``, ``pf*_lines`` lines of 128 bytes) the programs request
+    into the L2 first, before the wait: the next kernels' weights, streamed while attention's
+    latency-bound work leaves the memory bus idle.
     """
     if PDL:
         gdc_launch_dependents()
+    if PREFETCH > 0:
+        pid = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
+        nprog = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+        _l2_prefetch(pf0_ptr, pf0_lines, pid, nprog, 64)
+        if PREFETCH > 1:
+            _l2_prefetch(pf1_ptr, pf1_lines, pid, nprog, 64)
+    if PDL:
         gdc_wait()
     kvh = tl.program_id(0)
     split = tl.program_id(1)
@@ -427,9 +452,15 @@ class Attention:
 
     def __call__(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
-                 table: torch.Tensor | None = None) -> torch.Tensor:
+                 table: torch.Tensor | None = None, prefetch: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """``prefetch``: up to two contiguous CUDA tensors (the next GEMVs' weights) the unpaged
+        kernel requests into the L2 before it waits for ``qkv``; ignored by the interpreter."""
         if (table is None) != (self.page is None):
             raise ValueError("a page table goes with a paged cache (Attention(page=...)), and only with one")
+        if len(prefetch) > 2 or (prefetch and table is not None):
+            raise ValueError("prefetch: up to two tensors, for the unpaged kernel")
+        pf = [] if INTERPRET else [(t, triton.cdiv(t.numel() * t.element_size(), L2_LINE)) for t in prefetch]
+        regions = [x for t, lines in pf for x in (t, lines)] + [qkv, 1] * (2 - len(pf))
         block_d = triton.next_power_of_2(self.d)
         pdl = pdl_enabled()
         launch = {"launch_pdl": True} if pdl else {}
@@ -437,9 +468,9 @@ class Attention:
         if table is None:
             _decode_attention[(self.hkv, self.splits, self.rows)](
                 qkv, k_cache, v_cache, pos, cos, sin, out, self.po, self.pm, self.pl, self.scaling, self.max_len,
-                CHUNK=self.chunk, HQ=self.hq, HKV=self.hkv, D=self.d, ROT=self.rot, GROUP_P=group_p,
-                BLOCK_D=block_d, BLOCK_T=self.block_t, SPLITS=self.splits, PDL=pdl, num_warps=self.num_warps,
-                **launch)
+                *regions, CHUNK=self.chunk, HQ=self.hq, HKV=self.hkv, D=self.d, ROT=self.rot, GROUP_P=group_p,
+                BLOCK_D=block_d, BLOCK_T=self.block_t, SPLITS=self.splits, PDL=pdl, PREFETCH=len(pf),
+                num_warps=self.num_warps, **launch)
         else:
             # float32 caches (and the interpreter, which multiplies bf16 dot operands as raw bits) dot in float32
             _paged_attention[(self.hkv, self.splits, self.rows)](
