@@ -38,7 +38,9 @@ device for the int4 swap, and on CUDA for the solo decoders.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -50,6 +52,25 @@ log = logging.getLogger("bentoml.phiops.decode")
 # reduction (norm + GEMV in one kernel). On an H100 (Phi-3-mini shape, bench/decode_phi3_mini.py)
 # the step ran 3.46-3.75 ms against 3.80-3.82 ms for cuBLAS GEMVs, for a compile of 62-87 s vs ~34 s.
 INDUCTOR_OPTIONS: dict[str, Any] = {"coordinate_descent_tuning": True}
+
+
+@contextlib.contextmanager
+def capture(graph: Any, pool: Any = None) -> Iterator[None]:
+    """``torch.cuda.graph`` for the decoders' captures, which run on the engine's thread while others
+    live: in ``thread_local`` mode another thread's CUDA call (a graph freed there, say) does not
+    invalidate this capture, and with Python's cyclic GC paused none of its passes frees a graph
+    inside it. (With the default mode, the fused decoder's first capture in an engine was
+    invalidated so on an H200 when other tests' engines had run in the process: "operation not
+    permitted when stream is capturing (function reset)", and every later capture in the process
+    failed.)"""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def undispatch(model: Any, device: str) -> None:
@@ -163,7 +184,7 @@ class GraphDecoder:
                         layer.cumulative_length.copy_(n)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with capture(graph):
                 self._logits = self._fn(self._tok, self._pos)
         self._graph = graph
         log.info("decode step captured as a CUDA graph (cache of %d tokens)", self.max_len)
@@ -456,7 +477,7 @@ class FusedDecoder(GraphDecoder):
                     self._mv(w, a, out, config=cfg, **fused)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                with capture(graph):
                     for w, a, out, fused in specs:
                         self._mv(w, a, out, config=cfg, **fused)
                 graph.replay()

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from phiops.serve.decode import _fused_matrix, fused_unsupported, layer_matrices, rotary_tables, undispatch
+from phiops.serve.decode import _fused_matrix, capture, fused_unsupported, layer_matrices, rotary_tables, undispatch
 
 log = logging.getLogger("bentoml.phiops.paged")
 
@@ -297,7 +297,7 @@ class PagedDecoder:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with capture(graph, pool=self._pool):
             self._forward(b)
         self._graphs[b] = graph
         log.info("batched decode step captured as a CUDA graph for %d rows", b)
