@@ -51,8 +51,29 @@ def machine() -> dict[str, Any]:
                             "cpu_isa": _cpu_isa(), "cpus": os.cpu_count()}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, gpu_memory_bytes=p.total_memory, cuda=torch.version.cuda)
+        info.update(gpu=p.name, gpu_memory_bytes=p.total_memory, cuda=torch.version.cuda, gpu_uuid=str(p.uuid))
+        info.update(_gpu_clocks())
     return info
+
+
+def _gpu_clocks() -> dict[str, Any]:
+    """The first GPU's driver, clocks and power limit (NVML, nvidia-ml-py): the same decoder with the
+    same launch configs ran 5-6 % apart on two leases of the device tool's H200
+    (results/decode_gate_up_ab_h200.json against results/decode_attn_prefetch_ab_h200.json), and
+    these are what such a gap may follow."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        return {"gpu_driver": pynvml.nvmlSystemGetDriverVersion(),
+                "gpu_clocks_mhz": {"sm": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+                                   "sm_max": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM),
+                                   "mem": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_MEM),
+                                   "mem_max": pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_MEM)},
+                "gpu_power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000}
+    except Exception as exc:  # no nvidia-ml-py, or NVML refused: the record says so
+        return {"gpu_clocks_error": f"{type(exc).__name__}: {exc}"[:200]}
 
 
 def drive_engine(engine: Any, request_cls: Any, prompts: list[list[int]], max_new_tokens: int,

@@ -1047,7 +1047,35 @@ def main(argv: list[str] | None = None) -> int:
                                       for name in decs},
                         "tokens_per_s": max(v["engine"] for v in med.values())}
 
+            def fused_gate_up_ab() -> dict[str, Any]:
+                """gate/up's two configs the tuner has picked, (2, 1,024, 4) and (4, 1,024, 4), behind o_proj on
+                its preload config; every other role on a fixed config seen picked (no tuning); each decoder
+                raw and through the engine, two rounds in alternating order."""
+                import statistics
+
+                fixed = {"qkv": (2, 1024, 4), "o": (8, 1024, 4, 4), "down": (4, 1024, 4), "lm_head": (2, 1024, 4)}
+                choices = {"gate_up_2": (2, 1024, 4), "gate_up_4": (4, 1024, 4)}
+                decs = {}
+                for name, cfg in choices.items():
+                    decs[name] = FusedDecoder(m, max_len, device, tune=False)
+                    decs[name].gemv_configs = {**fixed, "gate_up": cfg}
+                runs: dict[str, dict[str, list[float]]] = {name: {"raw": [], "engine": []} for name in decs}
+                for rnd in range(2):
+                    for name in (list(decs) if rnd == 0 else list(decs)[::-1]):
+                        raw = decode_graph(decs[name], prompt_len=args.prompt_len, steps=steps, device=device)
+                        eng = decode_engine_solo(m, decs[name], prompt_len=args.prompt_len, steps=steps, device=device)
+                        runs[name]["raw"].append(raw["tokens_per_s"])
+                        runs[name]["engine"].append(eng["tokens_per_s"])
+                        print(prefix + "fused_gate_up_ab", name, raw["tokens_per_s"], eng["tokens_per_s"], flush=True)
+                med = {name: {k: round(statistics.median(v), 2) for k, v in r.items()} for name, r in runs.items()}
+                return {"mode": prefix + "fused_gate_up_ab", "fixed_configs": {k: list(v) for k, v in fixed.items()},
+                        "gate_up_configs": {k: list(v) for k, v in choices.items()}, "runs": runs, "median": med,
+                        "gate_up_2_over_4": {k: round(med["gate_up_2"][k] / med["gate_up_4"][k], 3)
+                                             for k in ("raw", "engine")},
+                        "tokens_per_s": max(v["engine"] for v in med.values())}
+
             out += [(prefix + "fused", fused_run), (prefix + "fused_no_pdl", fused_no_pdl),
+                    (prefix + "fused_gate_up_ab", fused_gate_up_ab),
                     (prefix + "fused_o_ab", fused_o_ab), (prefix + "fused_l2_ab", fused_l2_ab),
                     (prefix + "fused_autotuned", fused_autotuned), (prefix + "fused_no_preload", fused_no_preload),
                     (prefix + "engine_solo_fused", lambda: decode_engine_solo(
