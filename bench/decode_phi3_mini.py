@@ -985,12 +985,26 @@ def main(argv: list[str] | None = None) -> int:
                 return with_configs(decode_graph(dec, prompt_len=args.prompt_len, steps=steps, device=device,
                                                  mode=prefix + "fused_no_preload"), dec)
 
+            def ab_rounds(decs: dict[str, Any], mode: str) -> tuple[dict[str, Any], dict[str, Any]]:
+                """Each decoder raw and through the engine, two rounds in alternating order: the tokens/s of
+                every run, and their medians."""
+                import statistics
+
+                runs: dict[str, dict[str, list[float]]] = {name: {"raw": [], "engine": []} for name in decs}
+                for rnd in range(2):
+                    for name in (list(decs) if rnd == 0 else list(decs)[::-1]):
+                        raw = decode_graph(decs[name], prompt_len=args.prompt_len, steps=steps, device=device)
+                        eng = decode_engine_solo(m, decs[name], prompt_len=args.prompt_len, steps=steps, device=device)
+                        runs[name]["raw"].append(raw["tokens_per_s"])
+                        runs[name]["engine"].append(eng["tokens_per_s"])
+                        print(mode, name, raw["tokens_per_s"], eng["tokens_per_s"], flush=True)
+                med = {name: {k: round(statistics.median(v), 2) for k, v in r.items()} for name, r in runs.items()}
+                return runs, med
+
             def fused_o_ab() -> dict[str, Any]:
                 """o_proj on each of its two kinds of bf16 config, one requesting all of its weights
                 before the wait for attention (preload) and one not, the other roles on the tuned
                 decoder's configs: each decoder raw and through the engine, two rounds in alternating order."""
-                import statistics
-
                 base = fdec()
                 if base._graph is None:
                     decode_graph(base, prompt_len=args.prompt_len, steps=8, device=device)  # tunes and captures
@@ -1002,15 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, o_cfg in o_choices.items():
                     decs[name] = FusedDecoder(m, max_len, device, tune=False)
                     decs[name].gemv_configs = {**configs, "o": o_cfg}
-                runs: dict[str, dict[str, list[float]]] = {name: {"raw": [], "engine": []} for name in decs}
-                for rnd in range(2):
-                    for name in (list(decs) if rnd == 0 else list(decs)[::-1]):
-                        raw = decode_graph(decs[name], prompt_len=args.prompt_len, steps=steps, device=device)
-                        eng = decode_engine_solo(m, decs[name], prompt_len=args.prompt_len, steps=steps, device=device)
-                        runs[name]["raw"].append(raw["tokens_per_s"])
-                        runs[name]["engine"].append(eng["tokens_per_s"])
-                        print(prefix + "fused_o_ab", name, raw["tokens_per_s"], eng["tokens_per_s"], flush=True)
-                med = {name: {k: round(statistics.median(v), 2) for k, v in r.items()} for name, r in runs.items()}
+                runs, med = ab_rounds(decs, prefix + "fused_o_ab")
                 return {"mode": prefix + "fused_o_ab", "tuned_configs": {k: list(v) for k, v in configs.items()},
                         "o_configs": {k: list(v) for k, v in o_choices.items()}, "runs": runs, "median": med,
                         "preload_over_plain": {k: round(med["o_preload"][k] / med["o_plain"][k], 3)
@@ -1021,8 +1027,6 @@ def main(argv: list[str] | None = None) -> int:
                 """Attention requesting the next GEMVs' weights into the L2 (``l2_prefetch``): none, o_proj's,
                 o_proj's and gate/up's, every launch config held at the tuned decoder's; each decoder raw
                 and through the engine, two rounds in alternating order."""
-                import statistics
-
                 base = fdec()
                 if base._graph is None:
                     decode_graph(base, prompt_len=args.prompt_len, steps=8, device=device)  # tunes and captures
@@ -1032,15 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, roles in choices.items():
                     decs[name] = FusedDecoder(m, max_len, device, tune=False, l2_prefetch=roles)
                     decs[name].gemv_configs = dict(configs)
-                runs: dict[str, dict[str, list[float]]] = {name: {"raw": [], "engine": []} for name in decs}
-                for rnd in range(2):
-                    for name in (list(decs) if rnd == 0 else list(decs)[::-1]):
-                        raw = decode_graph(decs[name], prompt_len=args.prompt_len, steps=steps, device=device)
-                        eng = decode_engine_solo(m, decs[name], prompt_len=args.prompt_len, steps=steps, device=device)
-                        runs[name]["raw"].append(raw["tokens_per_s"])
-                        runs[name]["engine"].append(eng["tokens_per_s"])
-                        print(prefix + "fused_l2_ab", name, raw["tokens_per_s"], eng["tokens_per_s"], flush=True)
-                med = {name: {k: round(statistics.median(v), 2) for k, v in r.items()} for name, r in runs.items()}
+                runs, med = ab_rounds(decs, prefix + "fused_l2_ab")
                 return {"mode": prefix + "fused_l2_ab", "configs": {k: list(v) for k, v in configs.items()},
                         "prefetched_roles": {k: list(v) for k, v in choices.items()}, "runs": runs, "median": med,
                         "over_none": {name: {k: round(med[name][k] / med["none"][k], 3) for k in ("raw", "engine")}
@@ -1051,23 +1047,13 @@ def main(argv: list[str] | None = None) -> int:
                 """gate/up's two configs the tuner has picked, (2, 1,024, 4) and (4, 1,024, 4), behind o_proj on
                 its preload config; every other role on a fixed config seen picked (no tuning); each decoder
                 raw and through the engine, two rounds in alternating order."""
-                import statistics
-
                 fixed = {"qkv": (2, 1024, 4), "o": (8, 1024, 4, 4), "down": (4, 1024, 4), "lm_head": (2, 1024, 4)}
                 choices = {"gate_up_2": (2, 1024, 4), "gate_up_4": (4, 1024, 4)}
                 decs = {}
                 for name, cfg in choices.items():
                     decs[name] = FusedDecoder(m, max_len, device, tune=False)
                     decs[name].gemv_configs = {**fixed, "gate_up": cfg}
-                runs: dict[str, dict[str, list[float]]] = {name: {"raw": [], "engine": []} for name in decs}
-                for rnd in range(2):
-                    for name in (list(decs) if rnd == 0 else list(decs)[::-1]):
-                        raw = decode_graph(decs[name], prompt_len=args.prompt_len, steps=steps, device=device)
-                        eng = decode_engine_solo(m, decs[name], prompt_len=args.prompt_len, steps=steps, device=device)
-                        runs[name]["raw"].append(raw["tokens_per_s"])
-                        runs[name]["engine"].append(eng["tokens_per_s"])
-                        print(prefix + "fused_gate_up_ab", name, raw["tokens_per_s"], eng["tokens_per_s"], flush=True)
-                med = {name: {k: round(statistics.median(v), 2) for k, v in r.items()} for name, r in runs.items()}
+                runs, med = ab_rounds(decs, prefix + "fused_gate_up_ab")
                 return {"mode": prefix + "fused_gate_up_ab", "fixed_configs": {k: list(v) for k, v in fixed.items()},
                         "gate_up_configs": {k: list(v) for k, v in choices.items()}, "runs": runs, "median": med,
                         "gate_up_2_over_4": {k: round(med["gate_up_2"][k] / med["gate_up_4"][k], 3)
