@@ -17,6 +17,7 @@ import yaml
 from phiops.io import write_json, write_jsonl
 from phiops.paths import Layout
 from phiops.registry import Registry
+from phiops.stages import evaluate  # its production() is what the gate task scores production with
 
 pytestmark = pytest.mark.e2e
 IDS = [f"row{i}" for i in range(100)]
@@ -80,7 +81,7 @@ def test_worse_candidate_is_rejected_and_production_unchanged(project, monkeypat
                 "metrics": {"task_metric": 0.95, "perplexity": 1.4, "size_bytes": 1000},
                 "scores": {i: float(k < 95) for k, i in enumerate(IDS)}}
 
-    monkeypatch.setattr(flow.evaluate, "production", production)
+    monkeypatch.setattr(evaluate, "production", production)
     with get_client(sync_client=True) as client:
         client.hello()  # start Prefect's temporary server before the flow
     result = flow.retrain(root=str(proj))
@@ -120,7 +121,7 @@ def test_no_decision_within_the_timeout_is_a_rejection(project, monkeypatch):
     monkeypatch.setattr(flow, "changed_stages", lambda root: {"evaluate": ["changed deps"]})
     monkeypatch.setattr(flow, "stage_order", lambda root: ["evaluate"])
     monkeypatch.setattr(flow, "dvc_stage", lambda root, stage: True)
-    monkeypatch.setattr(flow.evaluate, "production", lambda cfg, layout, record: {
+    monkeypatch.setattr(evaluate, "production", lambda cfg, layout, record: {
         "version": record["version"], "variant": "merged", "source": "stub", "files_verified": True,
         "metrics": {"task_metric": 0.95, "perplexity": 1.4, "size_bytes": 1000},
         "scores": {i: float(k < 95) for k, i in enumerate(IDS)}})
