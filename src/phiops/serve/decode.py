@@ -391,13 +391,13 @@ class FusedDecoder(GraphDecoder):
         self._logits = torch.empty((1, model.lm_head.out_features), dtype=dtype, device=device)
         self._fn = self._fused_step
         self.tune, self.preload = tune, preload
-        roles = {"o": 1, "gate_up": 2}
         if l2_prefetch is None:
-            l2_prefetch = tuple(r for r in L2_PREFETCH if not isinstance(self._layers[0][roles[r]], torch.Tensor))
+            l2_prefetch = tuple(r for r in L2_PREFETCH
+                                if not isinstance(self._calls(self._layers[0])[r][0], torch.Tensor))
         self.l2_prefetch = l2_prefetch
-        weights = lambda layer: (layer[roles[r]] for r in l2_prefetch)
-        self._prefetch = [tuple(w if isinstance(w, torch.Tensor) else w[0] for w in weights(layer))
-                          for layer in self._layers]
+        # per layer, the tensors its attention prefetches: a dense weight, or a W4A16 one's packed words
+        self._prefetch = [tuple(w if isinstance(w, torch.Tensor) else w[0]
+                                for w in (self._calls(layer)[r][0] for r in l2_prefetch)) for layer in self._layers]
         self.gemv_configs: dict[str, tuple[int, ...]] = {}  # launch config per matrix role (_tune)
 
     def _mv(self, w: Any, a: Any, out: Any, role: str = "", config: Any = None, **fused: Any) -> Any:
