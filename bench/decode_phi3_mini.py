@@ -1001,15 +1001,18 @@ def main(argv: list[str] | None = None) -> int:
                 med = {name: {k: round(statistics.median(v), 2) for k, v in r.items()} for name, r in runs.items()}
                 return runs, med
 
+            def tuned_configs() -> dict[str, tuple[int, ...]]:
+                """The launch configs the service's decoder picks (tuned and captured at its first use)."""
+                if fdec()._graph is None:
+                    decode_graph(fdec(), prompt_len=args.prompt_len, steps=8, device=device)
+                return dict(fdec().gemv_configs)
+
             def fused_o_ab() -> dict[str, Any]:
                 """o_proj on each of its two kinds of bf16 config, one requesting all of its weights
                 before the wait for attention (preload) and one not, the other roles on the tuned
                 decoder's configs: each decoder raw and through the engine, two rounds in alternating order."""
-                base = fdec()
-                if base._graph is None:
-                    decode_graph(base, prompt_len=args.prompt_len, steps=8, device=device)  # tunes and captures
-                configs = dict(base.gemv_configs)
-                if not isinstance(base._layers[0][1], torch.Tensor):
+                configs = tuned_configs()
+                if not isinstance(fdec()._layers[0][1], torch.Tensor):
                     raise LookupError("o_proj is W4A16: its kernel has no preload configs")
                 o_choices = {"o_plain": (8, 512, 4), "o_preload": (8, 1024, 4, 4)}
                 decs = {}
@@ -1027,10 +1030,7 @@ def main(argv: list[str] | None = None) -> int:
                 """Attention requesting the next GEMVs' weights into the L2 (``l2_prefetch``): none, o_proj's,
                 o_proj's and gate/up's, every launch config held at the tuned decoder's; each decoder raw
                 and through the engine, two rounds in alternating order."""
-                base = fdec()
-                if base._graph is None:
-                    decode_graph(base, prompt_len=args.prompt_len, steps=8, device=device)  # tunes and captures
-                configs = dict(base.gemv_configs)
+                configs = tuned_configs()
                 choices = {"none": (), "o": ("o",), "o_gate_up": ("o", "gate_up")}
                 decs = {}
                 for name, roles in choices.items():
