@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,9 +77,19 @@ def test_the_run_is_recorded_in_prefect_home_and_the_server_is_gone_after(tmp_pa
     assert json.loads(seen.stdout.strip().splitlines()[-1]) == [[True, "Completed"]]
 
 
-def _environ(pid: int) -> dict[str, str]:
-    raw = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
-    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+def _environ(pid: int, marker: str = "PREFECT__SERVER_EPHEMERAL", timeout: float = 60.0) -> dict[str, str]:
+    """The environment the process runs with, once it has exec'd (its own ``marker`` variable is there).
+
+    Read right after Popen, /proc/PID/environ can still be the forked parent's, or empty mid-exec: a
+    fresh-clone run under load read neither key (KeyError) in both cases of the test below.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        raw = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+        env = dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+        if marker in env or time.monotonic() > deadline:
+            return env
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("user", [None, "true"])
