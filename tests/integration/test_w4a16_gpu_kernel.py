@@ -281,3 +281,91 @@ def test_the_service_batches_a_w4a16_checkpoint_through_the_paged_pool_and_its_g
     assert [r.tokens for r in requests] == want
     assert engine.stats.prefill_passes == 1 and engine.stats.forward_passes == 8  # one batch, 7 graph steps
     assert paged.free_pages == paged.pages
+
+
+# The tensor-core kernel (phiops.serve.mma): bf16 activations on the tensor cores, so the references take
+# the same rounded inputs and scales, and the tolerance is bf16's (measured 2-3e-3 on Phi-3-mini's shapes; a
+# misplaced nibble, scale or centre gives errors of order 1). Ragged against its 16-row tiles (300 rows),
+# groups of 128, 64 and 32, every fused stage with the dtypes FusedDecoder gives it (float32 into o and
+# down, float32 out of gate/up), and Phi-3-mini's K (3,072 and 8,192).
+MMA_CASES = [  # k, group, symmetric, norm, gated, residual
+    (320, 64, True, True, False, False),
+    (384, 128, False, True, False, False),
+    (384, 128, True, False, False, True),
+    (320, 64, False, True, True, False),
+    (576, 32, False, False, False, True),
+    (3072, 128, True, True, True, False),
+    (8192, 128, False, False, False, True),
+]
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("config", [(2, 1), (4, 2)])
+@pytest.mark.parametrize("k,group,symmetric,norm,gated,residual", MMA_CASES)
+def test_the_tensor_core_gemv_matches_the_float64_dequantized_weight(kernels: Any, config: tuple[int, int], k: int,
+                                                                    group: int, symmetric: bool, norm: bool,
+                                                                    gated: bool, residual: bool) -> None:
+    from phiops.serve import mma
+
+    assert config in mma.CONFIGS
+    n, bf = 300, torch.bfloat16
+    g = torch.Generator().manual_seed(k + group + 2 * symmetric + 4 * norm + 8 * gated + 16 * residual)
+    w4, w = _packed_weight(2 * n if gated else n, k, group, symmetric, g, "cuda")
+    scale = w4[1].to(bf)
+    cols = torch.arange(k) // group
+    w = w * (scale.double().cpu() / w4[1].double().cpu())[:, cols]  # the weight the bf16 scales stand for
+    a = (torch.randn(k, generator=g) * 3).to(bf if norm else torch.float32)  # as FusedDecoder holds them
+    gain = (torch.rand(k, generator=g) + 0.5).to(bf) if norm else None
+    r = torch.randn(n, generator=g).to(bf) if residual else None
+    x = a.double()
+    if norm:
+        x = x * torch.rsqrt(x.pow(2).mean() + 1e-5) * gain.double()
+    y = w @ x
+    if gated:
+        y = torch.nn.functional.silu(y[:n]) * y[n:]
+    want = y + r.double() if residual else y
+    out_dtype = torch.float32 if gated else bf  # gate/up's output feeds down_proj in float32
+    out = r.clone().cuda() if residual else torch.full((n,), float("nan"), device="cuda", dtype=out_dtype)  # poisoned
+    packed = kernels.interleave_w4(w4[0], k, group)
+    assert mma.unsupported(packed, scale, w4[2], group, a.cuda(), out) is None
+    mma.gemv_w4_mma(packed, scale, w4[2], group, a.cuda(), out, norm=None if gain is None else gain.cuda(), eps=1e-5,
+                    gated=gated, residual=out if residual else None, config=config)
+    err = float((out.double().cpu() - want).norm() / want.norm())
+    assert err < 1e-2, err
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("arch,scheme,group", [("phi3", "W4A16", 128), ("llama", "W4A16_ASYM", 64)])
+def test_the_fused_w4a16_decoder_on_the_tensor_core_kernel_matches_it_on_triton(
+        tmp_path: Path, arch: str, scheme: str, group: int) -> None:
+    """bf16, the serving dtype on CUDA: the tuner offers the tensor-core kernel for every matrix, and a step
+    run on it (captured in the decoder's graph) gives the Triton step's logits to bf16's rounding; the
+    tuned decoder, free to pick either, too."""
+    from transformers import AutoModelForCausalLM
+
+    from phiops.serve import mma
+
+    path = _w4a16_checkpoint(tmp_path, arch, scheme, group)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, use_safetensors=True).to("cuda").eval()
+    assert int4_linears(model, "cuda", kernel="triton")[0] > 0
+    roles = ("qkv", "o", "gate_up", "down")
+    base = FusedDecoder(model, 32, "cuda", mma=False)
+    forced = FusedDecoder(model, 32, "cuda", tune=False)
+    for role in roles:
+        assert [c for c in forced.candidates(role) if c[0] == "mma"] == [("mma", *c) for c in mma.CONFIGS]
+        assert all(c[0] != "mma" for c in base.candidates(role))
+    forced.gemv_configs = {role: ("mma", *mma.CONFIGS[i % 2]) for i, role in enumerate(roles)}
+    tuned = FusedDecoder(model, 32, "cuda")
+    with torch.inference_mode():
+        want = base.prefill(PROMPT)
+        got = [forced.prefill(PROMPT), tuned.prefill(PROMPT)]
+        for _ in range(8):
+            tok = want.argmax(-1)  # all three fed the same tokens
+            want = base.step(tok)
+            got = [forced.step(tok), tuned.step(tok)]
+            for logits in got:
+                assert float((logits.float() - want.float()).abs().max()) <= 0.05 * float(want.float().abs().max())
+    assert forced._graph is not None and tuned._graph is not None  # the steps ran captured
+    assert set(tuned.gemv_configs) >= set(roles)

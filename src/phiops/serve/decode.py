@@ -355,14 +355,15 @@ class FusedDecoder(GraphDecoder):
     """
 
     def __init__(self, model: Any, max_len: int, device: str, *, chunk: int | None = None, tune: bool = True,
-                 preload: bool = True, l2_prefetch: tuple[str, ...] | None = None) -> None:
+                 preload: bool = True, l2_prefetch: tuple[str, ...] | None = None, mma: bool = True) -> None:
         """``chunk``: positions per attention split (default: ``kernels.Attention``'s choice).
         ``tune``: time each role's launch configs in a graph before capturing the step (``_tune``);
         False leaves them to Triton's autotuner (the benches' baseline). ``preload``: the bf16
         GEMVs of ``PRELOAD_ROLES`` request all of K before waiting (False: one tile, the benches' baseline).
         ``l2_prefetch``: the roles ("o", "gate_up") whose weights each layer's attention kernel
         requests into the L2 before it waits for q/k/v (W4A16: the packed words), () for none;
-        None: ``L2_PREFETCH`` (o_proj's where it is W4A16)."""
+        None: ``L2_PREFETCH`` (o_proj's where it is W4A16). ``mma``: ``_tune`` also times the
+        tensor-core W4A16 GEMV (``phiops.serve.mma``) where it can run (False: the benches' baseline)."""
         reason = fused_unsupported(model)
         if reason:
             raise ValueError(f"FusedDecoder does not support this model: {reason}")
@@ -390,7 +391,7 @@ class FusedDecoder(GraphDecoder):
         self._ao, self._h = new(hq * head_dim, ao_dtype), new(inner.layers[0].mlp.down_proj.in_features, h_dtype)
         self._logits = torch.empty((1, model.lm_head.out_features), dtype=dtype, device=device)
         self._fn = self._fused_step
-        self.tune, self.preload = tune, preload
+        self.tune, self.preload, self.mma = tune, preload, mma
         if l2_prefetch is None:
             l2_prefetch = tuple(r for r in L2_PREFETCH
                                 if not isinstance(self._calls(self._layers[0])[r][0], torch.Tensor))
@@ -398,12 +399,18 @@ class FusedDecoder(GraphDecoder):
         # per layer, the tensors its attention prefetches: a dense weight, or a W4A16 one's packed words
         self._prefetch = [tuple(w if isinstance(w, torch.Tensor) else w[0]
                                 for w in (self._calls(layer)[r][0] for r in l2_prefetch)) for layer in self._layers]
-        self.gemv_configs: dict[str, tuple[int, ...]] = {}  # launch config per matrix role (_tune)
+        # launch config per matrix role (_tune); ("mma", groups a warp, groups before the wait): the
+        # tensor-core W4A16 kernel
+        self.gemv_configs: dict[str, tuple[Any, ...]] = {}
 
     def _mv(self, w: Any, a: Any, out: Any, role: str = "", config: Any = None, **fused: Any) -> Any:
         config = config or self.gemv_configs.get(role)
         if isinstance(w, torch.Tensor):
             return self._K.gemv(w, a, out, config=config, **fused)
+        if config and config[0] == "mma":
+            from phiops.serve import mma
+
+            return mma.gemv_w4_mma(*w, a, out, config=tuple(config[1:]), **fused)
         return self._K.gemv_w4(*w, a, out, config=config, **fused)
 
     def _specs(self, role: str) -> list[tuple[Any, Any, Any, dict[str, Any]]]:
@@ -437,17 +444,28 @@ class FusedDecoder(GraphDecoder):
             self._tune()
         super()._capture()
 
-    def candidates(self, role: str) -> list[tuple[int, ...]]:
+    def candidates(self, role: str) -> list[tuple[Any, ...]]:
         """The launch configs ``_tune`` times for a role: the bf16 GEMV's (those that request all of
-        K before the wait alone, for ``PRELOAD_ROLES`` unless ``preload`` is off) or the W4A16 one's;
-        none where the role's layers mix the two."""
+        K before the wait alone, for ``PRELOAD_ROLES`` unless ``preload`` is off) or the W4A16 ones
+        (``gemv_w4``'s, and the tensor-core kernel's where ``mma`` is on and ``mma.unsupported``
+        finds nothing in any of the role's calls); none where the role's layers mix the two."""
         specs = self._specs(role)
         dense = [isinstance(w, torch.Tensor) for w, *_ in specs]
         if any(dense) != all(dense):
             return []
         if all(dense):
             return self._K.gemv_candidates(self.preload and role in PRELOAD_ROLES)
-        return self._K.w4_candidates(specs[0][1].numel())
+        configs: list[tuple[Any, ...]] = list(self._K.w4_candidates(specs[0][1].numel()))
+        if self.mma:
+            from phiops.serve import mma
+
+            reasons = {mma.unsupported(*w[:3], w[3], a, out, fused.get("norm"), fused.get("residual"))
+                       for w, a, out, fused in specs}
+            if reasons == {None}:
+                configs += [("mma", *c) for c in mma.CONFIGS]
+            else:
+                log.info("W4A16 %s: no tensor-core kernel (%s)", role, "; ".join(sorted(r for r in reasons if r)))
+        return configs
 
     def _tune(self, replays: int = 5) -> None:
         """Each role's launch config (q/k/v, o, gate/up, down, LM head; bf16 and W4A16): the one whose
