@@ -49,7 +49,9 @@ Measured, each after a warm-up, on random prompt ids (the numbers do not depend 
      each group, run by our Triton kernels `kernels.gemv_w4` / `matmul_w4`), the step through
      `FusedDecoder` (one `gemv_w4` per weight matrix, norm / gating / residual fused; the
      service's CUDA path for llama-family W4A16 checkpoints; `w4a16_configs`: the launch configs
-     it picked); bound over that model's bytes. `w4a16_accuracy`: its logits against the dequantized model in
+     it picked); bound over that model's bytes. `w4a16_fused_mma_ab`: the tuner with the tensor-core
+     kernel (`phiops.serve.mma`) among its candidates and without (`FusedDecoder(mma=False)`), each raw
+     and through the engine, two rounds. `w4a16_accuracy`: its logits against the dequantized model in
      float32. `summary` puts the W4A16 paths over bf16 `fused`, `engine_solo_fused` and `int4_graph`.
 3. The concurrency curve (`--concurrency`, default 1,8,32,128,256; `--only concurrent` runs it
    alone), for bf16 and for the W4A16 model as the service loads it: n requests of
@@ -1060,7 +1062,17 @@ def main(argv: list[str] | None = None) -> int:
                                              for k in ("raw", "engine")},
                         "tokens_per_s": max(v["engine"] for v in med.values())}
 
+            def fused_mma_ab() -> dict[str, Any]:  # the tuner with the tensor-core W4A16 kernel and without
+                decs = {"mma": FusedDecoder(m, max_len, device), "no_mma": FusedDecoder(m, max_len, device, mma=False)}
+                runs, med = ab_rounds(decs, prefix + "fused_mma_ab")
+                return {"mode": prefix + "fused_mma_ab", "runs": runs, "median": med,
+                        "gemv_configs": {name: {role: list(c) for role, c in d.gemv_configs.items()}
+                                         for name, d in decs.items()},
+                        "mma_over_no_mma": {k: round(med["mma"][k] / med["no_mma"][k], 3) for k in ("raw", "engine")},
+                        "tokens_per_s": med["mma"]["engine"]}
+
             out += [(prefix + "fused", fused_run), (prefix + "fused_no_pdl", fused_no_pdl),
+                    (prefix + "fused_mma_ab", fused_mma_ab),
                     (prefix + "fused_gate_up_ab", fused_gate_up_ab),
                     (prefix + "fused_o_ab", fused_o_ab), (prefix + "fused_l2_ab", fused_l2_ab),
                     (prefix + "fused_autotuned", fused_autotuned), (prefix + "fused_no_preload", fused_no_preload),

@@ -1,7 +1,7 @@
 """Probe: a tensor-core W4A16 GEMV (CUDA C++ through NVRTC) in two weight layouts, against kernels.gemv_w4.
 
-Layouts: ``interleave`` reads interleave_w4's words as gemv_w4 does (each lane its words, or with
-``STAGE`` the rows copied into shared memory first); ``tiles`` reads its own copy (``pack_tiles``).
+Layouts: ``interleave`` is the service's kernel (phiops.serve.mma: interleave_w4's words, as gemv_w4
+reads them); ``tiles`` reads its own copy (``pack_tiles``, gemv_w4_mma_tiles.cu).
 
     python bench/w4a16_mma_probe.py --out bench/results/w4a16_mma_probe_h200.json   # one GPU, ~2 min
     python bench/w4a16_mma_probe.py --sass --out bench/results/w4a16_mma_sass_sm90.json  # no GPU: NVRTC
@@ -26,8 +26,7 @@ import torch
 from _common import machine, versions
 from decode_kernels import HIDDEN, INTER, graph_time_us
 
-SRC = {"interleave": (Path(__file__).parent / "gemv_w4_mma.cu").read_text(),
-       "tiles": (Path(__file__).parent / "gemv_w4_mma_tiles.cu").read_text()}
+TILES_SRC = (Path(__file__).parent / "gemv_w4_mma_tiles.cu").read_text()
 
 
 def pack_tiles(packed: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, k: int, group: int,
@@ -69,24 +68,20 @@ _CACHE: dict[tuple, Any] = {}
 
 def cubin(layout: str, arch: str, **defs: int) -> bytes:
     """The kernel's machine code for ``arch`` (``sm_90``) with these defines (NVRTC: no GPU needed)."""
-    from cuda.bindings import nvrtc
+    from phiops.serve import mma
 
-    err, prog = nvrtc.nvrtcCreateProgram(SRC[layout].encode(), b"gemv_w4_mma.cu", 0, [], [])
-    opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"] + [f"-D{k}={v}".encode() for k, v in defs.items()]
-    err, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        _, n = nvrtc.nvrtcGetProgramLogSize(prog)
-        log = b" " * n
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        raise RuntimeError(f"NVRTC: {err}: {log.decode(errors='replace')[:1500]}")
-    _, size = nvrtc.nvrtcGetCUBINSize(prog)
-    out = b" " * size
-    nvrtc.nvrtcGetCUBIN(prog, out)
-    return out
+    if layout == "interleave":
+        return mma.build(defs, arch)
+    saved = mma.SOURCE
+    try:  # the same NVRTC build, of the tiles' source
+        mma.SOURCE = TILES_SRC
+        return mma.build(defs, arch)
+    finally:
+        mma.SOURCE = saved
 
 
 def kernel(layout: str, **defs: int) -> Any:
-    """The kernel built for this GPU with these defines, loaded through the driver (cuda-bindings)."""
+    """The tiles' kernel built for this GPU with these defines, loaded through the driver (cuda-bindings)."""
     from cuda.bindings import driver as cu
 
     key = (layout, *sorted(defs.items()))
@@ -112,8 +107,7 @@ def sass_rows() -> list[dict[str, Any]]:
     base = dict(KDIM=HIDDEN, GROUP=128, NORM=1, GATED=0, RESID=0, ZP=0, A_F32=0, PDL=1)
     rows = []
     for layout, var, weights in (
-            [("interleave", dict(GPW=gpw, PRE=pre, STAGE=st), gpw * 128 * 16 // 32)
-             for gpw, pre, st in ((2, 1, 0), (4, 1, 0), (2, 1, 1), (4, 2, 1))]
+            [("interleave", dict(GPW=gpw, PRE=pre), gpw * 128 * 16 // 32) for gpw, pre in ((2, 1), (4, 1), (4, 2))]
             + [("tiles", dict(CPW=cpw, PRE=pre), cpw * 64 * 16 // 32) for cpw, pre in ((4, 2), (8, 2), (8, 8))]):
         ops, res = read_sass(cubin(layout, "sm_90", **base, **var))
         total = sum(ops.values())
@@ -153,6 +147,7 @@ def stage(name: str, rows: int, k: int, norm: bool, gated: bool, residual: bool,
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     from phiops.serve import kernels as K
+    from phiops.serve import mma
 
     dev, bf, eps = "cuda", torch.bfloat16, 1e-5
     torch.manual_seed(0)
@@ -208,32 +203,33 @@ def stage(name: str, rows: int, k: int, norm: bool, gated: bool, residual: bool,
     row["mma"] = []
     tcopies = [pack_tiles(ct, scale, zpk, k, group, gated)]
     tcopies += [tuple(None if t is None else t.clone() for t in tcopies[0]) for _ in range(n_copies - 1)]
-    variants = [("interleave", dict(GPW=gpw, PRE=pre, STAGE=st)) for gpw, pre, st in
-                ((2, 1, 0), (4, 1, 0), (2, 1, 1), (4, 2, 1))]
+    variants: list[tuple[str, dict[str, int]]] = [("interleave", dict(GPW=gpw, PRE=pre))
+                                                   for gpw, pre in ((2, 1), (4, 1), (4, 2))]
     if group % 64 == 0:
         variants += [("tiles", dict(CPW=cpw, PRE=pre)) for cpw, pre in ((4, 2), (8, 2), (8, 8))]
     for layout, var in variants:
-        defs = dict(KDIM=k, GROUP=group, **var, NORM=int(norm), GATED=int(gated), RESID=int(residual),
-                    ZP=int(zq is not None), A_F32=int(not norm), PDL=1)
-        warps = -(-(k // group) // var["GPW"]) if layout == "interleave" else -(-(k // 64) // var["CPW"])
         t0 = time.perf_counter()
-        try:
-            fn = kernel(layout, **defs)
-        except RuntimeError as exc:  # e.g. the staged rows need more than 48 KB of shared memory at this K
-            row["mma"].append({"layout": layout, **{k_.lower(): v for k_, v in var.items()},
-                               "error": str(exc)[-300:]})
-            continue
+        if layout == "interleave":  # the service's entry point
+            cfg = (var["GPW"], var["PRE"])
+
+            def call(w: Any, cfg: tuple[int, int] = cfg) -> None:
+                mma.gemv_w4_mma(*w, group, a, out, norm=gvec if norm else None, eps=eps, gated=gated,
+                                residual=x if residual else None, config=cfg)
+            ws = copies
+        else:
+            defs = dict(KDIM=k, GROUP=group, **var, NORM=int(norm), GATED=int(gated), RESID=int(residual),
+                        ZP=int(zq is not None), A_F32=int(not norm), PDL=1)
+            fn, warps = kernel(layout, **defs), -(-(k // 64) // var["CPW"])
+
+            def call(w: Any, fn: Any = fn, warps: int = warps) -> None:
+                zz = w[2] if w[2] is not None else w[1]
+                launch(fn, tiles, warps, [w[0].data_ptr(), w[1].data_ptr(), zz.data_ptr(), a.data_ptr(),
+                                          gvec.data_ptr(), x.data_ptr(), out.data_ptr(), n, eps], True)
+            ws = tcopies
+        err = rel(lambda: call(ws[0]))  # builds it
         compile_s = time.perf_counter() - t0
-
-        def call(w: Any, fn: Any = fn, warps: int = warps) -> None:
-            zz = w[2] if w[2] is not None else w[1]
-            launch(fn, tiles, warps, [w[0].data_ptr(), w[1].data_ptr(), zz.data_ptr(), a.data_ptr(),
-                                      gvec.data_ptr(), x.data_ptr(), out.data_ptr(), n, eps], True)
-
-        ws = copies if layout == "interleave" else tcopies
-        err = rel(lambda: call(ws[0]))
         tus = graph_time_us([lambda w=w: call(w) for w in ws])
-        row["mma"].append({"layout": layout, **{k_.lower(): v for k_, v in var.items()}, "warps": warps,
+        row["mma"].append({"layout": layout, **{k_.lower(): v for k_, v in var.items()},
                            "us": round(tus, 2), "tbs": round(nbytes / tus / 1e6, 3), "rel_err": err,
                            "compile_s": round(compile_s, 2), "over_gemv_w4": round(t_base / tus, 3)})
     tcopies.clear()
