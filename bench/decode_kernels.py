@@ -130,6 +130,16 @@ def _gemv_stage(name: str, rows: int, k: int, norm: bool, gated: bool, residual:
     return row
 
 
+# Phi-3-mini's W4A16 GEMV stages: name, weight rows, K, norm, gated, residual, symmetric
+W4A16_STAGES = [
+    ("qkv_proj (norm fused)", 3 * HIDDEN, HIDDEN, True, False, False, True),
+    ("qkv_proj (norm fused), asymmetric", 3 * HIDDEN, HIDDEN, True, False, False, False),
+    ("o_proj (+ residual)", HIDDEN, HIDDEN, False, False, True, True),
+    ("gate_up_proj (norm, SiLU gate fused)", 2 * INTER, HIDDEN, True, True, False, True),
+    ("down_proj (+ residual)", HIDDEN, INTER, False, False, True, True),
+]
+
+
 def w4a16_rows(copies_bytes: int = 400_000_000, sweep: bool = False,
                done: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """The same stages through ``gemv_w4`` on compressed-tensors' packed int4 layout (group 128), against
@@ -139,14 +149,7 @@ def w4a16_rows(copies_bytes: int = 400_000_000, sweep: bool = False,
     Each stage also runs ``dry`` (the tuned config's weight loads without the arithmetic: what the
     memory system and the launch give that tiling) and, with ``sweep``, every config of
     ``kernels.W4_CONFIGS`` that takes K in one batch of tiles."""
-    stages = [  # name, weight rows, K, norm, gated, residual, symmetric
-        ("qkv_proj (norm fused)", 3 * HIDDEN, HIDDEN, True, False, False, True),
-        ("qkv_proj (norm fused), asymmetric", 3 * HIDDEN, HIDDEN, True, False, False, False),
-        ("o_proj (+ residual)", HIDDEN, HIDDEN, False, False, True, True),
-        ("gate_up_proj (norm, SiLU gate fused)", 2 * INTER, HIDDEN, True, True, False, True),
-        ("down_proj (+ residual)", HIDDEN, INTER, False, False, True, True),
-        ("launch floor: 256x256", 256, 256, False, False, True, True),
-    ]
+    stages = W4A16_STAGES + [("launch floor: 256x256", 256, 256, False, False, True, True)]
     rows = []
     for stage in stages:
         rows.append(_w4a16_stage(*stage, copies_bytes=copies_bytes, sweep=sweep))
@@ -155,35 +158,33 @@ def w4a16_rows(copies_bytes: int = 400_000_000, sweep: bool = False,
     return rows
 
 
-def _w4a16_stage(name: str, rows: int, k: int, norm: bool, gated: bool, residual: bool, symmetric: bool, *,
-                 copies_bytes: int, group: int = 128, sweep: bool = False) -> dict[str, Any]:
+def w4a16_problem(rows: int, k: int, norm: bool, gated: bool, residual: bool, symmetric: bool, group: int = 128,
+                  eps: float = 1e-5) -> Any:
+    """One W4A16 GEMV stage on random codes, as the benches time it: compressed-tensors' packing
+    (``ct``, ``zp``: words and zero points as saved; ``w4``: what W4A16Linear holds), the
+    activations as FusedDecoder holds them (the residual stream in bf16 for the norm-fused stages,
+    the attention output and the gated product in float32 for o_proj's and down_proj's), the output
+    ``out`` (the residual itself when there is one) and ``error(run)``: a kernel call's relative
+    error against the weight dequantized in float32, with the residual put back after."""
+    import types
+
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     from phiops.serve import kernels as K
     import torch
 
-    dev, bf, eps = "cuda", torch.bfloat16, 1e-5
+    dev, bf = "cuda", torch.bfloat16
     q = torch.randint(-8, 8, (rows, k), device=dev, dtype=torch.int8)
     scale = (torch.rand(rows, k // group, device=dev) * 0.01 + 0.001).to(bf)
     z = None if symmetric else torch.randint(-8, 8, (rows, k // group), device=dev, dtype=torch.int8)
-    w4 = (K.interleave_w4(pack_to_int32(q, 4).contiguous(), k, group), scale,
-          None if z is None else pack_to_int32(z, 4, packed_dim=0).contiguous())
-    nbytes = sum(t.numel() * t.element_size() for t in w4 if t is not None)
-    n_copies = max(2, -(-copies_bytes // nbytes))
-    copies = [w4] + [tuple(None if t is None else t.clone() for t in w4) for _ in range(n_copies - 1)]
-    # the activations as FusedDecoder holds them: the residual stream in bf16 (the norm-fused
-    # stages' input), the attention output and the gated product in float32 (o_proj's, down_proj's)
+    ct = pack_to_int32(q, 4).contiguous()
+    zp = None if z is None else pack_to_int32(z, 4, packed_dim=0).contiguous()
+    w4 = (K.interleave_w4(ct, k, group), scale, zp)
     a = torch.randn(k, device=dev, dtype=bf if norm else torch.float32)
     g = torch.rand(k, device=dev, dtype=bf) + 0.5
     n = rows // 2 if gated else rows
     y = torch.empty(n, device=dev, dtype=bf)
     x = torch.randn(n, device=dev, dtype=bf)
-
-    def ours(w: Any, **kw: Any) -> Callable[[], Any]:
-        return lambda: K.gemv_w4(*w, group, a, x if residual else y, norm=g if norm else None, eps=eps,
-                                 gated=gated, residual=x if residual else None, **kw)
-
-    # correctness on this shape: against the weight dequantized in float32, every config
     cols = torch.arange(k, device=dev) // group
     wf = (q.float() - (0 if z is None else z.float()[:, cols])) * scale.float()[:, cols]
     v = a.float() * torch.rsqrt(a.float().pow(2).mean() + eps) * g.float() if norm else a.float()
@@ -192,13 +193,36 @@ def _w4a16_stage(name: str, rows: int, k: int, norm: bool, gated: bool, residual
         want = torch.nn.functional.silu(want[:n]) * want[n:]
     x0 = x.clone()
 
-    def error(**kw: Any) -> float:  # the timed runs (and the dry one) leave x drifted: start from x0
+    def error(run: Callable[[], Any]) -> float:  # timed runs leave x drifted: start from x0
         x.copy_(x0)
         y.fill_(float("nan"))
-        ours(w4, **kw)()
+        run()
         got = (x.float() - x0.float()) if residual else y.float()
         x.copy_(x0)
         return round(float((got - want).norm() / want.norm()), 5)
+
+    return types.SimpleNamespace(q=q, ct=ct, zp=zp, scale=scale, w4=w4, a=a, g=g, n=n, x=x, y=y,
+                                 out=x if residual else y, error=error,
+                                 nbytes=sum(t.numel() * t.element_size() for t in w4 if t is not None))
+
+
+def _w4a16_stage(name: str, rows: int, k: int, norm: bool, gated: bool, residual: bool, symmetric: bool, *,
+                 copies_bytes: int, group: int = 128, sweep: bool = False) -> dict[str, Any]:
+    from phiops.serve import kernels as K
+    import torch
+
+    bf, eps = torch.bfloat16, 1e-5
+    prob = w4a16_problem(rows, k, norm, gated, residual, symmetric, group, eps)
+    q, scale, w4, a, g, n, x, y, nbytes = prob.q, prob.scale, prob.w4, prob.a, prob.g, prob.n, prob.x, prob.y, prob.nbytes
+    n_copies = max(2, -(-copies_bytes // nbytes))
+    copies = [w4] + [tuple(None if t is None else t.clone() for t in w4) for _ in range(n_copies - 1)]
+
+    def ours(w: Any, **kw: Any) -> Callable[[], Any]:
+        return lambda: K.gemv_w4(*w, group, a, x if residual else y, norm=g if norm else None, eps=eps,
+                                 gated=gated, residual=x if residual else None, **kw)
+
+    def error(**kw: Any) -> float:  # correctness on this shape, every config
+        return prob.error(ours(w4, **kw))
 
     rel = error()
     t_ours = graph_time_us([ours(w) for w in copies])

@@ -11,13 +11,8 @@
 // rows' sums; the 128 + centre offset comes off once per group through the group's sum of
 // activations. Scales (and centres) are stored [tile][group][g] as bf16 pairs (row g, row g + 8).
 //
-// Header-free (NVRTC, no toolkit headers). Compile-time: KDIM, GROUP, CPW, PRE (chunks requested
-// before the activations), NORM, GATED, RESID, ZP, A_F32, PDL.
-
-typedef unsigned int u32;
-typedef unsigned short u16;
-struct alignas(16) q4 { u32 x, y, z, w; };
-struct alignas(8) q2 { u32 x, y; };
+// Built after phiops.serve.mma.HELPERS (types, nib2, mma, conversions), by NVRTC. Compile-time: KDIM, GROUP,
+// CPW, PRE (chunks requested before the activations), NORM, GATED, RESID, ZP, A_F32, PDL.
 
 #define NCH (KDIM / 64)
 #define NG (KDIM / GROUP)
@@ -37,33 +32,6 @@ __device__ __forceinline__ q4 ld_stream(const q4* p) {
 __device__ __forceinline__ q4 ld_vol(const q4* p) {  // in program order with the weights' loads
   q4 r;
   asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-  return r;
-}
-
-__device__ __forceinline__ u32 nib2(u32 q) {  // (q & 0x000f000f) | 0x43004300
-  u32 r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(q), "n"(0x000f000f), "n"(0x43004300));
-  return r;
-}
-
-__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ float lo_f(u32 v) { return __int_as_float(v << 16); }
-__device__ __forceinline__ float hi_f(u32 v) { return __int_as_float(v & 0xffff0000u); }
-__device__ __forceinline__ float bf_f(u16 v) { return __int_as_float(((u32)v) << 16); }
-__device__ __forceinline__ u16 f_bf(float v) {
-  u16 r;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
-  return r;
-}
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-  u32 r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
 }
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from _common import machine, versions
-from decode_kernels import HIDDEN, INTER, graph_time_us
+from decode_kernels import HIDDEN, W4A16_STAGES, graph_time_us, w4a16_problem
 
 TILES_SRC = (Path(__file__).parent / "gemv_w4_mma_tiles.cu").read_text()
 
@@ -70,14 +70,7 @@ def cubin(layout: str, arch: str, **defs: int) -> bytes:
     """The kernel's machine code for ``arch`` (``sm_90``) with these defines (NVRTC: no GPU needed)."""
     from phiops.serve import mma
 
-    if layout == "interleave":
-        return mma.build(defs, arch)
-    saved = mma.SOURCE
-    try:  # the same NVRTC build, of the tiles' source
-        mma.SOURCE = TILES_SRC
-        return mma.build(defs, arch)
-    finally:
-        mma.SOURCE = saved
+    return mma.build(defs, arch, None if layout == "interleave" else mma.HELPERS + TILES_SRC)
 
 
 def kernel(layout: str, **defs: int) -> Any:
@@ -119,67 +112,17 @@ def sass_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def launch(fn: Any, tiles: int, warps: int, args: list[Any], pdl: bool) -> None:
-    """On the current torch stream; with PDL through the driver's cuLaunchKernelEx (cuda-bindings)."""
-    import ctypes
-
-    from cuda.bindings import driver as cu
-
-    cfg = cu.CUlaunchConfig()
-    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = tiles, 1, 1
-    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = warps * 32, 1, 1
-    cfg.sharedMemBytes = 0
-    cfg.hStream = cu.CUstream(torch.cuda.current_stream().cuda_stream)
-    if pdl:
-        attr = cu.CUlaunchAttribute()
-        attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-        attr.value.programmaticStreamSerializationAllowed = 1
-        cfg.attrs = [attr]
-        cfg.numAttrs = 1
-    types = tuple(ctypes.c_void_p for _ in args[:-2]) + (ctypes.c_int, ctypes.c_float)
-    err, = cu.cuLaunchKernelEx(cfg, fn, (tuple(args), types), 0)
-    if err != cu.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"cuLaunchKernelEx: {err}")
-
-
 def stage(name: str, rows: int, k: int, norm: bool, gated: bool, residual: bool, symmetric: bool,
           copies_bytes: int, group: int = 128) -> dict[str, Any]:
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
     from phiops.serve import kernels as K
     from phiops.serve import mma
 
-    dev, bf, eps = "cuda", torch.bfloat16, 1e-5
+    eps = 1e-5
     torch.manual_seed(0)
-    q = torch.randint(-8, 8, (rows, k), device=dev, dtype=torch.int8)
-    scale = (torch.rand(rows, k // group, device=dev) * 0.01 + 0.001).to(bf)
-    zq = None if symmetric else torch.randint(-8, 8, (rows, k // group), device=dev, dtype=torch.int8)
-    ct = pack_to_int32(q, 4).contiguous()
-    zpk = None if zq is None else pack_to_int32(zq, 4, packed_dim=0).contiguous()
-    base = (K.interleave_w4(ct, k, group), scale, zpk)
-    nbytes = sum(t.numel() * t.element_size() for t in base if t is not None)
+    prob = w4a16_problem(rows, k, norm, gated, residual, symmetric, group, eps)
+    ct, zpk, scale, base, nbytes = prob.ct, prob.zp, prob.scale, prob.w4, prob.nbytes
+    a, gvec, n, x, out, rel = prob.a, prob.g, prob.n, prob.x, prob.out, prob.error
     n_copies = max(2, -(-copies_bytes // nbytes))
-    a = torch.randn(k, device=dev, dtype=bf if norm else torch.float32)
-    gvec = torch.rand(k, device=dev, dtype=bf) + 0.5
-    n = rows // 2 if gated else rows
-    y = torch.empty(n, device=dev, dtype=bf)
-    x = torch.randn(n, device=dev, dtype=bf)
-    cols = torch.arange(k, device=dev) // group
-    wf = (q.float() - (0 if zq is None else zq.float()[:, cols])) * scale.float()[:, cols]
-    v = a.float() * torch.rsqrt(a.float().pow(2).mean() + eps) * gvec.float() if norm else a.float()
-    want = wf @ v
-    if gated:
-        want = torch.nn.functional.silu(want[:n]) * want[n:]
-    x0 = x.clone()
-    out = x if residual else y
-
-    def rel(run: Any) -> float:
-        x.copy_(x0)
-        y.fill_(float("nan"))
-        run()
-        got = (x.float() - x0.float()) if residual else y.float()
-        x.copy_(x0)
-        return round(float((got - want).norm() / want.norm()), 5)
 
     row: dict[str, Any] = {"stage": name, "weight_bytes": nbytes, "copies": n_copies}
     # the baseline: gemv_w4 at every config that takes K in one batch, the best kept
@@ -218,13 +161,13 @@ def stage(name: str, rows: int, k: int, norm: bool, gated: bool, residual: bool,
             ws = copies
         else:
             defs = dict(KDIM=k, GROUP=group, **var, NORM=int(norm), GATED=int(gated), RESID=int(residual),
-                        ZP=int(zq is not None), A_F32=int(not norm), PDL=1)
+                        ZP=int(not symmetric), A_F32=int(not norm), PDL=1)
             fn, warps = kernel(layout, **defs), -(-(k // 64) // var["CPW"])
 
             def call(w: Any, fn: Any = fn, warps: int = warps) -> None:
                 zz = w[2] if w[2] is not None else w[1]
-                launch(fn, tiles, warps, [w[0].data_ptr(), w[1].data_ptr(), zz.data_ptr(), a.data_ptr(),
-                                          gvec.data_ptr(), x.data_ptr(), out.data_ptr(), n, eps], True)
+                mma.launch(fn, tiles, 32 * warps, [w[0].data_ptr(), w[1].data_ptr(), zz.data_ptr(), a.data_ptr(),
+                                                   gvec.data_ptr(), x.data_ptr(), out.data_ptr()], n, eps, True)
             ws = tcopies
         err = rel(lambda: call(ws[0]))  # builds it
         compile_s = time.perf_counter() - t0
@@ -250,13 +193,8 @@ def main() -> int:
                                         "versions": versions(("cuda-bindings", "nvidia-cuda-nvrtc", "triton")),
                                         "rows": sass_rows()}, indent=1))
         return 0
-    stages = [  # name, weight rows, K, norm, gated, residual, symmetric
-        ("qkv_proj (norm fused)", 3 * HIDDEN, HIDDEN, True, False, False, True),
-        ("qkv_proj (norm fused), asymmetric", 3 * HIDDEN, HIDDEN, True, False, False, False),
-        ("o_proj (+ residual)", HIDDEN, HIDDEN, False, False, True, True),
-        ("gate_up_proj (norm, SiLU gate fused)", 2 * INTER, HIDDEN, True, True, False, True),
-        ("down_proj (+ residual)", HIDDEN, INTER, False, False, True, True),
-        # ragged: rows not a whole number of tiles, other groups (correctness; times not meaningful)
+    # ragged: rows not a whole number of tiles, other groups (correctness; times not meaningful)
+    stages: list[tuple[Any, ...]] = W4A16_STAGES + [
         ("ragged 300 x 384, group 64, asymmetric, norm", 300, 384, True, False, False, False, 64),
         ("ragged gated 2 x 200 x 320, group 64", 400, 320, True, True, False, True, 64),
         ("ragged 300 x 576, group 32, residual", 300, 576, False, False, True, True, 32),

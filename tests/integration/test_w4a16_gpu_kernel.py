@@ -50,6 +50,19 @@ CASES = [  # k, group, symmetric, norm, gated, residual
 ]
 
 
+def _reference(w: torch.Tensor, a: torch.Tensor, gain: torch.Tensor | None, r: torch.Tensor | None, gated: bool,
+               n: int) -> torch.Tensor:
+    """What a GEMV stage should give, in float64: the RMSNorm of the input (with ``gain``), the weight,
+    SiLU gating of the two halves (``gated``), the residual ``r``."""
+    x = a.double()
+    if gain is not None:
+        x = x * torch.rsqrt(x.pow(2).mean() + 1e-5) * gain.double()
+    y = w @ x
+    if gated:
+        y = torch.nn.functional.silu(y[:n]) * y[n:]
+    return y + r.double() if r is not None else y
+
+
 def _check_gemv_w4(kernels: Any, n: int, k: int, group: int, symmetric: bool, norm: bool, gated: bool,
                    residual: bool, config: tuple[int, int, int] | None = None) -> None:
     device = kernels.DEVICE
@@ -58,11 +71,7 @@ def _check_gemv_w4(kernels: Any, n: int, k: int, group: int, symmetric: bool, no
     a = torch.randn(k, generator=g) * 3
     gain = torch.rand(k, generator=g) + 0.5 if norm else None
     r = torch.randn(n, generator=g) if residual else None
-    x = a.double() * torch.rsqrt(a.double().pow(2).mean() + 1e-5) * gain.double() if norm else a.double()
-    y = w @ x
-    if gated:
-        y = torch.nn.functional.silu(y[:n]) * y[n:]
-    want = (y + r.double() if residual else y).float()
+    want = _reference(w, a, gain, r, gated, n).float()
     out = r.clone().to(device) if residual else torch.full((n,), float("nan"), device=device)  # poisoned
     packed = kernels.interleave_w4(w4[0], k, group)  # what W4A16Linear holds
     kernels.gemv_w4(packed, *w4[1:], a.to(device), out, norm=None if gain is None else gain.to(device), eps=1e-5,
@@ -318,13 +327,7 @@ def test_the_tensor_core_gemv_matches_the_float64_dequantized_weight(kernels: An
     a = (torch.randn(k, generator=g) * 3).to(bf if norm else torch.float32)  # as FusedDecoder holds them
     gain = (torch.rand(k, generator=g) + 0.5).to(bf) if norm else None
     r = torch.randn(n, generator=g).to(bf) if residual else None
-    x = a.double()
-    if norm:
-        x = x * torch.rsqrt(x.pow(2).mean() + 1e-5) * gain.double()
-    y = w @ x
-    if gated:
-        y = torch.nn.functional.silu(y[:n]) * y[n:]
-    want = y + r.double() if residual else y
+    want = _reference(w, a, gain, r, gated, n)
     out_dtype = torch.float32 if gated else bf  # gate/up's output feeds down_proj in float32
     out = r.clone().cuda() if residual else torch.full((n,), float("nan"), device="cuda", dtype=out_dtype)  # poisoned
     packed = kernels.interleave_w4(w4[0], k, group)

@@ -29,38 +29,13 @@ import torch
 # down; (4, 1) never.
 CONFIGS = [(2, 1), (4, 2)]
 
-SOURCE = r"""
-// W4A16 GEMV at batch 1 on tensor cores (mma.sync m16n8k16: bf16 in, fp32 accumulate), reading the
-// weights exactly as kernels.gemv_w4 does (interleave_w4's words, compressed-tensors' scales and
-// packed zero points), so that either kernel can serve a layer with no second copy.
-//
-// A block takes one tile of 16 weight rows (gated: 8 gate rows over their 8 up rows, so that one
-// thread holds both halves of an output) and all of K, one warp per slice of GPW groups. Lane
-// (g, t) reads, for each group, GW / 4 consecutive words of row g and of row g + 8: the four
-// lanes t of a row cover the group's GW words. An mma sums over k, and any order of k will do if
-// the A and B operands agree: each word (8 columns of one row) feeds two k-steps, its nibbles
-// (0, 4) and (1, 5) in the first, (2, 6) and (3, 7) in the second. Three shifts and four LOP3s a
-// word: (w & 0x000f000f) | 0x43004300 is the bf16 pair (128 + u_lo, 128 + u_hi), exact. The
-// activations are the B operand, the same vector in all 8 columns, laid out in shared memory in
-// the nibbles' order; every lane's accumulator then holds its rows' sums. Per group, in fp32:
-// y += s * (C - (128 + centre) * sum(x)), the group's sum of activations taken once per warp.
-//
-// Header-free (NVRTC, no toolkit headers). Compile-time: KDIM, GROUP, GPW (groups a warp), PRE
-// (groups requested before the activations), NORM, GATED, RESID, ZP, A_F32 (float32 input), OUT_F32
-// (float32 output), PDL.
-
+HELPERS = r"""
+// Shared by the kernels built from this module (and bench/gemv_w4_mma_tiles.cu): types, loads, the
+// nibble-to-bf16 step, the mma, conversions.
 typedef unsigned int u32;
 typedef unsigned short u16;
 struct alignas(16) q4 { u32 x, y, z, w; };
 struct alignas(8) q2 { u32 x, y; };
-
-#define KW (KDIM / 8)
-#define NG (KDIM / GROUP)
-#define GW (GROUP / 8)
-#define WPT (GW / 4)                       // words a thread reads of each row, each group
-#define WARPS ((NG + GPW - 1) / GPW)
-#define E (GPW * GROUP / 32)               // activations a lane prepares
-#define LPG (GROUP / E)                    // lanes a group's activations span
 
 template <int n>
 __device__ __forceinline__ void ld_words(u32* r, const u32* p) {  // streamed: read once
@@ -117,6 +92,35 @@ __device__ __forceinline__ u16 f_bf(float v) {
   asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
   return r;
 }
+"""
+
+SOURCE = HELPERS + r"""
+// W4A16 GEMV at batch 1 on tensor cores (mma.sync m16n8k16: bf16 in, fp32 accumulate), reading the
+// weights exactly as kernels.gemv_w4 does (interleave_w4's words, compressed-tensors' scales and
+// packed zero points), so that either kernel can serve a layer with no second copy.
+//
+// A block takes one tile of 16 weight rows (gated: 8 gate rows over their 8 up rows, so that one
+// thread holds both halves of an output) and all of K, one warp per slice of GPW groups. Lane
+// (g, t) reads, for each group, GW / 4 consecutive words of row g and of row g + 8: the four
+// lanes t of a row cover the group's GW words. An mma sums over k, and any order of k will do if
+// the A and B operands agree: each word (8 columns of one row) feeds two k-steps, its nibbles
+// (0, 4) and (1, 5) in the first, (2, 6) and (3, 7) in the second. Three shifts and four LOP3s a
+// word: (w & 0x000f000f) | 0x43004300 is the bf16 pair (128 + u_lo, 128 + u_hi), exact. The
+// activations are the B operand, the same vector in all 8 columns, laid out in shared memory in
+// the nibbles' order; every lane's accumulator then holds its rows' sums. Per group, in fp32:
+// y += s * (C - (128 + centre) * sum(x)), the group's sum of activations taken once per warp.
+//
+// Header-free (NVRTC, no toolkit headers). Compile-time: KDIM, GROUP, GPW (groups a warp), PRE
+// (groups requested before the activations), NORM, GATED, RESID, ZP, A_F32 (float32 input), OUT_F32
+// (float32 output), PDL.
+
+#define KW (KDIM / 8)
+#define NG (KDIM / GROUP)
+#define GW (GROUP / 8)
+#define WPT (GW / 4)                       // words a thread reads of each row, each group
+#define WARPS ((NG + GPW - 1) / GPW)
+#define E (GPW * GROUP / 32)               // activations a lane prepares
+#define LPG (GROUP / E)                    // lanes a group's activations span
 
 __device__ __forceinline__ void store(void* out, int n, float v) {
 #if OUT_F32
@@ -396,11 +400,12 @@ def _defines(k: int, group: int, config: tuple[int, int], *, zp: bool, norm: boo
             "RESID": int(residual), "ZP": int(zp), "A_F32": int(a_f32), "OUT_F32": int(out_f32), "PDL": int(pdl)}
 
 
-def build(defines: dict[str, int], arch: str) -> bytes:
-    """The kernel's machine code for ``arch`` (``sm_90``) with these defines: NVRTC, no GPU needed."""
+def build(defines: dict[str, int], arch: str, source: str | None = None) -> bytes:
+    """The kernel's machine code for ``arch`` (``sm_90``) with these defines: NVRTC, no GPU needed.
+    ``source``: another kernel named ``gemv_w4_mma`` (default: ``SOURCE``)."""
     from cuda.bindings import nvrtc
 
-    err, prog = nvrtc.nvrtcCreateProgram(SOURCE.encode(), b"gemv_w4_mma.cu", 0, [], [])
+    err, prog = nvrtc.nvrtcCreateProgram((source or SOURCE).encode(), b"gemv_w4_mma.cu", 0, [], [])
     if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
         raise RuntimeError(f"NVRTC: {err}")
     try:
@@ -455,7 +460,6 @@ def gemv_w4_mma(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
 
     ``config``: one of ``CONFIGS``. Raises ValueError where ``unsupported`` gives a reason.
     """
-    from cuda.bindings import driver as cu
 
     from phiops.serve import kernels as K
 
@@ -471,20 +475,28 @@ def gemv_w4_mma(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     fn = _function(_defines(k, group, config, zp=zero_point is not None, norm=norm is not None, gated=gated,
                             residual=residual is not None, a_f32=a.dtype == torch.float32, pdl=pdl,
                             out_f32=out.dtype == torch.float32))
-    launch = cu.CUlaunchConfig()
-    launch.gridDimX, launch.gridDimY, launch.gridDimZ = -(-n // (8 if gated else 16)), 1, 1
-    launch.blockDimX, launch.blockDimY, launch.blockDimZ = 32 * -(-(k // group) // config[0]), 1, 1
-    launch.sharedMemBytes = 0
-    launch.hStream = cu.CUstream(torch.cuda.current_stream().cuda_stream)
+    ptrs = [t.data_ptr() for t in (packed, scale, zero_point if zero_point is not None else scale, a,
+                                   norm if norm is not None else a, residual if residual is not None else out, out)]
+    launch(fn, -(-n // (8 if gated else 16)), 32 * -(-(k // group) // config[0]), ptrs, n, eps, pdl)
+    return out
+
+
+def launch(fn: Any, blocks: int, threads: int, ptrs: list[int], n: int, eps: float, pdl: bool) -> None:
+    """``fn(*ptrs, n, eps)`` on the current torch stream (captured like any launch in a graph), with
+    programmatic dependent launch when ``pdl``."""
+    from cuda.bindings import driver as cu
+
+    config = cu.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = blocks, 1, 1
+    config.blockDimX, config.blockDimY, config.blockDimZ = threads, 1, 1
+    config.sharedMemBytes = 0
+    config.hStream = cu.CUstream(torch.cuda.current_stream().cuda_stream)
     if pdl:
         attr = cu.CUlaunchAttribute()
         attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
         attr.value.programmaticStreamSerializationAllowed = 1
-        launch.attrs = [attr]
-        launch.numAttrs = 1
-    ptrs = [t.data_ptr() for t in (packed, scale, zero_point if zero_point is not None else scale, a,
-                                   norm if norm is not None else a, residual if residual is not None else out, out)]
+        config.attrs = [attr]
+        config.numAttrs = 1
     types = (ctypes.c_void_p,) * len(ptrs) + (ctypes.c_int, ctypes.c_float)
-    err, = cu.cuLaunchKernelEx(launch, fn, (tuple(ptrs) + (n, eps), types), 0)
+    err, = cu.cuLaunchKernelEx(config, fn, (tuple(ptrs) + (n, eps), types), 0)
     _check(err, "cuLaunchKernelEx")
-    return out
