@@ -12,7 +12,8 @@ down slower; ``FusedDecoder``'s tuner times both per role and keeps the faster.
 Built by NVRTC and launched through the CUDA driver with programmatic dependent launch, both from
 ``cuda-bindings`` (which torch's CUDA wheels require): nothing to compile at install time, and a
 graph captures the launches like any other. It needs bf16 scales and norm weights (a bf16 model, the
-serving dtype on CUDA), bf16 or float32 activations, and an sm_80+ GPU; ``unsupported`` says why not. ``PHIOPS_W4A16_MMA=0`` turns it off.
+serving dtype on CUDA), bf16 or float32 activations, and an sm_80+ GPU; ``unsupported`` says why not.
+``PHIOPS_W4A16_MMA=0`` turns it off.
 """
 
 from __future__ import annotations
