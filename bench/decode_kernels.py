@@ -213,7 +213,8 @@ def _w4a16_stage(name: str, rows: int, k: int, norm: bool, gated: bool, residual
 
     bf, eps = torch.bfloat16, 1e-5
     prob = w4a16_problem(rows, k, norm, gated, residual, symmetric, group, eps)
-    q, scale, w4, a, g, n, x, y, nbytes = prob.q, prob.scale, prob.w4, prob.a, prob.g, prob.n, prob.x, prob.y, prob.nbytes
+    q, scale, w4, a, g, n = prob.q, prob.scale, prob.w4, prob.a, prob.g, prob.n
+    x, y, nbytes = prob.x, prob.y, prob.nbytes
     n_copies = max(2, -(-copies_bytes // nbytes))
     copies = [w4] + [tuple(None if t is None else t.clone() for t in w4) for _ in range(n_copies - 1)]
 

@@ -403,7 +403,17 @@ def _defines(k: int, group: int, config: tuple[int, int], *, zp: bool, norm: boo
 
 def build(defines: dict[str, int], arch: str, source: str | None = None) -> bytes:
     """The kernel's machine code for ``arch`` (``sm_90``) with these defines: NVRTC, no GPU needed.
-    ``source``: another kernel named ``gemv_w4_mma`` (default: ``SOURCE``)."""
+
+    Args:
+        defines: the compile-time values (``_defines``); arch: an NVRTC architecture.
+        source: another kernel named ``gemv_w4_mma`` (default: ``SOURCE``).
+
+    Returns:
+        The cubin.
+
+    Raises:
+        RuntimeError: NVRTC refused the source (with its log).
+    """
     from cuda.bindings import nvrtc
 
     err, prog = nvrtc.nvrtcCreateProgram((source or SOURCE).encode(), b"gemv_w4_mma.cu", 0, [], [])
@@ -459,7 +469,18 @@ def gemv_w4_mma(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
     """``kernels.gemv_w4``'s call on tensor cores: same weights, same fused stages; bf16 or float32 in and out
     (bf16 out with a residual).
 
-    ``config``: one of ``CONFIGS``. Raises ValueError where ``unsupported`` gives a reason.
+    Args:
+        packed, scale, zero_point, group: as ``kernels.gemv_w4`` takes them (``interleave_w4``'s words).
+        a: the input, ``K`` elements; ``out``: ``N`` elements (may be ``residual`` itself).
+        norm, eps, gated, residual: the fused stages, as in ``kernels.gemv_w4``.
+        config: one of ``CONFIGS``.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: ``unsupported`` gives a reason, or the shapes disagree.
+        RuntimeError: NVRTC or the driver refused the kernel (their message).
     """
 
     from phiops.serve import kernels as K
@@ -484,7 +505,15 @@ def gemv_w4_mma(packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Ten
 
 def launch(fn: Any, blocks: int, threads: int, ptrs: list[int], n: int, eps: float, pdl: bool) -> None:
     """``fn(*ptrs, n, eps)`` on the current torch stream (captured like any launch in a graph), with
-    programmatic dependent launch when ``pdl``."""
+    programmatic dependent launch when ``pdl``.
+
+    Args:
+        fn: a loaded kernel (``CUfunction``); blocks, threads: its grid and block sizes.
+        ptrs: device pointers, in the kernel's order; n, eps: its last two arguments.
+
+    Raises:
+        RuntimeError: the driver refused the launch.
+    """
     from cuda.bindings import driver as cu
 
     config = cu.CUlaunchConfig()
